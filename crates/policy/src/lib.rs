@@ -1,0 +1,41 @@
+//! The dnsfence policy engine: parse, validate, select endpoints, match DNS names.
+//!
+//! It answers the three questions the rest of dnsfence asks: which rules apply to an endpoint
+//! ([`PolicySet::resolve`]); may it resolve a name on a given DNS server and port
+//! ([`EndpointPolicy::dns_decision`]); which `toFQDNs` selectors does a name satisfy
+//! ([`PolicySet::for_each_selector_match`], [`EndpointPolicy::for_each_fqdn_match`]).
+//!
+//! The input dialect is CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy
+//! (`cilium.io/v2`) plus dnsfence's own `EgressPolicy` and `ClusterEgressPolicy`
+//! (`dnsfence.io/v1alpha1`, same `spec`), with Cilium's validation rules and name semantics.
+//!
+//! This crate is pure: no I/O besides the bytes it is given, no async, no clock. Per-query
+//! matching costs O(name length) and does not allocate.
+
+mod diag;
+mod labels;
+mod load;
+mod matcher;
+mod model;
+mod name;
+mod parse;
+mod pattern;
+mod resolve;
+
+pub use diag::{Diagnostic, Severity};
+pub use labels::{
+    normalize_key, Endpoint, EndpointSelector, LabelKeyError, LabelSelector, Labels, Operator,
+    Requirement, NAMESPACE_LABEL,
+};
+pub use load::PolicyLoader;
+pub use matcher::{NameMatcher, INLINE_ACTIVE};
+pub use model::{
+    CidrRule, Destination, EgressRule, Entity, Peer, Policy, PolicyId, PolicyKind, PortProtocol,
+    PortRule, Protocol, Rule, Source,
+};
+pub use name::{FoldedName, NameError, MAX_NAME_LEN};
+pub use parse::parse_stream;
+pub use pattern::{NamePattern, PatternError, PatternField};
+pub use resolve::{
+    AppliedRule, DnsDecision, DnsReason, DnsRule, EndpointPolicy, FqdnAllow, PolicySet, SelectorId,
+};
