@@ -1,1 +1,50 @@
-fn main() {}
+//! `dnsfence`: the command-line interface. Thin: each subcommand lives in its own module.
+//!
+//! Exit codes: 0 success, 1 a negative answer (invalid policy, denied query), 2 usage or
+//! input error.
+
+mod files;
+mod policy;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// dnsfence: FQDN-based egress firewall for containers.
+#[derive(Debug, Parser)]
+#[command(name = "dnsfence", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate policies and ask what they allow.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Policy(cmd) => policy::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -205,6 +205,7 @@ const ALLOW_FIELDS: &[&str] = &[
 
 const DENY_FIELDS: &[&str] = &[
     "toEndpoints",
+    "toFQDNs",
     "toCIDR",
     "toCIDRSet",
     "toEntities",
@@ -249,6 +250,12 @@ fn egress_rule(
     let errors_before = sink.errors();
     let known = if deny { DENY_FIELDS } else { ALLOW_FIELDS };
     let f = fields(sink, v, path, known)?;
+    if deny && f.has("toFQDNs") {
+        sink.error(
+            &join(path, "toFQDNs"),
+            "toFQDNs in egressDeny is not supported yet; deny the name's DNS instead (a DNS rule that does not match it)",
+        );
+    }
     for (field, why) in UNSUPPORTED {
         if f.has(field) {
             sink.error(&join(path, field), why);

@@ -1,0 +1,297 @@
+//! `dnsfence policy check`: explain what one endpoint may resolve and reach by name.
+
+use std::net::IpAddr;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use dnsfence_policy::{
+    AppliedRule, Destination, DnsDecision, DnsReason, Endpoint, EndpointPolicy, FoldedName,
+    FqdnAllow, Labels, PolicyId, Protocol,
+};
+use serde_json::{json, Value};
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// Policy files or directories.
+    #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// The endpoint's namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// The endpoint's labels, `k=v[,k=v...]` (repeatable).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// The name to resolve.
+    #[arg(long)]
+    name: String,
+    /// The DNS server's IP; when omitted, any server the endpoint's DNS rules cover.
+    #[arg(long)]
+    server: Option<IpAddr>,
+    /// The server is an endpoint with these labels (`k=v[,k=v...]`), e.g. kube-dns.
+    #[arg(long, value_delimiter = ',', requires = "server")]
+    server_labels: Vec<String>,
+    /// The server endpoint's namespace (with --server-labels).
+    #[arg(long, default_value = "kube-system", requires = "server_labels")]
+    server_namespace: String,
+    /// The server is the local node (toEntities: host).
+    #[arg(long, requires = "server", conflicts_with = "server_labels")]
+    server_host: bool,
+    /// Destination port of the query.
+    #[arg(long, default_value_t = 53)]
+    port: u16,
+    /// Transport of the query.
+    #[arg(long, value_enum, default_value_t = Transport::Udp)]
+    protocol: Transport,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_labels(pairs: &[String]) -> Result<Labels> {
+    let mut kv = Vec::new();
+    for pair in pairs.iter().filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("label {pair:?} is not k=v");
+        };
+        kv.push((k.to_owned(), v.to_owned()));
+    }
+    Labels::new(kv).context("invalid label")
+}
+
+pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
+    let (set, diags, _) = super::load(&args.files)?;
+    if diags.iter().any(|d| d.is_error()) {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        bail!("the policies are invalid; fix them first (dnsfence policy validate)");
+    }
+    let endpoint = Endpoint::new(args.namespace.clone(), parse_labels(&args.labels)?);
+    let server_ep = if args.server_labels.is_empty() {
+        None
+    } else {
+        Some(Endpoint::new(
+            args.server_namespace.clone(),
+            parse_labels(&args.server_labels)?,
+        ))
+    };
+    let server = match (args.server, &server_ep) {
+        (None, _) => None,
+        (Some(ip), Some(ep)) => Some(Destination::Endpoint(ip, ep)),
+        (Some(ip), None) if args.server_host => Some(Destination::Host(ip)),
+        (Some(ip), None) => Some(Destination::World(ip)),
+    };
+    let protocol = match args.protocol {
+        Transport::Udp => Protocol::Udp,
+        Transport::Tcp => Protocol::Tcp,
+    };
+    let resolved = set.resolve(&endpoint);
+    let decision =
+        resolved.dns_decision(args.name.as_bytes(), server.as_ref(), args.port, protocol);
+    let selectors = fqdn_matches(&resolved, &args.name);
+    let report = report(args, &endpoint, &resolved, &decision, &selectors);
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => print_text(&report),
+    }
+    Ok(if decision.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn fqdn_matches<'a>(resolved: &'a EndpointPolicy, name: &str) -> Vec<&'a FqdnAllow> {
+    let mut out = Vec::new();
+    if let Ok(folded) = FoldedName::new(name.as_bytes()) {
+        let _ = resolved.for_each_fqdn_match(&folded, |a| {
+            out.push(a);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    out.sort_by(|a, b| {
+        (&a.policy, &a.path, a.pattern.as_str()).cmp(&(&b.policy, &b.path, b.pattern.as_str()))
+    });
+    out
+}
+
+fn policy_json(id: &PolicyId) -> Value {
+    json!({"kind": id.kind.as_str(), "namespace": id.namespace, "name": id.name})
+}
+
+fn rule_json(r: &AppliedRule) -> Value {
+    json!({"policy": r.policy.to_string(), "kind": r.policy.kind.as_str(), "path": r.rule.path})
+}
+
+fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
+    match d.reason {
+        DnsReason::NotEnforced => (
+            "not-enforced",
+            "no policy puts this endpoint in egress default-deny".to_owned(),
+        ),
+        DnsReason::Pattern { rule, pattern } => (
+            "dns-rule",
+            format!(
+                "{} {:?} of {} {} ({})",
+                pattern.field().as_str(),
+                pattern.as_str(),
+                rule.policy.kind.as_str(),
+                rule.policy,
+                rule.path
+            ),
+        ),
+        DnsReason::PortAllowed { rule } => (
+            "port-allowed",
+            format!(
+                "{} {} ({}) allows this server and port without DNS rules, so every name is allowed{}",
+                rule.policy.kind.as_str(),
+                rule.policy,
+                rule.rule.path,
+                if d.proxied { "" } else { "; not proxied, so answers teach no IPs" }
+            ),
+        ),
+        DnsReason::NoPatternMatches => (
+            "no-pattern-matches",
+            "DNS rules cover this server and port but none of their patterns matches the name (answered REFUSED)".to_owned(),
+        ),
+        DnsReason::NotCovered => (
+            "not-covered",
+            "no rule allows DNS from this endpoint to this server and port (dropped)".to_owned(),
+        ),
+        DnsReason::Denied { rule } => (
+            "egress-deny",
+            format!(
+                "egressDeny of {} {} ({}) covers this server and port",
+                rule.policy.kind.as_str(),
+                rule.policy,
+                rule.rule.path
+            ),
+        ),
+        DnsReason::InvalidName(e) => ("invalid-name", format!("the name is not a valid hostname: {e}")),
+    }
+}
+
+fn report(
+    args: &CheckArgs,
+    ep: &Endpoint,
+    resolved: &EndpointPolicy,
+    d: &DnsDecision<'_>,
+    selectors: &[&FqdnAllow],
+) -> Value {
+    let (code, explanation) = reason(d);
+    let dns_rule = match d.reason {
+        DnsReason::Pattern { rule, pattern } => json!({
+            "policy": rule.policy.to_string(),
+            "kind": rule.policy.kind.as_str(),
+            "path": rule.path,
+            "field": pattern.field().as_str(),
+            "pattern": pattern.as_str(),
+        }),
+        _ => Value::Null,
+    };
+    let decided_by = match d.reason {
+        DnsReason::PortAllowed { rule } | DnsReason::Denied { rule } => rule_json(rule),
+        _ => Value::Null,
+    };
+    let fqdn: Vec<Value> = selectors
+        .iter()
+        .map(|a| {
+            json!({
+                "policy": a.policy.to_string(),
+                "policy_ref": policy_json(&a.policy),
+                "path": a.path,
+                "field": a.pattern.field().as_str(),
+                "selector": a.pattern.as_str(),
+                "ports": a.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "name": args.name,
+        "endpoint": {"namespace": ep.namespace(), "labels": ep.labels().to_string()},
+        "server": args.server.map(|s| s.to_string()),
+        "port": args.port,
+        "protocol": match args.protocol { Transport::Udp => "UDP", Transport::Tcp => "TCP" },
+        "enforced": resolved.enforced,
+        "dns": if d.allowed { "allow" } else { "deny" },
+        "proxied": d.proxied,
+        "reason": code,
+        "explanation": explanation,
+        "dns_rule": dns_rule,
+        "decided_by": decided_by,
+        "fqdn_selectors": fqdn,
+    })
+}
+
+fn print_text(r: &Value) {
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
+    let server = r
+        .get("server")
+        .and_then(Value::as_str)
+        .unwrap_or("any DNS server its rules cover");
+    println!(
+        "endpoint   {}/{{{}}} (egress {})",
+        r.pointer("/endpoint/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        r.pointer("/endpoint/labels")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        if r.get("enforced") == Some(&Value::Bool(true)) {
+            "enforced: default deny"
+        } else {
+            "not enforced"
+        }
+    );
+    println!(
+        "query      {} via {server} port {}/{}",
+        s("name"),
+        r.get("port").map(ToString::to_string).unwrap_or_default(),
+        s("protocol")
+    );
+    println!("dns        {}: {}", s("dns"), s("explanation"));
+    let selectors = r
+        .get("fqdn_selectors")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if selectors.is_empty() {
+        println!("toFQDNs    no selector matches: IPs in the answer would not be allowed");
+    }
+    for sel in selectors {
+        let f = |k: &str| sel.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let ports: Vec<String> = sel
+            .get("ports")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "toFQDNs    {} {:?} of {} ({}) allows the answer's IPs on {}",
+            f("field"),
+            f("selector"),
+            f("policy"),
+            f("path"),
+            ports.join(", ")
+        );
+    }
+}

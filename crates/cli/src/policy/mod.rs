@@ -1,0 +1,66 @@
+//! `dnsfence policy validate` and `dnsfence policy check`.
+
+mod check;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use dnsfence_policy::{Diagnostic, PolicyLoader, PolicySet};
+
+use crate::files;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Check policy files; print every problem as `FILE:DOC: FIELD.PATH: message`.
+    ///
+    /// Exit 0 when there is no error (warnings allowed), 1 when any policy is invalid,
+    /// 2 when a path cannot be read.
+    Validate {
+        /// Files, or directories searched recursively for *.yaml and *.yml.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// May an endpoint resolve a name, and which toFQDNs selectors would allow its IPs?
+    ///
+    /// Exit 0 when the query would be allowed, 1 when denied, 2 on error.
+    Check(check::CheckArgs),
+}
+
+pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Validate { paths } => validate(&paths),
+        PolicyCommand::Check(args) => check::run(&args),
+    }
+}
+
+/// Reads every file; diagnostics in load order. Unreadable paths are an `Err`.
+pub(crate) fn load(paths: &[PathBuf]) -> Result<(PolicySet, Vec<Diagnostic>, usize)> {
+    let files = files::expand(paths)?;
+    let mut loader = PolicyLoader::new();
+    for file in &files {
+        let text = files::read(file)?;
+        loader.add(&file.display().to_string(), &text);
+    }
+    let (set, diags) = loader.finish();
+    Ok((set, diags, files.len()))
+}
+
+fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
+    let (set, diags, files) = load(paths)?;
+    for d in &diags {
+        eprintln!("{d}");
+    }
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    let warnings = diags.len() - errors;
+    let policies = set.policies().len();
+    println!(
+        "{files} file(s), {policies} valid policy object(s), {errors} error(s), {warnings} warning(s)"
+    );
+    Ok(if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
