@@ -1,4 +1,8 @@
 //! The `dnsfence` binary as a user runs it: exit codes, diagnostics, JSON answers.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a panic is a test failure"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,6 +11,33 @@
 //!
 //! This crate is pure: no I/O besides the bytes it is given, no async, no clock. Per-query
 //! matching costs O(name length) and does not allocate.
+//!
+//! ```
+//! use dnsfence_policy::{Endpoint, Labels, PolicyLoader, Protocol};
+//!
+//! let yaml = r#"
+//! apiVersion: cilium.io/v2
+//! kind: CiliumNetworkPolicy
+//! metadata: {name: billing, namespace: payments}
+//! spec:
+//!   endpointSelector: {matchLabels: {app: billing}}
+//!   egress:
+//!     - toPorts:
+//!         - ports: [{port: "53", protocol: ANY}]
+//!           rules: {dns: [{matchPattern: "*.s3.amazonaws.com"}]}
+//!     - toFQDNs: [{matchName: api.stripe.com}]
+//! "#;
+//! let mut loader = PolicyLoader::new();
+//! loader.add("billing.yaml", yaml);
+//! assert!(!loader.has_errors());
+//! let (set, _warnings) = loader.finish();
+//!
+//! let pod = Endpoint::new("payments", Labels::new([("app", "billing")]).unwrap());
+//! let policy = set.resolve(&pod);
+//! assert!(policy.enforced);
+//! assert!(policy.dns_decision(b"logs.s3.amazonaws.com", None, 53, Protocol::Udp).allowed);
+//! assert!(!policy.dns_decision(b"evil.example", None, 53, Protocol::Udp).allowed);
+//! ```
 
 mod diag;
 mod labels;

@@ -2,10 +2,15 @@
 //!
 //! Patterns are stored as a trie of reversed labels (`a.example.com` is `com` → `example` →
 //! `a`). Matching walks the name's labels from the right once; at each step it follows the
-//! exact child (one hash lookup) and any wildcard-label children. Cost depends on the name and
-//! on how many patterns actually match it, not on how many patterns the set holds. No step
-//! allocates unless more than [`INLINE_ACTIVE`] trie paths are alive at once, which only a
-//! set with that many overlapping wildcard labels under one parent can cause.
+//! exact child (one hash lookup) and the wildcard-label children that can match: those are
+//! indexed by their literal prefix (`app*`) or, without one, their literal suffix (`*-prod`),
+//! so finding them costs one lookup per distinct prefix length, bounded by the label length
+//! and not by the number of patterns. Only labels with neither (`*`, `*x*`) are scanned.
+//!
+//! Cost depends on the name and on how many patterns actually match it, not on how many
+//! patterns the set holds. No step allocates unless more than [`INLINE_ACTIVE`] trie paths
+//! are alive at once, which only a set with that many overlapping wildcard labels under one
+//! parent can cause.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -18,10 +23,87 @@ use crate::pattern::{Glob, LabelMatch, NamePattern, Shape};
 /// How many live trie paths fit on the stack while matching.
 pub const INLINE_ACTIVE: usize = 16;
 
+/// The wildcard-label children of one trie node.
+#[derive(Debug, Clone, Default)]
+struct Globs {
+    /// By literal prefix (non-empty).
+    by_prefix: HashMap<Box<[u8]>, Vec<(Glob, u32)>>,
+    /// Distinct lengths of the keys of `by_prefix`, ascending.
+    prefix_lens: Vec<usize>,
+    /// By literal suffix (non-empty), for globs without a prefix.
+    by_suffix: HashMap<Box<[u8]>, Vec<(Glob, u32)>>,
+    /// Distinct lengths of the keys of `by_suffix`, ascending.
+    suffix_lens: Vec<usize>,
+    /// Globs with neither prefix nor suffix, such as `*` or `*api*`.
+    other: Vec<(Glob, u32)>,
+}
+
+impl Globs {
+    fn find(&self, g: &Glob) -> Option<u32> {
+        let list = if !g.prefix().is_empty() {
+            self.by_prefix.get(g.prefix())?
+        } else if !g.suffix().is_empty() {
+            self.by_suffix.get(g.suffix())?
+        } else {
+            &self.other
+        };
+        list.iter().find(|(have, _)| have == g).map(|(_, id)| *id)
+    }
+
+    fn insert(&mut self, g: Glob, id: u32) {
+        fn add(
+            map: &mut HashMap<Box<[u8]>, Vec<(Glob, u32)>>,
+            lens: &mut Vec<usize>,
+            key: &[u8],
+            entry: (Glob, u32),
+        ) {
+            map.entry(key.into()).or_default().push(entry);
+            if let Err(at) = lens.binary_search(&key.len()) {
+                lens.insert(at, key.len());
+            }
+        }
+        if !g.prefix().is_empty() {
+            let key: Box<[u8]> = g.prefix().into();
+            add(&mut self.by_prefix, &mut self.prefix_lens, &key, (g, id));
+        } else if !g.suffix().is_empty() {
+            let key: Box<[u8]> = g.suffix().into();
+            add(&mut self.by_suffix, &mut self.suffix_lens, &key, (g, id));
+        } else {
+            self.other.push((g, id));
+        }
+    }
+
+    /// Calls `hit` with the child of every glob matching `label`.
+    #[inline]
+    fn for_each_match(&self, label: &[u8], mut hit: impl FnMut(u32)) {
+        let mut check = |list: &[(Glob, u32)]| {
+            for (g, id) in list {
+                if g.matches(label) {
+                    hit(*id);
+                }
+            }
+        };
+        for &len in self.prefix_lens.iter().take_while(|&&l| l <= label.len()) {
+            if let Some(list) = label.get(..len).and_then(|k| self.by_prefix.get(k)) {
+                check(list);
+            }
+        }
+        for &len in self.suffix_lens.iter().take_while(|&&l| l <= label.len()) {
+            if let Some(list) = label
+                .get(label.len() - len..)
+                .and_then(|k| self.by_suffix.get(k))
+            {
+                check(list);
+            }
+        }
+        check(&self.other);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Node<V> {
     exact: HashMap<Box<[u8]>, u32>,
-    globs: Vec<(Glob, u32)>,
+    globs: Globs,
     /// Patterns ending exactly here.
     terminal: Vec<V>,
     /// `**.` patterns whose fixed part ends here: they need one or more further labels.
@@ -32,7 +114,7 @@ impl<V> Default for Node<V> {
     fn default() -> Self {
         Self {
             exact: HashMap::new(),
-            globs: Vec::new(),
+            globs: Globs::default(),
             terminal: Vec::new(),
             subdomains: Vec::new(),
         }
@@ -104,10 +186,10 @@ impl<V> NameMatcher<V> {
         };
         let found = match label {
             LabelMatch::Exact(l) => *node.exact.entry(l.clone()).or_insert(next),
-            LabelMatch::Glob(g) => match node.globs.iter().find(|(have, _)| have == g) {
-                Some((_, id)) => *id,
+            LabelMatch::Glob(g) => match node.globs.find(g) {
+                Some(id) => id,
                 None => {
-                    node.globs.push((g.clone(), next));
+                    node.globs.insert(g.clone(), next);
                     next
                 }
             },
@@ -144,11 +226,7 @@ impl<V> NameMatcher<V> {
                 if let Some(&child) = node.exact.get(label) {
                     next.push(child);
                 }
-                for (glob, child) in &node.globs {
-                    if glob.matches(label) {
-                        next.push(*child);
-                    }
-                }
+                node.globs.for_each_match(label, |child| next.push(child));
             }
             std::mem::swap(&mut active, &mut next);
             if active.is_empty() {

@@ -71,6 +71,16 @@ impl Glob {
         }
     }
 
+    /// The literal text before the first `*`.
+    pub(crate) fn prefix(&self) -> &[u8] {
+        self.pieces.first().map(|p| &p[..]).unwrap_or_default()
+    }
+
+    /// The literal text after the last `*`.
+    pub(crate) fn suffix(&self) -> &[u8] {
+        self.pieces.last().map(|p| &p[..]).unwrap_or_default()
+    }
+
     /// Whether the (folded, valid) `label` matches. O(label length x pieces).
     pub(crate) fn matches(&self, label: &[u8]) -> bool {
         let Some((first, rest)) = self.pieces.split_first() else {

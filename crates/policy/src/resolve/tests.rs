@@ -1,1 +1,246 @@
+use std::net::IpAddr;
+
 use super::*;
+use crate::diag::Diagnostic;
+use crate::labels::Labels;
+use crate::model::Entity;
+use crate::parse::parse_stream;
+
+fn set(yaml: &str) -> PolicySet {
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let policies = parse_stream("t.yaml", yaml, &mut diags);
+    let errors: Vec<String> = diags
+        .iter()
+        .filter(|d| d.is_error())
+        .map(ToString::to_string)
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    PolicySet::new(policies)
+}
+
+fn ep(ns: &str, labels: &[(&str, &str)]) -> Endpoint {
+    Endpoint::new(ns, Labels::new(labels.iter().copied()).unwrap())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const KUBE_DNS_RULE: &str = r#"
+    - toEndpoints:
+        - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns: [{matchPattern: "*.example.com"}]
+"#;
+
+fn cnp(ns: &str, name: &str, selector: &str, egress: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  endpointSelector: {selector}\n  egress:{egress}\n---\n"
+    )
+}
+
+#[test]
+fn namespaced_policies_select_only_their_namespace() {
+    let s = set(&cnp(
+        "prod",
+        "p",
+        "{matchLabels: {app: web}}",
+        KUBE_DNS_RULE,
+    ));
+    assert!(s.resolve(&ep("prod", &[("app", "web")])).enforced);
+    assert!(!s.resolve(&ep("dev", &[("app", "web")])).enforced);
+    assert!(!s.resolve(&ep("prod", &[("app", "db")])).enforced);
+}
+
+#[test]
+fn clusterwide_policies_select_every_namespace() {
+    let yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: c}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  egress:{KUBE_DNS_RULE}"
+    );
+    let s = set(&yaml);
+    assert!(s.resolve(&ep("prod", &[("app", "web")])).enforced);
+    assert!(s.resolve(&ep("dev", &[("any:app", "web")])).enforced);
+}
+
+#[test]
+fn to_endpoints_is_scoped_to_the_policy_namespace_unless_it_names_one() {
+    let egress = r#"
+    - toEndpoints: [{matchLabels: {app: db}}]
+    - toEndpoints: [{matchLabels: {app: cache, io.kubernetes.pod.namespace: shared}}]
+"#;
+    let s = set(&cnp("prod", "p", "{}", egress));
+    let r = s.resolve(&ep("prod", &[]));
+    let allowed = |dest: &Endpoint| {
+        r.allows.iter().any(|a| {
+            a.rule
+                .peer
+                .selects(&Destination::Endpoint(ip("10.0.0.9"), dest))
+        })
+    };
+    assert!(allowed(&ep("prod", &[("app", "db")])));
+    assert!(!allowed(&ep("dev", &[("app", "db")])));
+    assert!(allowed(&ep("shared", &[("app", "cache")])));
+    assert!(!allowed(&ep("prod", &[("app", "cache")])));
+}
+
+#[test]
+fn default_deny_follows_cilium() {
+    // `egress: [{}]` denies everything; ingress alone does not touch egress;
+    // enableDefaultDeny.egress=false adds allows without enforcing; egressDeny enforces.
+    let yaml = cnp("a", "deny-all", "{}", "\n    - {}\n")
+        + "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: ing, namespace: b}\nspec:\n  endpointSelector: {}\n  ingress:\n    - fromEntities: [world]\n---\n"
+        + "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: soft, namespace: c}\nspec:\n  endpointSelector: {}\n  enableDefaultDeny: {egress: false}\n  egress:\n    - toEntities: [world]\n---\n"
+        + "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny, namespace: d}\nspec:\n  endpointSelector: {}\n  egressDeny:\n    - toEntities: [host]\n";
+    let s = set(&yaml);
+    let a = s.resolve(&ep("a", &[]));
+    assert!(a.enforced);
+    assert!(a.allows.is_empty(), "{{}} allows nothing: {:?}", a.allows);
+    assert!(!s.resolve(&ep("b", &[])).enforced);
+    let c = s.resolve(&ep("c", &[]));
+    assert!(!c.enforced);
+    assert_eq!(c.allows.len(), 1);
+    let d = s.resolve(&ep("d", &[]));
+    assert!(d.enforced);
+    assert_eq!(d.denies.len(), 1);
+}
+
+#[test]
+fn dns_decisions() {
+    let s = set(&cnp("prod", "p", "{}", KUBE_DNS_RULE));
+    let r = s.resolve(&ep("prod", &[]));
+    let dns = ep("kube-system", &[("k8s-app", "kube-dns")]);
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"WWW.example.com.", Some(&server), 53, Protocol::Tcp);
+    assert!(d.allowed && d.proxied);
+    assert!(
+        matches!(d.reason, DnsReason::Pattern { pattern, .. } if pattern.as_str() == "*.example.com")
+    );
+    let d = r.dns_decision(b"example.com", Some(&server), 53, Protocol::Udp);
+    assert_eq!((d.allowed, d.reason), (false, DnsReason::NoPatternMatches));
+    let d = r.dns_decision(b"a.example.com", Some(&server), 54, Protocol::Udp);
+    assert_eq!((d.allowed, d.reason), (false, DnsReason::NotCovered));
+    let other = Destination::World(ip("192.0.2.1"));
+    let d = r.dns_decision(b"a.example.com", Some(&other), 53, Protocol::Udp);
+    assert_eq!((d.allowed, d.reason), (false, DnsReason::NotCovered));
+    let d = r.dns_decision(b"a b.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && matches!(d.reason, DnsReason::InvalidName(_)));
+    // Without a server: any server the rules cover.
+    assert!(
+        r.dns_decision(b"a.example.com", None, 53, Protocol::Udp)
+            .allowed
+    );
+}
+
+#[test]
+fn an_l4_rule_on_the_dns_port_allows_every_name() {
+    let egress = format!("{KUBE_DNS_RULE}    - toEntities: [cluster]\n      toPorts: [{{ports: [{{port: \"53\"}}]}}]\n");
+    let s = set(&cnp("prod", "p", "{}", &egress));
+    let r = s.resolve(&ep("prod", &[]));
+    let dns = ep("kube-system", &[("k8s-app", "kube-dns")]);
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"anything.org", Some(&server), 53, Protocol::Udp);
+    assert!(d.allowed && d.proxied, "{d:?}");
+    assert!(matches!(d.reason, DnsReason::PortAllowed { .. }));
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let egress = format!("{KUBE_DNS_RULE}    - toEntities: [all]\n");
+    let yaml = cnp("prod", "p", "{}", &egress)
+        + "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: d, namespace: prod}\nspec:\n  endpointSelector: {}\n  egressDeny:\n    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}]\n      toPorts: [{ports: [{port: \"53\", protocol: UDP}]}]\n";
+    let s = set(&yaml);
+    let r = s.resolve(&ep("prod", &[]));
+    let dns = ep("kube-system", &[("k8s-app", "kube-dns")]);
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && matches!(d.reason, DnsReason::Denied { .. }));
+    // TCP is not denied.
+    assert!(
+        r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Tcp)
+            .allowed
+    );
+}
+
+#[test]
+fn cidr_rules_select_only_the_world_and_honour_except() {
+    let egress = "\n    - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]\n";
+    let s = set(&cnp("prod", "p", "{}", egress));
+    let r = s.resolve(&ep("prod", &[]));
+    let peer = &r.allows[0].rule.peer;
+    assert!(peer.selects(&Destination::World(ip("10.2.3.4"))));
+    assert!(!peer.selects(&Destination::World(ip("10.1.3.4"))));
+    assert!(!peer.selects(&Destination::World(ip("11.0.0.1"))));
+    let pod = ep("prod", &[]);
+    assert!(!peer.selects(&Destination::Endpoint(ip("10.2.3.4"), &pod)));
+    assert!(!peer.selects(&Destination::Host(ip("10.2.3.4"))));
+}
+
+#[test]
+fn entities() {
+    let pod = ep("x", &[]);
+    let cases = [
+        (Entity::World, Destination::World(ip("192.0.2.1")), true),
+        (Entity::World, Destination::Host(ip("10.0.0.1")), false),
+        (
+            Entity::WorldIpv4,
+            Destination::World(ip("2001:db8::1")),
+            false,
+        ),
+        (
+            Entity::WorldIpv6,
+            Destination::World(ip("2001:db8::1")),
+            true,
+        ),
+        (
+            Entity::Cluster,
+            Destination::Endpoint(ip("10.0.0.5"), &pod),
+            true,
+        ),
+        (Entity::Cluster, Destination::Host(ip("10.0.0.1")), true),
+        (Entity::Cluster, Destination::World(ip("192.0.2.1")), false),
+        (Entity::Host, Destination::Host(ip("10.0.0.1")), true),
+        (
+            Entity::Host,
+            Destination::Endpoint(ip("10.0.0.5"), &pod),
+            false,
+        ),
+        (Entity::All, Destination::World(ip("192.0.2.1")), true),
+    ];
+    for (e, dest, want) in cases {
+        assert_eq!(
+            Peer::Entities(vec![e]).selects(&dest),
+            want,
+            "{e:?} {dest:?}"
+        );
+    }
+}
+
+#[test]
+fn fqdn_selectors_are_shared_across_policies_and_carry_ports() {
+    let egress1 = "\n    - toFQDNs: [{matchPattern: \"*.example.com\"}]\n      toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n";
+    let egress2 =
+        "\n    - toFQDNs: [{matchPattern: \"*.EXAMPLE.com.\"}, {matchName: api.example.com}]\n";
+    let s = set(&(cnp("a", "one", "{}", egress1) + &cnp("b", "two", "{}", egress2)));
+    assert_eq!(s.fqdn_selectors().len(), 2, "{:?}", s.fqdn_selectors());
+    let name = FoldedName::new(b"api.example.com").unwrap();
+    let mut ids = Vec::new();
+    let _ = s.for_each_selector_match(&name, |id| {
+        ids.push(id);
+        ControlFlow::<()>::Continue(())
+    });
+    ids.sort();
+    assert_eq!(ids, [SelectorId(0), SelectorId(1)]);
+    let a = s.resolve(&ep("a", &[]));
+    let mut hits = Vec::new();
+    let _ = a.for_each_fqdn_match(&name, |f| {
+        hits.push((f.pattern.as_str().to_owned(), f.ports.clone()));
+        ControlFlow::<()>::Continue(())
+    });
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].1[0].port, 443);
+    let b = s.resolve(&ep("b", &[]));
+    assert_eq!(b.fqdn_allows.len(), 2);
+    assert_eq!(b.fqdn_allows[0].ports, [PortProtocol::ANY]);
+}
