@@ -1,0 +1,189 @@
+//! Parsing and validation through the public API: documents, lists, field paths, values.
+
+use dnsfence_policy::{
+    parse_stream, Diagnostic, Endpoint, Labels, Peer, PolicyKind, PolicyLoader, PortProtocol,
+    Protocol, Severity,
+};
+
+fn parse(yaml: &str) -> (Vec<dnsfence_policy::Policy>, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let policies = parse_stream("f.yaml", yaml, &mut diags);
+    (policies, diags)
+}
+
+fn lines(diags: &[Diagnostic]) -> Vec<String> {
+    diags.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn documents_are_numbered_from_one_and_empty_ones_skipped() {
+    // The first `---` opens document 1 (empty), the second opens document 2.
+    let yaml = "---\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec:\n  endpointSelector: {}\n  egress: [{toEntities: [bogus]}]\n";
+    let (policies, diags) = parse(yaml);
+    assert!(policies.is_empty());
+    assert_eq!(
+        lines(&diags),
+        ["f.yaml:2: spec.egress[0].toEntities[0]: entity \"bogus\" is not supported by dnsfence (supported: world, world-ipv4, world-ipv6, cluster, host, all)"]
+    );
+}
+
+#[test]
+fn list_items_carry_their_index_in_the_path() {
+    let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: ok, namespace: a}
+    spec: {endpointSelector: {}, egress: [{toEntities: [world]}]}
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: bad, namespace: a}
+    spec: {endpointSelector: {}, egress: [{toFQDNs: [{matchPattern: "a b"}]}]}
+"#;
+    let (policies, diags) = parse(yaml);
+    assert_eq!(policies.len(), 1, "the valid item survives");
+    assert_eq!(policies[0].id.name, "ok");
+    assert_eq!(diags.len(), 1);
+    assert_eq!(
+        diags[0].path,
+        "items[1].spec.egress[0].toFQDNs[0].matchPattern"
+    );
+}
+
+#[test]
+fn spec_and_specs_both_count() {
+    let yaml = r#"
+apiVersion: dnsfence.io/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {name: both}
+spec: {endpointSelector: {matchLabels: {a: "1"}}, egress: [{toEntities: [world]}]}
+specs:
+  - {endpointSelector: {matchLabels: {b: "2"}}, egress: [{toEntities: [host]}]}
+  - {endpointSelector: {matchLabels: {c: "3"}}, egress: [{toEntities: [all]}]}
+"#;
+    let (policies, diags) = parse(yaml);
+    assert!(diags.is_empty(), "{:?}", lines(&diags));
+    assert_eq!(policies[0].id.kind, PolicyKind::ClusterEgressPolicy);
+    let paths: Vec<&str> = policies[0].rules.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["spec", "specs[0]", "specs[1]"]);
+}
+
+#[test]
+fn ports_accept_numbers_and_strings() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {}
+  egress:
+    - toCIDR: [192.0.2.7]
+      toPorts:
+        - ports:
+            - {port: 443, protocol: TCP}
+            - {port: "8000", endPort: 8100}
+            - {port: "0"}
+"#;
+    let (policies, diags) = parse(yaml);
+    assert!(diags.is_empty(), "{:?}", lines(&diags));
+    let rule = &policies[0].rules[0].egress[0];
+    let Peer::Cidrs(cidrs) = &rule.peer else {
+        panic!("{:?}", rule.peer)
+    };
+    assert_eq!(cidrs[0].cidr.to_string(), "192.0.2.7/32");
+    assert_eq!(
+        rule.to_ports[0].ports,
+        [
+            PortProtocol {
+                port: 443,
+                end_port: 443,
+                protocol: Protocol::Tcp
+            },
+            PortProtocol {
+                port: 8000,
+                end_port: 8100,
+                protocol: Protocol::Any
+            },
+            PortProtocol::ANY,
+        ]
+    );
+    assert!(rule.covers_port(8050, Protocol::Udp));
+    // Port 0 means every port.
+    assert!(rule.covers_port(1, Protocol::Sctp));
+    // The namespace defaults to `default`, as kubectl does.
+    assert_eq!(policies[0].id.namespace.as_deref(), Some("default"));
+}
+
+#[test]
+fn label_values_and_source_prefixes() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {"k8s:version": 2, any:canary: true}}
+  egress: [{toEntities: [world]}]
+"#;
+    let (policies, diags) = parse(yaml);
+    assert!(diags.is_empty(), "{:?}", lines(&diags));
+    let ep = Endpoint::new(
+        "x",
+        Labels::new([("version", "2"), ("canary", "true")]).unwrap(),
+    );
+    assert!(policies[0].rules[0].subject.matches(&ep));
+}
+
+#[test]
+fn duplicate_keys_and_wrong_types_are_errors() {
+    let (_, diags) =
+        parse("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nkind: CiliumNetworkPolicy\n");
+    assert_eq!(diags.len(), 1);
+    assert!(diags[0].message.contains("duplicate"), "{}", diags[0]);
+    let (_, diags) = parse(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: t}\nspec:\n  endpointSelector: []\n  egress: {toEntities: [world]}\n",
+    );
+    assert_eq!(
+        lines(&diags),
+        [
+            "f.yaml:1: spec.endpointSelector: expected a mapping, found a list",
+            "f.yaml:1: spec.egress: expected a list, found a mapping",
+        ]
+    );
+}
+
+#[test]
+fn warnings_do_not_reject() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-fw, namespace: ignored}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
+  egress: [{toEntities: [world]}]
+"#;
+    let (policies, diags) = parse(yaml);
+    assert_eq!(policies.len(), 1);
+    assert!(
+        policies[0].rules.is_empty(),
+        "host policies are not enforced"
+    );
+    assert!(diags.iter().all(|d| d.severity == Severity::Warning));
+    assert_eq!(diags.len(), 2, "{:?}", lines(&diags));
+}
+
+#[test]
+fn loader_reports_duplicates_across_files() {
+    let doc = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: d, namespace: n}\nspec: {endpointSelector: {}}\n";
+    let mut loader = PolicyLoader::new();
+    loader.add("one.yaml", doc);
+    loader.add("two.yaml", doc);
+    assert!(loader.has_errors());
+    assert_eq!(
+        lines(loader.diagnostics()),
+        ["two.yaml:1: metadata.name: CiliumNetworkPolicy n/d is already defined at one.yaml:1"]
+    );
+    let (set, _) = loader.finish();
+    assert_eq!(set.policies().len(), 1);
+}
