@@ -69,7 +69,12 @@ impl Sink<'_> {
             severity,
             file: self.file.clone(),
             doc: self.doc,
-            path: path.to_owned(),
+            // A problem with the document as a whole (not a mapping, say) has no field path.
+            path: if path.is_empty() {
+                "(document)".to_owned()
+            } else {
+                path.to_owned()
+            },
             message: message.to_string(),
         });
     }

@@ -187,3 +187,15 @@ fn loader_reports_duplicates_across_files() {
     let (set, _) = loader.finish();
     assert_eq!(set.policies().len(), 1);
 }
+
+#[test]
+fn a_document_that_is_not_a_mapping_is_reported_on_the_document() {
+    let (_, diags) = parse("just a string\n---\n- a\n- list\n");
+    assert_eq!(
+        lines(&diags),
+        [
+            "f.yaml:1: (document): expected a mapping, found a string",
+            "f.yaml:2: (document): expected a mapping, found a list",
+        ]
+    );
+}
