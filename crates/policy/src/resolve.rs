@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use crate::labels::Endpoint;
 use crate::matcher::NameMatcher;
-use crate::model::{Destination, EgressRule, Peer, Policy, PolicyId, PortProtocol, Protocol};
+use crate::model::{
+    Destination, EgressRule, Entity, Peer, Policy, PolicyId, PortProtocol, Protocol,
+};
 use crate::name::{FoldedName, NameError};
 use crate::pattern::NamePattern;
 
@@ -276,11 +278,14 @@ impl EndpointPolicy {
             reason,
         };
         let deny = self.denies.iter().find(|d| {
-            server.map_or(
-                matches!(d.rule.peer, Peer::Any)
-                    || d.rule.peer == Peer::Entities(vec![crate::model::Entity::All]),
-                |s| d.rule.peer.selects(s),
-            ) && d.rule.covers_port(port, protocol)
+            // Without a server, only deny rules that cover every destination apply.
+            let everywhere = match &d.rule.peer {
+                Peer::Any => true,
+                Peer::Entities(es) => es.contains(&Entity::All),
+                _ => false,
+            };
+            server.map_or(everywhere, |s| d.rule.peer.selects(s))
+                && d.rule.covers_port(port, protocol)
         });
         if let Some(rule) = deny {
             return decide(false, false, DnsReason::Denied { rule });
