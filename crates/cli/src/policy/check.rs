@@ -138,6 +138,11 @@ fn rule_json(r: &AppliedRule) -> Value {
     json!({"policy": r.policy.to_string(), "kind": r.policy.kind.as_str(), "path": r.rule.path})
 }
 
+/// `Kind ns/name (path)`: where a rule lives, for explanations.
+fn rule_ref(policy: &PolicyId, path: &str) -> String {
+    format!("{} {policy} ({path})", policy.kind.as_str())
+}
+
 fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
     match d.reason {
         DnsReason::NotEnforced => (
@@ -147,21 +152,17 @@ fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
         DnsReason::Pattern { rule, pattern } => (
             "dns-rule",
             format!(
-                "{} {:?} of {} {} ({})",
+                "{} {:?} of {}",
                 pattern.field().as_str(),
                 pattern.as_str(),
-                rule.policy.kind.as_str(),
-                rule.policy,
-                rule.path
+                rule_ref(&rule.policy, &rule.path)
             ),
         ),
         DnsReason::PortAllowed { rule } => (
             "port-allowed",
             format!(
-                "{} {} ({}) allows this server and port without DNS rules, so every name is allowed{}",
-                rule.policy.kind.as_str(),
-                rule.policy,
-                rule.rule.path,
+                "{} allows this server and port without DNS rules, so every name is allowed{}",
+                rule_ref(&rule.policy, &rule.rule.path),
                 if d.proxied { "" } else { "; not proxied, so answers teach no IPs" }
             ),
         ),
@@ -176,10 +177,8 @@ fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
         DnsReason::Denied { rule } => (
             "egress-deny",
             format!(
-                "egressDeny of {} {} ({}) covers this server and port",
-                rule.policy.kind.as_str(),
-                rule.policy,
-                rule.rule.path
+                "egressDeny of {} covers this server and port",
+                rule_ref(&rule.policy, &rule.rule.path)
             ),
         ),
         DnsReason::InvalidName(e) => ("invalid-name", format!("the name is not a valid hostname: {e}")),
