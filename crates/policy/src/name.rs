@@ -108,6 +108,49 @@ impl FoldedName {
         Ok(Self { buf, len })
     }
 
+    /// Folds a name given label by label, as DNS carries it on the wire (without the root
+    /// label). A label holding a dot, or any byte outside `[-a-zA-Z0-9_]`, is refused: on the
+    /// wire a dot is an ordinary byte, and it must never pass for a label separator.
+    pub fn from_labels<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Result<Self, NameError> {
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let mut len = 0usize;
+        for label in labels {
+            if label.is_empty() {
+                return Err(NameError::EmptyLabel);
+            }
+            let sep = usize::from(len > 0);
+            if len + sep + label.len() > MAX_NAME_LEN {
+                return Err(NameError::TooLong {
+                    len: len + sep + label.len(),
+                });
+            }
+            if sep == 1 {
+                if let Some(slot) = buf.get_mut(len) {
+                    *slot = b'.';
+                }
+                len += 1;
+            }
+            for (i, &b) in label.iter().enumerate() {
+                let lower = b.to_ascii_lowercase();
+                if !is_label_byte(lower) {
+                    return Err(NameError::InvalidChar {
+                        byte: b,
+                        offset: len + i,
+                        pattern: false,
+                    });
+                }
+                if let Some(slot) = buf.get_mut(len + i) {
+                    *slot = lower;
+                }
+            }
+            len += label.len();
+        }
+        if len == 0 {
+            return Err(NameError::Empty);
+        }
+        Ok(Self { buf, len })
+    }
+
     /// The folded bytes.
     #[inline]
     pub fn as_bytes(&self) -> &[u8] {
@@ -126,6 +169,14 @@ impl FoldedName {
         self.as_bytes().rsplit(|&b| b == b'.')
     }
 }
+
+impl PartialEq for FoldedName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for FoldedName {}
 
 impl fmt::Debug for FoldedName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,6 +230,33 @@ mod tests {
             FoldedName::new(&long).unwrap_err(),
             NameError::TooLong { len: 256 }
         );
+    }
+
+    #[test]
+    fn from_wire_labels() {
+        let n = FoldedName::from_labels([&b"WWW"[..], b"Example", b"com"]).unwrap();
+        assert_eq!(n.as_str(), "www.example.com");
+        assert_eq!(n, FoldedName::new(b"www.example.com.").unwrap());
+        // A dot inside a label must not pass for a separator.
+        assert!(matches!(
+            FoldedName::from_labels([&b"evil.example"[..], b"com"]),
+            Err(NameError::InvalidChar { byte: b'.', .. })
+        ));
+        assert!(FoldedName::from_labels([&b"a\x00"[..]]).is_err());
+        assert_eq!(
+            FoldedName::from_labels(std::iter::empty()).unwrap_err(),
+            NameError::Empty
+        );
+        assert_eq!(
+            FoldedName::from_labels([&b""[..]]).unwrap_err(),
+            NameError::EmptyLabel
+        );
+        let big = [b'a'; 63];
+        let labels = [&big[..], &big[..], &big[..], &big[..], &b"b"[..]];
+        assert!(matches!(
+            FoldedName::from_labels(labels),
+            Err(NameError::TooLong { .. })
+        ));
     }
 
     #[test]

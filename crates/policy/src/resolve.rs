@@ -272,6 +272,18 @@ impl EndpointPolicy {
         port: u16,
         protocol: Protocol,
     ) -> DnsDecision<'_> {
+        self.dns_decision_folded(FoldedName::new(name).as_ref(), server, port, protocol)
+    }
+
+    /// [`EndpointPolicy::dns_decision`] for a name already folded (or refused by folding),
+    /// as the proxy has it from the wire.
+    pub fn dns_decision_folded(
+        &self,
+        name: Result<&FoldedName, &NameError>,
+        server: Option<&Destination<'_>>,
+        port: u16,
+        protocol: Protocol,
+    ) -> DnsDecision<'_> {
         let decide = |allowed, proxied, reason| DnsDecision {
             allowed,
             proxied,
@@ -303,12 +315,12 @@ impl EndpointPolicy {
                 None => decide(false, false, DnsReason::NotCovered),
             };
         }
-        let folded = match FoldedName::new(name) {
+        let folded = match name {
             Ok(f) => f,
-            Err(e) => return decide(false, true, DnsReason::InvalidName(e)),
+            Err(e) => return decide(false, true, DnsReason::InvalidName(*e)),
         };
         let mut best: Option<(&DnsRule, &NamePattern)> = None;
-        let _ = self.dns_matcher.for_each_match(&folded, |&(r, p)| {
+        let _ = self.dns_matcher.for_each_match(folded, |&(r, p)| {
             let rule = self.dns_rules.get(r as usize);
             let pattern = rule.and_then(|rule| rule.patterns.get(p as usize));
             if let (Some(rule), Some(pattern)) = (rule, pattern) {

@@ -1,0 +1,168 @@
+//! Checking an upstream's answer against the query that was sent, and what it teaches.
+//!
+//! Only an answer to the question that was asked teaches anything, and only its answer
+//! section does: A/AAAA records whose owner is the query name or a name on the query's
+//! CNAME chain. Records elsewhere, or for other names, teach nothing. The TTL is the
+//! smallest of the records used.
+
+use std::net::IpAddr;
+
+use dnsfence_policy::FoldedName;
+use domain::base::{Message, ParsedName};
+use domain::rdata::{Aaaa, Cname, A};
+use smallvec::SmallVec;
+
+use crate::query::fold_name;
+use crate::wire::{self, HEADER_LEN};
+
+/// Longest CNAME chain followed.
+pub const MAX_CHAIN: usize = 16;
+
+/// Why an answer was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// Shorter than a header, or the message cannot be read.
+    #[error("malformed answer")]
+    Malformed,
+    /// The QR bit is not set.
+    #[error("not a response")]
+    NotResponse,
+    /// The question differs from the one sent (a spoofed or stray answer).
+    #[error("answer to a different question")]
+    QuestionMismatch,
+}
+
+/// The name → IP mappings an answer teaches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// The query name, then each CNAME target in chain order.
+    pub names: SmallVec<[FoldedName; 2]>,
+    /// Addresses of names on the chain.
+    pub ips: SmallVec<[IpAddr; 8]>,
+    /// Smallest TTL among the records used, in seconds.
+    pub ttl: u32,
+}
+
+/// An accepted answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Response code (low 4 bits).
+    pub rcode: u8,
+    /// Whether TC is set (the client should retry over TCP).
+    pub truncated: bool,
+    /// What it teaches (empty unless NOERROR with addresses).
+    pub learned: Learned,
+}
+
+/// Whether `answer` answers `question` (the query's bytes from offset 12 to the end of its
+/// question), comparing names ASCII-case-insensitively. The question is always the first
+/// name of a message, so it is never compressed and plain bytes compare.
+fn same_question(answer: &[u8], question: &[u8]) -> bool {
+    answer
+        .get(HEADER_LEN..HEADER_LEN + question.len())
+        .is_some_and(|a| a.eq_ignore_ascii_case(question))
+        && answer.get(4..6) == Some(&[0, 1][..])
+}
+
+/// Checks `packet` as the answer to the query whose question bytes are `question`, and
+/// extracts what it teaches. Never panics, whatever the bytes.
+pub fn check_answer(question: &[u8], packet: &[u8]) -> Result<Answer, AnswerError> {
+    if packet.len() < HEADER_LEN {
+        return Err(AnswerError::Malformed);
+    }
+    if !wire::is_response(packet) {
+        return Err(AnswerError::NotResponse);
+    }
+    if !same_question(packet, question) {
+        return Err(AnswerError::QuestionMismatch);
+    }
+    let msg = Message::from_octets(packet).map_err(|_| AnswerError::Malformed)?;
+    let rcode = wire::rcode(packet).unwrap_or(0);
+    let truncated = wire::is_truncated(packet);
+    let mut answer = Answer {
+        rcode,
+        truncated,
+        learned: Learned::default(),
+    };
+    if rcode != 0 || truncated {
+        return Ok(answer);
+    }
+    let Some(Ok(q)) = msg.question().next() else {
+        return Err(AnswerError::Malformed);
+    };
+    // A query name that is not a hostname teaches nothing.
+    if let Ok(qname) = fold_name(q.qname()) {
+        answer.learned = learn(&msg, qname);
+    }
+    Ok(answer)
+}
+
+fn fold<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Option<FoldedName> {
+    fold_name(name).ok()
+}
+
+/// Follows the CNAME chain from `qname` and collects the addresses of names on it.
+fn learn(msg: &Message<&[u8]>, qname: FoldedName) -> Learned {
+    let mut learned = Learned {
+        names: SmallVec::new(),
+        ips: SmallVec::new(),
+        ttl: u32::MAX,
+    };
+    learned.names.push(qname);
+    let mut chain_ttl = u32::MAX;
+    // Follow CNAMEs: each step looks for a CNAME owned by the last name on the chain.
+    while learned.names.len() < MAX_CHAIN {
+        let Some(last) = learned.names.last() else {
+            break;
+        };
+        let Ok(section) = msg.answer() else {
+            return Learned::default();
+        };
+        let next = section
+            .limit_to::<Cname<ParsedName<&[u8]>>>()
+            .find_map(|rr| {
+                let rr = rr.ok()?;
+                (fold(rr.owner()).as_ref() == Some(last))
+                    .then(|| fold(rr.data().cname()).map(|t| (t, rr.ttl().as_secs())))
+                    .flatten()
+            });
+        match next {
+            Some((target, ttl)) if !learned.names.contains(&target) => {
+                chain_ttl = chain_ttl.min(ttl);
+                learned.names.push(target);
+            }
+            _ => break,
+        }
+    }
+    let mut ttl = chain_ttl;
+    if let Ok(section) = msg.answer() {
+        for rr in section.limit_to::<A>().flatten() {
+            if fold(rr.owner()).is_some_and(|o| learned.names.contains(&o)) {
+                push_ip(&mut learned.ips, IpAddr::V4(rr.data().addr()));
+                ttl = ttl.min(rr.ttl().as_secs());
+            }
+        }
+    }
+    if let Ok(section) = msg.answer() {
+        for rr in section.limit_to::<Aaaa>().flatten() {
+            if fold(rr.owner()).is_some_and(|o| learned.names.contains(&o)) {
+                push_ip(&mut learned.ips, IpAddr::V6(rr.data().addr()));
+                ttl = ttl.min(rr.ttl().as_secs());
+            }
+        }
+    }
+    if learned.ips.is_empty() {
+        return Learned::default();
+    }
+    learned.ttl = ttl;
+    learned
+}
+
+fn push_ip(ips: &mut SmallVec<[IpAddr; 8]>, ip: IpAddr) {
+    if !ips.contains(&ip) {
+        ips.push(ip);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::*;
+use crate::testutil::{a, aaaa, cname, query, response};
+
+fn question(q: &[u8]) -> &[u8] {
+    &q[12..]
+}
+
+fn names(l: &Learned) -> Vec<&str> {
+    l.names.iter().map(|n| n.as_str()).collect()
+}
+
+#[test]
+fn credits_the_chain_with_the_smallest_ttl() {
+    let q = query(1, "www.example.com", 1);
+    let r = response(
+        &q,
+        0,
+        &[
+            cname("www.example.com", 300, "edge.cdn.example.net"),
+            cname("EDGE.cdn.example.net", 120, "e1.cdn.example.net"),
+            a("e1.cdn.example.net", 60, [192, 0, 2, 1]),
+            a("e1.cdn.example.net", 90, [192, 0, 2, 2]),
+        ],
+        &[],
+    );
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!(ans.rcode, 0);
+    assert_eq!(
+        names(&ans.learned),
+        [
+            "www.example.com",
+            "edge.cdn.example.net",
+            "e1.cdn.example.net"
+        ]
+    );
+    assert_eq!(
+        &ans.learned.ips[..],
+        [
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))
+        ]
+    );
+    assert_eq!(ans.learned.ttl, 60);
+}
+
+#[test]
+fn aaaa_and_case_insensitive_question() {
+    let q = query(2, "V6.Example.com", 28);
+    let mut lower = query(2, "v6.example.com", 28);
+    lower[0] = q[0];
+    let r = response(
+        &lower,
+        0,
+        &[aaaa("v6.example.com", 30, Ipv6Addr::LOCALHOST)],
+        &[],
+    );
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!(&ans.learned.ips[..], [IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+}
+
+#[test]
+fn records_off_the_chain_or_outside_the_answer_teach_nothing() {
+    let q = query(3, "api.example.com", 1);
+    let r = response(
+        &q,
+        0,
+        &[
+            a("api.example.com", 60, [192, 0, 2, 10]),
+            a("bank.example.org", 60, [198, 51, 100, 1]),
+            cname("unrelated.example.com", 60, "x.example.net"),
+            a("x.example.net", 60, [198, 51, 100, 2]),
+        ],
+        &[a("api.example.com", 60, [203, 0, 113, 9])],
+    );
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!(names(&ans.learned), ["api.example.com"]);
+    assert_eq!(
+        &ans.learned.ips[..],
+        [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))]
+    );
+}
+
+#[test]
+fn answers_to_other_questions_are_rejected() {
+    let q = query(4, "api.example.com", 1);
+    let other = query(4, "evil.example.com", 1);
+    let r = response(
+        &other,
+        0,
+        &[a("evil.example.com", 60, [192, 0, 2, 66])],
+        &[],
+    );
+    assert_eq!(
+        check_answer(question(&q), &r),
+        Err(AnswerError::QuestionMismatch)
+    );
+    let other_type = query(4, "api.example.com", 28);
+    let r = response(&other_type, 0, &[], &[]);
+    assert_eq!(
+        check_answer(question(&q), &r),
+        Err(AnswerError::QuestionMismatch)
+    );
+    assert_eq!(
+        check_answer(question(&q), &q),
+        Err(AnswerError::NotResponse)
+    );
+    assert_eq!(
+        check_answer(question(&q), &q[..5]),
+        Err(AnswerError::Malformed)
+    );
+}
+
+#[test]
+fn errors_truncation_and_cname_loops() {
+    let q = query(5, "gone.example.com", 1);
+    let nx = check_answer(question(&q), &response(&q, 3, &[], &[])).unwrap();
+    assert_eq!((nx.rcode, nx.learned.ips.len()), (3, 0));
+    let mut tc = response(&q, 0, &[a("gone.example.com", 60, [192, 0, 2, 1])], &[]);
+    tc[2] |= 0x02;
+    let tc = check_answer(question(&q), &tc).unwrap();
+    assert!(tc.truncated);
+    assert!(
+        tc.learned.ips.is_empty(),
+        "a truncated answer teaches nothing"
+    );
+    let r = response(
+        &q,
+        0,
+        &[
+            cname("gone.example.com", 60, "b.example.com"),
+            cname("b.example.com", 60, "gone.example.com"),
+        ],
+        &[],
+    );
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert!(ans.learned.ips.is_empty());
+}
+
+#[test]
+fn truncated_record_data_never_panics() {
+    let q = query(6, "a.example.com", 1);
+    let r = response(&q, 0, &[a("a.example.com", 60, [192, 0, 2, 1])], &[]);
+    for cut in 0..r.len() {
+        let _ = check_answer(question(&q), &r[..cut]);
+    }
+}

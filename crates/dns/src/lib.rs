@@ -1,0 +1,26 @@
+//! The sans-IO core of the dnsfence DNS proxy.
+//!
+//! Given a query's bytes, [`parse_query`] reads its one question; [`Snapshot::decide`]
+//! judges it for the client endpoint and the server it was sent to; [`write_reply`] writes
+//! the proxy's own answers (REFUSED and friends) by echoing the query's header and question.
+//! Allowed queries are forwarded as they are with only the ID rewritten ([`wire::set_id`]);
+//! [`check_answer`] accepts an upstream answer only for the question that was sent and
+//! returns what it teaches (names on the CNAME chain, their addresses, the smallest TTL).
+//!
+//! No sockets, no clock, no async: the shell (`dnsfence-proxy`) owns those. Parsing borrows
+//! from the packet (the `domain` crate's zero-copy parser) and never panics on any input.
+
+mod answer;
+mod query;
+mod snapshot;
+pub mod wire;
+
+#[cfg(test)]
+mod testutil;
+
+pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN};
+pub use query::{fold_name, parse_query, ParsedQuery, Query};
+pub use snapshot::{
+    EndpointEntry, EndpointSpec, Reason, Snapshot, UnknownClients, Verdict, VerdictConfig,
+};
+pub use wire::{write_reply, Rcode};

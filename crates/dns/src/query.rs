@@ -1,0 +1,84 @@
+//! Reading a client's query: header checks, the one question, its name folded label by label.
+
+use dnsfence_policy::{FoldedName, NameError};
+use domain::base::{Message, ParsedName};
+
+use crate::wire::{self, Rcode, HEADER_LEN};
+
+/// A parsed query, borrowing nothing: what the verdict and the pending table need.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// The client's message ID.
+    pub id: u16,
+    /// The question's name, folded; an error when it is not a hostname (it then matches
+    /// no pattern, so enforced endpoints are refused).
+    pub name: Result<FoldedName, NameError>,
+    /// QTYPE.
+    pub qtype: u16,
+    /// QCLASS.
+    pub qclass: u16,
+    /// Offset just past the question, to echo it in replies.
+    pub question_end: usize,
+}
+
+/// What to do with bytes a client sent.
+#[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one query; boxing would allocate per query"
+)]
+pub enum ParsedQuery {
+    /// A well-formed query with exactly one question.
+    Query(Query),
+    /// Answer with this rcode, echoing the header (and the question up to the offset, when
+    /// it could be read).
+    Reject {
+        /// The response code.
+        rcode: Rcode,
+        /// Offset just past the question, when it parsed.
+        question_end: Option<usize>,
+    },
+    /// Not even a header, or a response: send nothing.
+    Drop,
+}
+
+/// Folds a name parsed from the wire, label by label.
+pub fn fold_name<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Result<FoldedName, NameError> {
+    FoldedName::from_labels(name.iter().filter(|l| !l.is_root()).map(|l| l.as_slice()))
+}
+
+/// Parses a client's query. Never panics, whatever the bytes.
+pub fn parse_query(packet: &[u8]) -> ParsedQuery {
+    if packet.len() < HEADER_LEN || wire::is_response(packet) {
+        return ParsedQuery::Drop;
+    }
+    let Ok(msg) = Message::from_octets(packet) else {
+        return ParsedQuery::Drop;
+    };
+    let reject = |rcode, question_end| ParsedQuery::Reject {
+        rcode,
+        question_end,
+    };
+    if wire::opcode(packet) != Some(0) {
+        return reject(Rcode::NotImp, None);
+    }
+    if msg.header_counts().qdcount() != 1 {
+        return reject(Rcode::FormErr, None);
+    }
+    let mut questions = msg.question();
+    let question = match questions.next() {
+        Some(Ok(q)) => q,
+        _ => return reject(Rcode::FormErr, None),
+    };
+    let question_end = questions.pos();
+    ParsedQuery::Query(Query {
+        id: msg.header().id(),
+        name: fold_name(question.qname()),
+        qtype: question.qtype().to_int(),
+        qclass: question.qclass().to_int(),
+        question_end,
+    })
+}
+
+#[cfg(test)]
+mod tests;

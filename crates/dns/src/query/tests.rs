@@ -1,0 +1,101 @@
+use super::*;
+use crate::testutil::{header, name, query};
+
+fn parsed(p: &[u8]) -> Query {
+    match parse_query(p) {
+        ParsedQuery::Query(q) => q,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn reads_id_name_type_and_question_end() {
+    let p = query(0x4242, "WWW.Example.COM.", 28);
+    let q = parsed(&p);
+    assert_eq!(q.id, 0x4242);
+    assert_eq!(q.name.unwrap().as_str(), "www.example.com");
+    assert_eq!((q.qtype, q.qclass), (28, 1));
+    assert_eq!(q.question_end, p.len());
+}
+
+#[test]
+fn names_are_judged_label_by_label() {
+    // "evil.com" as ONE label followed by "example.com": must not read as evil.com.example.com.
+    let q = parsed(&query(1, "evil\\.com.example.com", 1));
+    assert!(q.name.is_err(), "{:?}", q.name);
+    let q = parsed(&query(1, "a\\ b.example.com", 1));
+    assert!(q.name.is_err());
+}
+
+#[test]
+fn rejects_what_is_not_one_plain_question() {
+    assert!(matches!(parse_query(&[1, 2, 3]), ParsedQuery::Drop));
+    // A response is never answered (no reflection loops).
+    let mut resp = query(1, "a.com", 1);
+    resp[2] |= 0x80;
+    assert!(matches!(parse_query(&resp), ParsedQuery::Drop));
+    // Two questions.
+    let mut two = header(7, 0x0100, 2, 0, 0, 0);
+    for _ in 0..2 {
+        two.extend(name("a.com"));
+        two.extend([0, 1, 0, 1]);
+    }
+    assert!(matches!(
+        parse_query(&two),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            question_end: None
+        }
+    ));
+    // No question.
+    assert!(matches!(
+        parse_query(&header(7, 0x0100, 0, 0, 0, 0)),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            ..
+        }
+    ));
+    // Truncated question.
+    let p = query(7, "example.com", 1);
+    assert!(matches!(
+        parse_query(&p[..p.len() - 3]),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            ..
+        }
+    ));
+    // Opcode UPDATE.
+    let mut upd = query(7, "example.com", 1);
+    upd[2] = 5 << 3;
+    assert!(matches!(
+        parse_query(&upd),
+        ParsedQuery::Reject {
+            rcode: Rcode::NotImp,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn compression_loops_and_long_names_are_refused() {
+    // Question name is a pointer to itself.
+    let mut p = header(9, 0x0100, 1, 0, 0, 0);
+    p.extend([0xc0, 12, 0, 1, 0, 1]);
+    assert!(matches!(
+        parse_query(&p),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            ..
+        }
+    ));
+    // Over 255 bytes on the wire.
+    let long = vec!["a".repeat(63); 5].join(".");
+    let p = query(9, &long, 1);
+    assert!(matches!(
+        parse_query(&p),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            ..
+        } | ParsedQuery::Query(Query { name: Err(_), .. })
+    ));
+}

@@ -1,0 +1,295 @@
+//! The proxy's view of the world: endpoints by IP with their resolved policies, and the
+//! verdict for one query. Built off the hot path, then shared read-only (behind an `Arc`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use dnsfence_policy::{
+    Destination, DnsReason, Endpoint, EndpointPolicy, Labels, PolicySet, Protocol,
+};
+
+use crate::query::Query;
+use crate::wire::Rcode;
+
+/// One endpoint of the inventory, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// Its name (a pod name).
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// An endpoint with the rules that apply to it.
+#[derive(Debug)]
+pub struct EndpointEntry {
+    /// Name.
+    pub name: String,
+    /// Namespace and labels.
+    pub endpoint: Endpoint,
+    /// The resolved policy.
+    pub policy: EndpointPolicy,
+}
+
+/// What to do with queries from sources that are not in the inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownClients {
+    /// Answer REFUSED (fail closed; the default).
+    #[default]
+    Refuse,
+    /// Forward unfiltered.
+    Forward,
+}
+
+/// Behaviour switches of the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerdictConfig {
+    /// The rcode for denied queries: REFUSED (default) or NXDOMAIN.
+    pub deny_rcode: Rcode,
+    /// Unknown sources.
+    pub unknown_clients: UnknownClients,
+}
+
+impl Default for VerdictConfig {
+    fn default() -> Self {
+        Self {
+            deny_rcode: Rcode::Refused,
+            unknown_clients: UnknownClients::Refuse,
+        }
+    }
+}
+
+/// Everything the proxy needs to judge queries, immutable once built.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    policies: Arc<PolicySet>,
+    by_ip: HashMap<IpAddr, Arc<EndpointEntry>>,
+    host_ips: Vec<IpAddr>,
+    config: VerdictConfig,
+}
+
+/// Why a query got its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason<'a> {
+    /// The source is not a known endpoint.
+    UnknownClient,
+    /// The policy engine's reason.
+    Policy(DnsReason<'a>),
+}
+
+/// The decision for one query.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict<'a> {
+    /// Forward upstream (`None`), or answer with this rcode.
+    pub deny: Option<Rcode>,
+    /// The client endpoint, when known.
+    pub endpoint: Option<&'a EndpointEntry>,
+    /// Why.
+    pub reason: Reason<'a>,
+}
+
+impl Verdict<'_> {
+    /// Whether the query goes upstream.
+    pub fn allowed(&self) -> bool {
+        self.deny.is_none()
+    }
+}
+
+impl Snapshot {
+    /// Resolves every endpoint's policy. `host_ips` are the node's own addresses.
+    pub fn new(
+        policies: Arc<PolicySet>,
+        endpoints: &[EndpointSpec],
+        host_ips: Vec<IpAddr>,
+        config: VerdictConfig,
+    ) -> Self {
+        let mut by_ip = HashMap::new();
+        for spec in endpoints {
+            let endpoint = Endpoint::new(spec.namespace.clone(), spec.labels.clone());
+            let entry = Arc::new(EndpointEntry {
+                name: spec.name.clone(),
+                policy: policies.resolve(&endpoint),
+                endpoint,
+            });
+            for ip in &spec.ips {
+                by_ip.insert(*ip, entry.clone());
+            }
+        }
+        Self {
+            policies,
+            by_ip,
+            host_ips,
+            config,
+        }
+    }
+
+    /// The policy set.
+    pub fn policies(&self) -> &Arc<PolicySet> {
+        &self.policies
+    }
+
+    /// The endpoint owning `ip`, if any.
+    pub fn endpoint(&self, ip: IpAddr) -> Option<&Arc<EndpointEntry>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// How policies see `ip`: an endpoint, the node, or the world.
+    pub fn destination(&self, ip: IpAddr) -> Destination<'_> {
+        match self.by_ip.get(&ip) {
+            Some(e) => Destination::Endpoint(ip, &e.endpoint),
+            None if self.host_ips.contains(&ip) => Destination::Host(ip),
+            None => Destination::World(ip),
+        }
+    }
+
+    /// Judges `query` from `client`, sent to `server` over `protocol`. O(name length).
+    pub fn decide(
+        &self,
+        client: IpAddr,
+        server: SocketAddr,
+        protocol: Protocol,
+        query: &Query,
+    ) -> Verdict<'_> {
+        let Some(entry) = self.by_ip.get(&client) else {
+            let deny = match self.config.unknown_clients {
+                UnknownClients::Refuse => Some(Rcode::Refused),
+                UnknownClients::Forward => None,
+            };
+            return Verdict {
+                deny,
+                endpoint: None,
+                reason: Reason::UnknownClient,
+            };
+        };
+        let dest = self.destination(server.ip());
+        let d = entry.policy.dns_decision_folded(
+            query.name.as_ref(),
+            Some(&dest),
+            server.port(),
+            protocol,
+        );
+        Verdict {
+            deny: (!d.allowed).then_some(self.config.deny_rcode),
+            endpoint: Some(entry),
+            reason: Reason::Policy(d.reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::{parse_query, ParsedQuery};
+    use crate::testutil::query;
+    use dnsfence_policy::PolicyLoader;
+
+    const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*.example.com"}]}
+"#;
+
+    fn snapshot(config: VerdictConfig) -> Snapshot {
+        let mut l = PolicyLoader::new();
+        l.add("p.yaml", POLICY);
+        let (set, _) = l.finish();
+        let ep = |name: &str, ns: &str, k: &str, v: &str, ip: &str| EndpointSpec {
+            name: name.into(),
+            namespace: ns.into(),
+            labels: Labels::new([(k, v)]).unwrap(),
+            ips: vec![ip.parse().unwrap()],
+        };
+        Snapshot::new(
+            Arc::new(set),
+            &[
+                ep("web-1", "default", "app", "web", "10.0.0.2"),
+                ep("other", "default", "app", "other", "10.0.0.3"),
+                ep(
+                    "coredns",
+                    "kube-system",
+                    "k8s-app",
+                    "kube-dns",
+                    "10.96.0.10",
+                ),
+            ],
+            vec!["10.0.0.1".parse().unwrap()],
+            config,
+        )
+    }
+
+    fn q(name: &str) -> Query {
+        match parse_query(&query(1, name, 1)) {
+            ParsedQuery::Query(q) => q,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn decide(s: &Snapshot, client: &str, server: &str, name: &str) -> Option<Rcode> {
+        s.decide(
+            client.parse().unwrap(),
+            server.parse().unwrap(),
+            Protocol::Udp,
+            &q(name),
+        )
+        .deny
+    }
+
+    #[test]
+    fn verdicts() {
+        let s = snapshot(VerdictConfig::default());
+        let dns = "10.96.0.10:53";
+        assert_eq!(decide(&s, "10.0.0.2", dns, "a.example.com"), None);
+        assert_eq!(
+            decide(&s, "10.0.0.2", dns, "example.com"),
+            Some(Rcode::Refused)
+        );
+        assert_eq!(
+            decide(&s, "10.0.0.2", "192.0.2.53:53", "a.example.com"),
+            Some(Rcode::Refused)
+        );
+        assert_eq!(
+            decide(&s, "10.0.0.2", "10.96.0.10:5353", "a.example.com"),
+            Some(Rcode::Refused)
+        );
+        assert_eq!(
+            decide(&s, "10.0.0.3", dns, "anything.org"),
+            None,
+            "not enforced"
+        );
+        assert_eq!(
+            decide(&s, "10.9.9.9", dns, "a.example.com"),
+            Some(Rcode::Refused),
+            "unknown"
+        );
+        assert!(matches!(
+            s.destination("10.0.0.1".parse().unwrap()),
+            Destination::Host(_)
+        ));
+    }
+
+    #[test]
+    fn configurable_rcode_and_unknown_clients() {
+        let s = snapshot(VerdictConfig {
+            deny_rcode: Rcode::NxDomain,
+            unknown_clients: UnknownClients::Forward,
+        });
+        let dns = "10.96.0.10:53";
+        assert_eq!(
+            decide(&s, "10.0.0.2", dns, "example.org"),
+            Some(Rcode::NxDomain)
+        );
+        assert_eq!(decide(&s, "10.9.9.9", dns, "example.org"), None);
+    }
+}
