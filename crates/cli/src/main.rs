@@ -4,7 +4,9 @@
 //! input error.
 
 mod files;
+mod fqdn;
 mod policy;
+mod proxy;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,22 @@ enum Command {
     /// Validate policies and ask what they allow.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run the DNS proxy alone (no kernel enforcement).
+    Proxy(proxy::ProxyArgs),
+    /// Inspect learned name-to-IP mappings.
+    #[command(subcommand)]
+    Fqdn(fqdn::FqdnCommand),
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -39,6 +57,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Proxy(args) => proxy::run(&args),
+        Command::Fqdn(cmd) => fqdn::run(&cmd),
     };
     match result {
         Ok(code) => code,

@@ -15,9 +15,6 @@ mod query;
 mod snapshot;
 pub mod wire;
 
-#[cfg(test)]
-mod testutil;
-
 pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN};
 pub use query::{fold_name, parse_query, ParsedQuery, Query};
 pub use snapshot::{

@@ -185,8 +185,8 @@ impl Snapshot {
 mod tests {
     use super::*;
     use crate::query::{parse_query, ParsedQuery};
-    use crate::testutil::query;
     use dnsfence_policy::PolicyLoader;
+    use dnsfence_testsupport::msg::query;
 
     const POLICY: &str = r#"
 apiVersion: cilium.io/v2

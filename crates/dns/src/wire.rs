@@ -115,6 +115,32 @@ pub fn write_reply(
     Some(len)
 }
 
+/// Writes a reply with `id`, the RD bit, `question` (wire bytes of one question) and
+/// `rcode`, for answers composed without the original query at hand (upstream timeouts).
+pub fn write_reply_to(
+    id: u16,
+    rd: bool,
+    question: &[u8],
+    rcode: Rcode,
+    out: &mut [u8],
+) -> Option<usize> {
+    let len = HEADER_LEN + question.len();
+    let dst = out.get_mut(..len)?;
+    let (h, q) = dst.split_at_mut(HEADER_LEN);
+    h[..2].copy_from_slice(&id.to_be_bytes());
+    h[2] = 0x80 | u8::from(rd);
+    h[3] = 0x80 | rcode.value();
+    h[4..6].copy_from_slice(&1u16.to_be_bytes());
+    h[6..12].fill(0);
+    q.copy_from_slice(question);
+    Some(len)
+}
+
+/// Whether the RD bit is set.
+pub fn recursion_desired(packet: &[u8]) -> bool {
+    packet.get(2).is_some_and(|b| b & 0x01 != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +170,21 @@ mod tests {
         );
         assert_eq!(
             write_reply(&query, Some(query.len()), Rcode::FormErr, &mut out[..4]),
+            None
+        );
+    }
+
+    #[test]
+    fn reply_to_a_question() {
+        let question = [1, b'a', 0, 0, 1, 0, 1];
+        let mut out = [0u8; 32];
+        let n = write_reply_to(7, true, &question, Rcode::ServFail, &mut out).unwrap();
+        assert_eq!(
+            &out[..n],
+            &[0, 7, 0x81, 0x82, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1]
+        );
+        assert_eq!(
+            write_reply_to(7, true, &question, Rcode::ServFail, &mut out[..10]),
             None
         );
     }

@@ -1,7 +1,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::*;
-use crate::testutil::{a, aaaa, cname, query, response};
+use dnsfence_testsupport::msg::{a, aaaa, cname, query, response};
 
 fn question(q: &[u8]) -> &[u8] {
     &q[12..]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testutil::{header, name, query};
+use dnsfence_testsupport::msg::{header, name, query};
 
 fn parsed(p: &[u8]) -> Query {
     match parse_query(p) {

@@ -1,7 +1,7 @@
-//! Hand-built DNS messages for tests, including hostile ones.
+//! Hand-built DNS messages, including hostile ones.
 
 /// Encodes a presentation name ("a.b.") as wire labels; `\.` keeps a literal dot in a label.
-pub(crate) fn name(n: &str) -> Vec<u8> {
+pub fn name(n: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut label = Vec::new();
     let mut chars = n.trim_end_matches('.').bytes().peekable();
@@ -23,18 +23,18 @@ pub(crate) fn name(n: &str) -> Vec<u8> {
     out
 }
 
-pub(crate) const A: u16 = 1;
-pub(crate) const CNAME: u16 = 5;
-pub(crate) const AAAA: u16 = 28;
+pub const A: u16 = 1;
+pub const CNAME: u16 = 5;
+pub const AAAA: u16 = 28;
 
-pub(crate) fn header(id: u16, flags: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
+pub fn header(id: u16, flags: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
     [id, flags, qd, an, ns, ar]
         .iter()
         .flat_map(|v| v.to_be_bytes())
         .collect()
 }
 
-pub(crate) fn query(id: u16, qname: &str, qtype: u16) -> Vec<u8> {
+pub fn query(id: u16, qname: &str, qtype: u16) -> Vec<u8> {
     let mut m = header(id, 0x0100, 1, 0, 0, 0);
     m.extend(name(qname));
     m.extend(qtype.to_be_bytes());
@@ -42,14 +42,14 @@ pub(crate) fn query(id: u16, qname: &str, qtype: u16) -> Vec<u8> {
     m
 }
 
-pub(crate) struct Rr<'a> {
-    pub(crate) owner: &'a str,
-    pub(crate) rtype: u16,
-    pub(crate) ttl: u32,
-    pub(crate) data: Vec<u8>,
+pub struct Rr<'a> {
+    pub owner: &'a str,
+    pub rtype: u16,
+    pub ttl: u32,
+    pub data: Vec<u8>,
 }
 
-pub(crate) fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Rr<'_> {
+pub fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Rr<'_> {
     Rr {
         owner,
         rtype: A,
@@ -58,7 +58,7 @@ pub(crate) fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Rr<'_> {
     }
 }
 
-pub(crate) fn aaaa(owner: &str, ttl: u32, ip: std::net::Ipv6Addr) -> Rr<'_> {
+pub fn aaaa(owner: &str, ttl: u32, ip: std::net::Ipv6Addr) -> Rr<'_> {
     Rr {
         owner,
         rtype: AAAA,
@@ -67,7 +67,7 @@ pub(crate) fn aaaa(owner: &str, ttl: u32, ip: std::net::Ipv6Addr) -> Rr<'_> {
     }
 }
 
-pub(crate) fn cname<'a>(owner: &'a str, ttl: u32, target: &str) -> Rr<'a> {
+pub fn cname<'a>(owner: &'a str, ttl: u32, target: &str) -> Rr<'a> {
     Rr {
         owner,
         rtype: CNAME,
@@ -86,12 +86,7 @@ fn push_rr(m: &mut Vec<u8>, rr: &Rr<'_>) {
 }
 
 /// A response to `query` (same ID and question) with answer and additional records.
-pub(crate) fn response(
-    query: &[u8],
-    rcode: u8,
-    answers: &[Rr<'_>],
-    additional: &[Rr<'_>],
-) -> Vec<u8> {
+pub fn response(query: &[u8], rcode: u8, answers: &[Rr<'_>], additional: &[Rr<'_>]) -> Vec<u8> {
     let id = u16::from_be_bytes([query[0], query[1]]);
     let mut m = header(
         id,

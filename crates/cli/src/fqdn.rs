@@ -1,0 +1,70 @@
+//! `dnsfence fqdn list`: the learned name → IP mappings, through the API socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use dnsfence_proxy::{FqdnEntry, API_VERSION};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FqdnCommand {
+    /// List learned names with their IPs, remaining TTL and selectors.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// The API socket.
+    #[arg(long, default_value = "/run/dnsfence/dnsfence.sock")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+pub(crate) fn run(cmd: &FqdnCommand) -> Result<ExitCode> {
+    let FqdnCommand::List(args) = cmd;
+    let mut stream = UnixStream::connect(&args.socket)
+        .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
+    writeln!(
+        stream,
+        "{}",
+        serde_json::json!({"version": API_VERSION, "request": "fqdn_list"})
+    )?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).context("bad answer from the API")?;
+    if let Some(err) = reply.get("error") {
+        bail!("API error: {err}");
+    }
+    let entries: Vec<FqdnEntry> =
+        serde_json::from_value(reply.get("fqdns").cloned().unwrap_or_default())?;
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string(&entries)?),
+        Format::Text => {
+            println!("{:<40} {:<40} {:>7}  SELECTORS", "NAME", "IP", "TTL");
+            for e in &entries {
+                for ip in &e.ips {
+                    println!(
+                        "{:<40} {:<40} {:>6}s  {}",
+                        e.name,
+                        ip.ip,
+                        ip.ttl,
+                        e.selectors.join(",")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

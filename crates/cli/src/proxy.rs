@@ -1,0 +1,155 @@
+//! `dnsfence proxy --config FILE`: the DNS proxy alone, with a sink that enforces nothing
+//! (the nftables datapath comes with `dnsfence run`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
+use dnsfence_policy::Labels;
+use dnsfence_proxy::config::{Config, DenyRcode, UnknownClientsConfig};
+use dnsfence_proxy::{NoopSink, Proxy};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::policy;
+
+#[derive(Debug, Args)]
+pub(crate) struct ProxyArgs {
+    /// The configuration file (YAML).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+}
+
+/// Reads and checks the configuration; problems are printed and mapped to exit code 2.
+pub(crate) fn read_config(path: &Path) -> Result<Config, ExitCode> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dnsfence: cannot read {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    };
+    Config::parse(&path.display().to_string(), &text).map_err(|e| {
+        for p in &e.problems {
+            eprintln!("{p}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+/// Policy paths are relative to the configuration file's directory.
+fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    config.policies.iter().map(|p| base.join(p)).collect()
+}
+
+/// Builds the snapshot; `Err` lists policy problems (the caller keeps what runs).
+pub(crate) fn build_snapshot(config_path: &Path, config: &Config) -> Result<Snapshot> {
+    let (set, diags, _) = policy::load(&policy_paths(config_path, config))?;
+    let errors: Vec<String> = diags
+        .iter()
+        .filter(|d| d.is_error())
+        .map(ToString::to_string)
+        .collect();
+    for d in diags.iter().filter(|d| !d.is_error()) {
+        warn!("{d}");
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("invalid policies:\n{}", errors.join("\n"));
+    }
+    let endpoints: Vec<EndpointSpec> = config
+        .endpoints
+        .iter()
+        .map(|e| {
+            Ok(EndpointSpec {
+                name: e.name.clone(),
+                namespace: e.namespace.clone(),
+                labels: Labels::new(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))?,
+                ips: e.ips.clone(),
+            })
+        })
+        .collect::<Result<_, dnsfence_policy::LabelKeyError>>()?;
+    let verdict = VerdictConfig {
+        deny_rcode: match config.dns.deny_rcode {
+            DenyRcode::Refused => Rcode::Refused,
+            DenyRcode::Nxdomain => Rcode::NxDomain,
+        },
+        unknown_clients: match config.dns.unknown_clients {
+            UnknownClientsConfig::Refuse => UnknownClients::Refuse,
+            UnknownClientsConfig::Forward => UnknownClients::Forward,
+        },
+    };
+    Ok(Snapshot::new(
+        Arc::new(set),
+        &endpoints,
+        config.host_ips.clone(),
+        verdict,
+    ))
+}
+
+pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
+    let config = match read_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let snapshot = match build_snapshot(&args.config, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    crate::init_logging();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(serve(args.config.clone(), config, snapshot))
+}
+
+async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Result<ExitCode> {
+    let proxy = Proxy::start(config.dns.clone(), snapshot, Arc::new(NoopSink))
+        .await
+        .context("binding the DNS listeners")?;
+    info!(udp = ?proxy.udp_addrs(), tcp = ?proxy.tcp_addrs(), "DNS proxy listening");
+    let shared = proxy.shared().clone();
+    let socket = config.api.socket.clone();
+    tokio::spawn(async move {
+        if let Err(e) = dnsfence_proxy::serve_api(shared, &socket).await {
+            error!(socket = %socket.display(), error = %e, "API socket unavailable");
+        }
+    });
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&config_path, &proxy).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("stopping");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: re-read the configuration's policies; a set that fails validation is rejected
+/// and the running one stays in force.
+async fn reload(config_path: &Path, proxy: &Proxy) {
+    let config = match read_config(config_path) {
+        Ok(c) => c,
+        Err(_) => {
+            error!(
+                "reload rejected: the configuration is invalid; the running policy stays in force"
+            );
+            return;
+        }
+    };
+    match build_snapshot(config_path, &config) {
+        Ok(s) => {
+            proxy.shared().set_snapshot(s).await;
+            info!("policies reloaded");
+        }
+        Err(e) => error!("reload rejected, the running policy stays in force: {e:#}"),
+    }
+}

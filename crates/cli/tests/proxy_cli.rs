@@ -1,0 +1,202 @@
+//! `dnsfence proxy` and `dnsfence fqdn list` as a user runs them: a real upstream
+//! (dnsmasq), a real client (dig), signals, the API socket.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dnsfence_testsupport::{dig, free_port, skip, Dnsmasq, TempDir};
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+      toPorts:
+        - ports: [{port: "PORT", protocol: ANY}]
+          rules: {dns: [{matchPattern: "PATTERN"}]}
+    - toFQDNs: [{matchPattern: "PATTERN"}]
+"#;
+
+struct Running {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_policy(dir: &Path, port: u16, pattern: &str) {
+    let text = POLICY
+        .replace("PORT", &port.to_string())
+        .replace("PATTERN", pattern);
+    std::fs::write(dir.join("policy.yaml"), text).unwrap();
+}
+
+fn start(upstream: SocketAddr, listen: u16) -> Running {
+    let tmp = TempDir::new("proxy-cli");
+    let dir = tmp.path().to_owned();
+    write_policy(&dir, upstream.port(), "*.example.com");
+    let config = format!(
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [127.0.0.2]}}\n  - {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}, ips: [127.0.0.1]}}\ndns:\n  listen: [\"127.0.0.1:{listen}\"]\n  upstreams: [\"{upstream}\"]\napi: {{socket: {}}}\n",
+        dir.join("api.sock").display()
+    );
+    std::fs::write(dir.join("config.yaml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("config.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running { child, dir: tmp };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running.dir.0.join("api.sock").exists() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+fn fqdn_list(r: &Running) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["fqdn", "list", "-o", "json", "--socket"])
+        .arg(r.dir.0.join("api.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn hup(r: &Running) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn resolve_inspect_and_reload() {
+    if skip(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let up = Dnsmasq::start(
+        "example.com",
+        60,
+        &[
+            "--host-record=edge.example.com,192.0.2.20".into(),
+            "--cname=www.example.com,edge.example.com".into(),
+            "--host-record=api.example.org,198.51.100.1".into(),
+        ],
+    );
+    let port = free_port();
+    let r = start(up.addr, port);
+    let at: SocketAddr = ([127, 0, 0, 1], port).into();
+    let ok = dig("127.0.0.2", at, "www.example.com", &[]);
+    assert_eq!(ok.status, "NOERROR", "{}", ok.raw);
+    assert_eq!(ok.answers, ["edge.example.com.", "192.0.2.20"]);
+    assert_eq!(
+        dig("127.0.0.2", at, "api.example.org", &["+tcp"]).status,
+        "REFUSED"
+    );
+    let list = fqdn_list(&r);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["edge.example.com", "www.example.com"]);
+    assert_eq!(list[1]["ips"][0]["ip"], "192.0.2.20");
+    let ttl = list[1]["ips"][0]["ttl"].as_u64().unwrap();
+    assert!((55..=60).contains(&ttl), "{ttl}");
+    assert_eq!(list[1]["selectors"][0], "*.example.com");
+
+    // An invalid policy on SIGHUP is rejected; the running set stays in force.
+    std::fs::write(
+        r.dir.0.join("policy.yaml"),
+        "kind: CiliumNetworkPolicy\nspec: {}\n",
+    )
+    .unwrap();
+    hup(&r);
+    assert_eq!(
+        dig("127.0.0.2", at, "www.example.com", &[]).status,
+        "NOERROR"
+    );
+    assert_eq!(
+        dig("127.0.0.2", at, "api.example.org", &[]).status,
+        "REFUSED"
+    );
+    // A valid new policy takes effect.
+    write_policy(&r.dir.0, up.addr.port(), "*.example.org");
+    hup(&r);
+    assert_eq!(
+        dig("127.0.0.2", at, "api.example.org", &[]).status,
+        "NOERROR"
+    );
+    assert_eq!(
+        dig("127.0.0.2", at, "www.example.com", &[]).status,
+        "REFUSED"
+    );
+}
+
+#[test]
+fn a_bad_config_exits_2_before_binding() {
+    let tmp = TempDir::new("badcfg");
+    let dir = tmp.path().to_owned();
+    let port = free_port();
+    std::fs::write(
+        dir.join("c.yaml"),
+        format!("dns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n  min_ttl: soon\nbogus: 1\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bogus: unknown key") && err.contains("dns.min_ttl"),
+        "{err}"
+    );
+    // Invalid policies also stop it before it binds anything.
+    std::fs::write(dir.join("p.yaml"), "kind: Nope\n").unwrap();
+    std::fs::write(
+        dir.join("c.yaml"),
+        format!("policies: [p.yaml]\ndns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(),
+        "nothing was bound"
+    );
+}

@@ -1,0 +1,436 @@
+//! The configuration file: plain serde data, checked as a whole before anything starts.
+//!
+//! Unknown keys anywhere are errors, and all of them are reported at once together with
+//! every section that fails to parse, so an operator fixes a file in one round.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_yaml_ng::Value;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Policy files or directories (default: none).
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// The standalone endpoint inventory (default: empty).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// The node's own addresses, for `toEntities: host` (default: none).
+    #[serde(default)]
+    pub host_ips: Vec<IpAddr>,
+    /// The DNS proxy.
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// The local API socket.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Metrics and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Where state survives restarts (default `/var/lib/dnsfence`).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+/// One endpoint of the standalone inventory.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Name (pod name).
+    pub name: String,
+    /// Namespace (default `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// `deny_rcode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyRcode {
+    /// REFUSED (default).
+    #[default]
+    Refused,
+    /// NXDOMAIN.
+    Nxdomain,
+}
+
+/// `unknown_clients`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownClientsConfig {
+    /// Answer REFUSED (default: fail closed).
+    #[default]
+    Refuse,
+    /// Forward unfiltered.
+    Forward,
+}
+
+/// `dns.transparent`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// The port TPROXY redirects DNS to.
+    pub port: u16,
+}
+
+/// `dns`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Explicit listeners, UDP and TCP (default: none).
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// Where explicit listeners forward allowed queries (default: none).
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    /// The transparent listener (default: off).
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
+    /// Rcode for denied queries (default `refused`).
+    #[serde(default)]
+    pub deny_rcode: DenyRcode,
+    /// Sources not in the inventory (default `refuse`).
+    #[serde(default)]
+    pub unknown_clients: UnknownClientsConfig,
+    /// Smallest TTL applied to learned IPs (default `0s`: honour the server).
+    #[serde(default, deserialize_with = "duration")]
+    pub min_ttl: Duration,
+    /// Largest TTL applied to learned IPs (default `1day`).
+    #[serde(default = "default_max_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// At most this many IPs per name (default 1000).
+    #[serde(default = "default_max_ips")]
+    pub max_ips_per_name: usize,
+    /// Longest an answer is held waiting for its IPs to be enforced (default `100ms`).
+    #[serde(default = "default_response_max_delay", deserialize_with = "duration")]
+    pub response_max_delay: Duration,
+    /// When an upstream has not answered, SERVFAIL (default `5s`).
+    #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
+    pub upstream_timeout: Duration,
+    /// Queries in flight per client endpoint; more are answered SERVFAIL (default 256).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight_per_client: u32,
+    /// Idle TCP client connections are closed after this (default `10s`).
+    #[serde(default = "default_tcp_idle", deserialize_with = "duration")]
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            upstreams: Vec::new(),
+            transparent: None,
+            deny_rcode: DenyRcode::default(),
+            unknown_clients: UnknownClientsConfig::default(),
+            min_ttl: Duration::ZERO,
+            max_ttl: default_max_ttl(),
+            max_ips_per_name: default_max_ips(),
+            response_max_delay: default_response_max_delay(),
+            upstream_timeout: default_upstream_timeout(),
+            max_inflight_per_client: default_max_inflight(),
+            tcp_idle_timeout: default_tcp_idle(),
+        }
+    }
+}
+
+/// `api`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The Unix socket (default `/run/dnsfence/dnsfence.sock`).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+        }
+    }
+}
+
+/// `metrics`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `/metrics` and `/healthz` address (default: off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dnsfence")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/dnsfence/dnsfence.sock")
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn default_max_ips() -> usize {
+    1000
+}
+fn default_response_max_delay() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_inflight() -> u32 {
+    256
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a duration like 100ms, 5s or 1h: {e}"))
+    })
+}
+
+/// Why a configuration was refused: every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, each naming the key.
+    pub problems: Vec<String>,
+}
+
+/// The keys each section accepts, to report every unknown key at once.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "policies",
+            "endpoints",
+            "host_ips",
+            "dns",
+            "api",
+            "metrics",
+            "state_dir",
+        ],
+    ),
+    (
+        "dns",
+        &[
+            "listen",
+            "upstreams",
+            "transparent",
+            "deny_rcode",
+            "unknown_clients",
+            "min_ttl",
+            "max_ttl",
+            "max_ips_per_name",
+            "response_max_delay",
+            "upstream_timeout",
+            "max_inflight_per_client",
+            "tcp_idle_timeout",
+        ],
+    ),
+    ("dns.transparent", &["port"]),
+    ("api", &["socket"]),
+    ("metrics", &["listen"]),
+    ("endpoints[]", &["name", "namespace", "labels", "ips"]),
+];
+
+fn unknown_keys(v: &Value, path: &str, known_path: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Mapping(m) => {
+            let known = KNOWN
+                .iter()
+                .find(|(p, _)| *p == known_path)
+                .map(|(_, k)| *k);
+            for (k, child) in m {
+                let Some(k) = k.as_str() else { continue };
+                let child_path = if path.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let child_known = if known_path.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{known_path}.{k}")
+                };
+                match known {
+                    Some(known) if !known.contains(&k) => {
+                        out.push(format!(
+                            "{child_path}: unknown key (expected one of: {})",
+                            known.join(", ")
+                        ));
+                    }
+                    Some(_) => unknown_keys(child, &child_path, &child_known, out),
+                    None => {}
+                }
+            }
+        }
+        Value::Sequence(items) if known_path == "endpoints" => {
+            for (i, item) in items.iter().enumerate() {
+                unknown_keys(item, &format!("{path}[{i}]"), "endpoints[]", out);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Config {
+    /// Parses and checks a configuration file's text. `origin` names it in messages.
+    pub fn parse(origin: &str, text: &str) -> Result<Self, ConfigError> {
+        let value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
+            problems: vec![format!("{origin}: invalid YAML: {e}")],
+        })?;
+        let value = if value.is_null() {
+            Value::Mapping(Default::default())
+        } else {
+            value
+        };
+        let mut problems = Vec::new();
+        unknown_keys(&value, "", "", &mut problems);
+        // Parse each field alone so a bad value in one does not hide the others.
+        match &value {
+            Value::Mapping(m) => {
+                for (k, v) in m {
+                    let Some(k) = k.as_str() else { continue };
+                    match (k, v) {
+                        ("dns", Value::Mapping(inner)) => {
+                            field_errors::<DnsConfig>("dns", inner, &mut problems)
+                        }
+                        ("api", Value::Mapping(inner)) => {
+                            field_errors::<ApiConfig>("api", inner, &mut problems)
+                        }
+                        ("metrics", Value::Mapping(inner)) => {
+                            field_errors::<MetricsConfig>("metrics", inner, &mut problems)
+                        }
+                        ("endpoints", Value::Sequence(items)) => {
+                            for (i, item) in items.iter().enumerate() {
+                                if let Err(e) =
+                                    serde_yaml_ng::from_value::<EndpointConfig>(item.clone())
+                                {
+                                    push_error(&format!("endpoints[{i}]"), &e, &mut problems);
+                                }
+                            }
+                        }
+                        _ => {
+                            let mut single = serde_yaml_ng::Mapping::new();
+                            single.insert(Value::from(k), v.clone());
+                            if let Err(e) =
+                                serde_yaml_ng::from_value::<Config>(Value::Mapping(single))
+                            {
+                                push_error(k, &e, &mut problems);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => problems.push("expected a mapping at the top level".to_owned()),
+        }
+        let config = match serde_yaml_ng::from_value::<Config>(value) {
+            Ok(c) if problems.is_empty() => c,
+            Ok(_) => {
+                return Err(ConfigError {
+                    problems: prefixed(origin, problems),
+                })
+            }
+            Err(e) => {
+                if problems.is_empty() {
+                    problems.push(e.to_string());
+                }
+                return Err(ConfigError {
+                    problems: prefixed(origin, problems),
+                });
+            }
+        };
+        config.check().map_err(|p| ConfigError {
+            problems: prefixed(origin, p),
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        if !self.dns.listen.is_empty() && self.dns.upstreams.is_empty() {
+            p.push(
+                "dns.upstreams: explicit listeners (dns.listen) need at least one upstream"
+                    .to_owned(),
+            );
+        }
+        if self.dns.max_ttl < self.dns.min_ttl {
+            p.push("dns.max_ttl: must not be smaller than dns.min_ttl".to_owned());
+        }
+        if self.dns.max_inflight_per_client == 0 {
+            p.push("dns.max_inflight_per_client: must be at least 1".to_owned());
+        }
+        let mut seen = BTreeMap::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            for ip in &ep.ips {
+                if let Some(other) = seen.insert(*ip, i) {
+                    p.push(format!(
+                        "endpoints[{i}].ips: {ip} is already used by endpoints[{other}]"
+                    ));
+                }
+            }
+            for k in ep.labels.keys() {
+                if let Err(e) = dnsfence_policy::normalize_key(k) {
+                    p.push(format!("endpoints[{i}].labels.{k}: {e}"));
+                }
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(p)
+        }
+    }
+}
+
+/// Records `e` at `path` unless it is about an unknown key (reported by `unknown_keys`).
+fn push_error(path: &str, e: &serde_yaml_ng::Error, problems: &mut Vec<String>) {
+    let msg = e.to_string();
+    if !msg.contains("unknown field") {
+        problems.push(format!("{path}: {msg}"));
+    }
+}
+
+/// Deserializes each field of a section alone into `T` (whose fields all have defaults).
+fn field_errors<T: serde::de::DeserializeOwned>(
+    section: &str,
+    map: &serde_yaml_ng::Mapping,
+    problems: &mut Vec<String>,
+) {
+    for (k, v) in map {
+        let Some(k) = k.as_str() else { continue };
+        let mut single = serde_yaml_ng::Mapping::new();
+        single.insert(Value::from(k), v.clone());
+        if let Err(e) = serde_yaml_ng::from_value::<T>(Value::Mapping(single)) {
+            push_error(&format!("{section}.{k}"), &e, problems);
+        }
+    }
+}
+
+fn prefixed(origin: &str, problems: Vec<String>) -> Vec<String> {
+    problems
+        .into_iter()
+        .map(|p| format!("{origin}: {p}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+//! The dnsfence DNS proxy: the tokio shell around `dnsfence-dns`.
+//!
+//! It owns sockets, tasks and timers: explicit listeners (UDP and TCP) that clients send
+//! to, a pool of upstream sockets, the learned-mapping cache and its expiry, and the hold of
+//! each answer until its new IPs are enforced by the [`IpSink`]. Decisions themselves are
+//! made by the sans-IO core on an immutable [`Snapshot`] swapped in without locks.
+
+pub mod api;
+pub mod config;
+mod shared;
+mod sink;
+mod tcp;
+mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use dnsfence_dns::Snapshot;
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::error;
+
+pub use api::{serve_api, FqdnEntry, FqdnIp, API_VERSION};
+pub use config::Config;
+pub use shared::{Shared, Stats};
+pub use sink::{IpSink, NoopSink, SinkError, SinkFuture};
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    udp: Vec<SocketAddr>,
+    tcp: Vec<SocketAddr>,
+}
+
+impl Proxy {
+    /// Binds every explicit listener (UDP and TCP on each `dns.listen` address; with port
+    /// 0, TCP takes the port UDP got) and starts serving. Fails before serving anything if a
+    /// socket cannot be bound.
+    pub async fn start(
+        config: config::DnsConfig,
+        snapshot: Snapshot,
+        sink: Arc<dyn IpSink>,
+    ) -> io::Result<Self> {
+        let listen = config.listen.clone();
+        let shared = Arc::new(Shared::new(config, snapshot, sink));
+        let mut udp_sockets = Vec::new();
+        let mut tcp_listeners = Vec::new();
+        for addr in listen {
+            let udp = UdpSocket::bind(addr).await?;
+            let bound = udp.local_addr()?;
+            let tcp = TcpListener::bind(bound).await?;
+            udp_sockets.push(Arc::new(udp));
+            tcp_listeners.push(tcp);
+        }
+        let pool = udp::UpstreamPool::start(shared.clone()).await?;
+        let mut proxy = Self {
+            shared: shared.clone(),
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for socket in udp_sockets {
+            proxy.udp.push(socket.local_addr()?);
+            let (shared, pool) = (shared.clone(), pool.clone());
+            tokio::spawn(async move {
+                if let Err(e) = udp::serve(shared, pool, socket).await {
+                    error!(error = %e, "UDP listener stopped");
+                }
+            });
+        }
+        for listener in tcp_listeners {
+            proxy.tcp.push(listener.local_addr()?);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) = tcp::serve(shared, listener).await {
+                    error!(error = %e, "TCP listener stopped");
+                }
+            });
+        }
+        tokio::spawn(expire_loop(shared));
+        Ok(proxy)
+    }
+
+    /// Addresses of the UDP listeners, as bound.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp
+    }
+
+    /// Addresses of the TCP listeners, as bound.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp
+    }
+
+    /// The shared state: snapshot, cache, counters.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+async fn expire_loop(shared: Arc<Shared>) {
+    loop {
+        let next = shared.expire().await;
+        let wait = next
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+    }
+}

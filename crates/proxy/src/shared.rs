@@ -1,0 +1,249 @@
+//! State shared by every listener: the policy snapshot, the learned mappings, the sink,
+//! per-client fairness, counters; and the step common to UDP and TCP: judge a query,
+//! learn from its answer and hold the answer until the IPs are enforced.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use dnsfence_dns::{check_answer, parse_query, write_reply, ParsedQuery, Query, Rcode, Snapshot};
+use dnsfence_fqdncache::{CacheConfig, Change, FqdnCache};
+use dnsfence_policy::Protocol;
+use tracing::{debug, warn};
+
+use crate::config::DnsConfig;
+use crate::sink::IpSink;
+
+/// Counters, read by metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Queries forwarded upstream.
+    pub forwarded: AtomicU64,
+    /// Queries answered with the deny rcode.
+    pub denied: AtomicU64,
+    /// Queries answered FORMERR/NOTIMP, or dropped as unreadable.
+    pub malformed: AtomicU64,
+    /// Queries refused because the client had too many in flight.
+    pub fairness_rejections: AtomicU64,
+    /// Upstream timeouts (answered SERVFAIL).
+    pub upstream_timeouts: AtomicU64,
+    /// Answers ignored: wrong source, unknown ID, or another question.
+    pub answers_rejected: AtomicU64,
+    /// Answers released after `response_max_delay` without the sink's confirmation.
+    pub hold_timeouts: AtomicU64,
+    /// Answers relayed to clients.
+    pub answered: AtomicU64,
+}
+
+/// Shared proxy state.
+pub struct Shared {
+    pub(crate) config: DnsConfig,
+    snapshot: ArcSwap<Snapshot>,
+    cache: Mutex<FqdnCache>,
+    sink: Arc<dyn IpSink>,
+    inflight: Mutex<HashMap<IpAddr, u32>>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// What to do with a client's query.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one query; boxing would allocate per query"
+)]
+pub(crate) enum Step {
+    /// Send these bytes back (length within the reply buffer).
+    Reply(usize),
+    /// Forward upstream; the parsed query says what to expect back.
+    Forward(Query),
+    /// Send nothing.
+    Drop,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn new(config: DnsConfig, snapshot: Snapshot, sink: Arc<dyn IpSink>) -> Self {
+        let cache = FqdnCache::new(CacheConfig {
+            min_ttl: config.min_ttl,
+            max_ttl: config.max_ttl,
+            max_ips_per_name: config.max_ips_per_name,
+        });
+        Self {
+            config,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            cache: Mutex::new(cache),
+            sink,
+            inflight: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new snapshot and moves learned IPs to the selectors it defines.
+    pub async fn set_snapshot(&self, snapshot: Snapshot) {
+        let changes = lock(&self.cache).reselect(snapshot.policies());
+        self.snapshot.store(Arc::new(snapshot));
+        if !changes.is_empty() {
+            if let Err(e) = self.sink.apply(changes).await {
+                warn!(error = %e, "applying selector changes after a policy update failed");
+            }
+        }
+    }
+
+    /// Runs `f` on the learned mappings.
+    pub fn with_cache<R>(&self, f: impl FnOnce(&FqdnCache) -> R) -> R {
+        f(&lock(&self.cache))
+    }
+
+    /// Judges the query in `packet` from `client` sent to `server`; a reply goes to `out`.
+    pub(crate) fn judge(
+        &self,
+        packet: &[u8],
+        client: SocketAddr,
+        server: SocketAddr,
+        protocol: Protocol,
+        out: &mut [u8],
+    ) -> Step {
+        let query = match parse_query(packet) {
+            ParsedQuery::Query(q) => q,
+            ParsedQuery::Reject {
+                rcode,
+                question_end,
+            } => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return match write_reply(packet, question_end, rcode, out) {
+                    Some(n) => Step::Reply(n),
+                    None => Step::Drop,
+                };
+            }
+            ParsedQuery::Drop => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return Step::Drop;
+            }
+        };
+        let snapshot = self.snapshot.load();
+        let verdict = snapshot.decide(client.ip(), server, protocol, &query);
+        if let Some(rcode) = verdict.deny {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
+            return match write_reply(packet, Some(query.question_end), rcode, out) {
+                Some(n) => Step::Reply(n),
+                None => Step::Drop,
+            };
+        }
+        if !self.enter(client.ip()) {
+            self.stats
+                .fairness_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            return match write_reply(packet, Some(query.question_end), Rcode::ServFail, out) {
+                Some(n) => Step::Reply(n),
+                None => Step::Drop,
+            };
+        }
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        Step::Forward(query)
+    }
+
+    /// Counts a query in flight for `client`; false when over the bound.
+    fn enter(&self, client: IpAddr) -> bool {
+        let mut inflight = lock(&self.inflight);
+        let n = inflight.entry(client).or_insert(0);
+        if *n >= self.config.max_inflight_per_client {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Ends a query in flight for `client`.
+    pub(crate) fn leave(&self, client: IpAddr) {
+        let mut inflight = lock(&self.inflight);
+        if let Some(n) = inflight.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inflight.remove(&client);
+            }
+        }
+    }
+
+    /// Checks an upstream answer against the question sent (`question`: the query's bytes
+    /// from offset 12 to the question's end), learns its IPs and waits until they are
+    /// enforced (at most `response_max_delay`). `None`: not an answer to that question.
+    pub(crate) async fn accept_answer(&self, question: &[u8], answer: &[u8]) -> Option<()> {
+        let checked = match check_answer(question, answer) {
+            Ok(a) => a,
+            Err(e) => {
+                self.stats.answers_rejected.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "ignoring upstream message");
+                return None;
+            }
+        };
+        let learned = checked.learned;
+        if learned.ips.is_empty() {
+            return Some(());
+        }
+        let changes = {
+            let snapshot = self.snapshot.load();
+            lock(&self.cache).learn(
+                Instant::now(),
+                &learned.names,
+                &learned.ips,
+                std::time::Duration::from_secs(u64::from(learned.ttl)),
+                snapshot.policies(),
+            )
+        };
+        self.push(changes).await;
+        Some(())
+    }
+
+    /// Hands changes to the sink; waits (bounded) only when some IP is new.
+    async fn push(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let hold = changes
+            .iter()
+            .any(|c| matches!(c, Change::Upsert { new: true, .. }));
+        let apply = self.sink.apply(changes);
+        if !hold {
+            tokio::spawn(async move {
+                if let Err(e) = apply.await {
+                    warn!(error = %e, "refreshing learned IPs failed");
+                }
+            });
+            return;
+        }
+        match tokio::time::timeout(self.config.response_max_delay, apply).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "enforcing learned IPs failed; releasing the answer"),
+            Err(_) => {
+                self.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
+                warn!("learned IPs not confirmed within response_max_delay; releasing the answer");
+            }
+        }
+    }
+
+    /// Removes expired mappings and tells the sink. Returns when the next one expires.
+    pub(crate) async fn expire(&self) -> Option<Instant> {
+        let (changes, next) = {
+            let mut cache = lock(&self.cache);
+            (cache.expire(Instant::now()), cache.next_expiry())
+        };
+        if !changes.is_empty() {
+            if let Err(e) = self.sink.apply(changes).await {
+                warn!(error = %e, "removing expired IPs failed");
+            }
+        }
+        next
+    }
+}

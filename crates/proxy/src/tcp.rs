@@ -1,0 +1,158 @@
+//! DNS over TCP (RFC 7766): length-prefixed messages, several queries pipelined on one
+//! connection, answers written as they come (possibly out of order), idle timeouts.
+//!
+//! Each allowed query is exchanged with the upstream over its own TCP connection, so a
+//! slow answer never holds up the others on the client's connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dnsfence_dns::wire::{self, write_reply_to};
+use dnsfence_dns::Rcode;
+use dnsfence_policy::Protocol;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tracing::debug;
+
+use crate::shared::{Shared, Step};
+
+/// Client connections served at once per listener; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Serves one explicit TCP listener.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut turn = 0usize;
+    loop {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        let (stream, client) = listener.accept().await?;
+        turn = turn.wrapping_add(1);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(shared, stream, client, turn).await {
+                debug!(%client, error = %e, "TCP client connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn read_message(stream: &mut (impl AsyncReadExt + Unpin)) -> io::Result<Vec<u8>> {
+    let len = stream.read_u16().await?;
+    let mut msg = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut msg).await?;
+    Ok(msg)
+}
+
+async fn write_message(w: &mut (impl AsyncWriteExt + Unpin), msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| io::Error::other("message too long"))?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    w.write_all(&framed).await
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: SocketAddr,
+    turn: usize,
+) -> io::Result<()> {
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(Mutex::new(wr));
+    let upstreams = &shared.config.upstreams;
+    let Some(&upstream) = upstreams.get(turn % upstreams.len().max(1)) else {
+        return Ok(());
+    };
+    let mut out = vec![0u8; 1024];
+    loop {
+        let msg = match tokio::time::timeout(shared.config.tcp_idle_timeout, read_message(&mut rd))
+            .await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()), // idle
+        };
+        match shared.judge(&msg, client, upstream, Protocol::Tcp, &mut out) {
+            Step::Reply(n) => {
+                write_message(&mut *wr.lock().await, out.get(..n).unwrap_or_default()).await?;
+            }
+            Step::Forward(query) => {
+                let shared = shared.clone();
+                let wr = wr.clone();
+                tokio::spawn(async move {
+                    let question = msg
+                        .get(wire::HEADER_LEN..query.question_end)
+                        .unwrap_or_default()
+                        .to_vec();
+                    let rd = wire::recursion_desired(&msg);
+                    let answer = tokio::time::timeout(
+                        shared.config.upstream_timeout,
+                        exchange(&shared, upstream, msg, &question),
+                    )
+                    .await;
+                    let reply = match answer {
+                        Ok(Ok(mut a)) => {
+                            wire::set_id(&mut a, query.id);
+                            shared.stats.answered.fetch_add(1, Ordering::Relaxed);
+                            a
+                        }
+                        other => {
+                            if other.is_err() {
+                                shared
+                                    .stats
+                                    .upstream_timeouts
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            let mut buf = [0u8; 512];
+                            let n =
+                                write_reply_to(query.id, rd, &question, Rcode::ServFail, &mut buf)
+                                    .unwrap_or(0);
+                            buf.get(..n).unwrap_or_default().to_vec()
+                        }
+                    };
+                    shared.leave(client.ip());
+                    if !reply.is_empty() {
+                        let _ = write_message(&mut *wr.lock().await, &reply).await;
+                    }
+                });
+            }
+            Step::Drop => {}
+        }
+    }
+}
+
+/// One query over its own TCP connection to `upstream`, under a fresh ID; returns the
+/// checked answer after its IPs are enforced.
+async fn exchange(
+    shared: &Shared,
+    upstream: SocketAddr,
+    mut query: Vec<u8>,
+    question: &[u8],
+) -> io::Result<Vec<u8>> {
+    let id = rand::random::<u16>();
+    wire::set_id(&mut query, id);
+    let mut up = TcpStream::connect(upstream).await?;
+    write_message(&mut up, &query).await?;
+    loop {
+        let answer = read_message(&mut up).await?;
+        if wire::id(&answer) != Some(id) {
+            shared
+                .stats
+                .answers_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if shared.accept_answer(question, &answer).await.is_some() {
+            return Ok(answer);
+        }
+    }
+}

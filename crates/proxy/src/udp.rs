@@ -1,0 +1,259 @@
+//! UDP: the client-facing listener and the pool of upstream sockets.
+//!
+//! Each upstream socket (random source port) keeps a table of pending queries indexed by
+//! the fresh random ID it gave them. An answer is accepted only from the server that was
+//! queried, for a pending ID, with the same question; anything else is counted and
+//! ignored, so a spoofed answer can neither reach the client nor teach IPs.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use dnsfence_dns::{wire, Query, Rcode};
+use dnsfence_policy::Protocol;
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+
+use crate::shared::{Shared, Step};
+
+/// Largest UDP message handled.
+pub(crate) const MAX_UDP: usize = 65_535;
+
+/// Upstream sockets per address family.
+const POOL: usize = 4;
+
+struct Pending {
+    client: SocketAddr,
+    client_id: u16,
+    rd: bool,
+    reply_via: Arc<UdpSocket>,
+    question: Box<[u8]>,
+    upstream: SocketAddr,
+    deadline: Instant,
+}
+
+struct UpstreamSocket {
+    socket: UdpSocket,
+    pending: Mutex<HashMap<u16, Pending>>,
+}
+
+/// Sockets that send queries upstream and receive their answers.
+pub(crate) struct UpstreamPool {
+    v4: Vec<Arc<UpstreamSocket>>,
+    v6: Vec<Arc<UpstreamSocket>>,
+    next: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl UpstreamPool {
+    /// Binds the sockets and starts their receive tasks and the timeout sweeper.
+    pub(crate) async fn start(shared: Arc<Shared>) -> io::Result<Arc<Self>> {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for _ in 0..POOL {
+            v4.push(Arc::new(UpstreamSocket {
+                socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
+                pending: Mutex::new(HashMap::new()),
+            }));
+            // IPv6 may be disabled on the host; IPv4 upstreams still work.
+            if let Ok(socket) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await {
+                v6.push(Arc::new(UpstreamSocket {
+                    socket,
+                    pending: Mutex::new(HashMap::new()),
+                }));
+            }
+        }
+        let pool = Arc::new(Self {
+            v4,
+            v6,
+            next: AtomicUsize::new(0),
+        });
+        for sock in pool.v4.iter().chain(&pool.v6) {
+            tokio::spawn(receive(shared.clone(), sock.clone()));
+        }
+        tokio::spawn(sweep(shared, pool.clone()));
+        Ok(pool)
+    }
+
+    /// Sends `packet` (a query already judged) to `upstream` under a fresh ID.
+    pub(crate) async fn forward(
+        &self,
+        shared: &Shared,
+        packet: &mut [u8],
+        query: &Query,
+        client: SocketAddr,
+        reply_via: Arc<UdpSocket>,
+        upstream: SocketAddr,
+    ) {
+        let family = if upstream.is_ipv4() {
+            &self.v4
+        } else {
+            &self.v6
+        };
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(sock) = family.get(n % family.len().max(1)) else {
+            warn!(%upstream, "no upstream socket for this address family");
+            shared.leave(client.ip());
+            return;
+        };
+        let question = packet
+            .get(wire::HEADER_LEN..query.question_end)
+            .unwrap_or_default();
+        let pending = Pending {
+            client,
+            client_id: query.id,
+            rd: wire::recursion_desired(packet),
+            reply_via,
+            question: question.into(),
+            upstream,
+            deadline: Instant::now() + shared.config.upstream_timeout,
+        };
+        let id = {
+            let mut table = lock(&sock.pending);
+            let mut id = rand::random::<u16>();
+            while table.contains_key(&id) {
+                id = rand::random::<u16>();
+            }
+            table.insert(id, pending);
+            id
+        };
+        wire::set_id(packet, id);
+        if let Err(e) = sock.socket.send_to(packet, upstream).await {
+            debug!(%upstream, error = %e, "sending upstream failed");
+            let p = lock(&sock.pending).remove(&id);
+            if let Some(p) = p {
+                fail(shared, &p, Rcode::ServFail).await;
+            }
+        }
+    }
+}
+
+/// Answers a pending query's client with `rcode` and ends it.
+async fn fail(shared: &Shared, p: &Pending, rcode: Rcode) {
+    let mut out = [0u8; 512];
+    if let Some(n) = wire::write_reply_to(p.client_id, p.rd, &p.question, rcode, &mut out) {
+        let _ = p
+            .reply_via
+            .send_to(out.get(..n).unwrap_or_default(), p.client)
+            .await;
+    }
+    shared.leave(p.client.ip());
+}
+
+async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        let (n, from) = match sock.socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "upstream receive failed");
+                continue;
+            }
+        };
+        let packet = buf.get(..n).unwrap_or_default();
+        let Some(id) = wire::id(packet) else { continue };
+        // Only the queried server may answer, and only for a pending ID.
+        let pending = {
+            let mut table = lock(&sock.pending);
+            match table.get(&id) {
+                Some(p) if p.upstream == from => table.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(p) = pending else {
+            shared
+                .stats
+                .answers_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let mut answer = packet.to_vec();
+        let shared = shared.clone();
+        let sock = sock.clone();
+        // Learning may wait for the datapath: never on this loop.
+        tokio::spawn(async move {
+            if shared.accept_answer(&p.question, &answer).await.is_none() {
+                // Not an answer to this question: keep waiting for the real one.
+                lock(&sock.pending).insert(id, p);
+                return;
+            }
+            wire::set_id(&mut answer, p.client_id);
+            if let Err(e) = p.reply_via.send_to(&answer, p.client).await {
+                debug!(client = %p.client, error = %e, "sending the answer failed");
+            }
+            shared.stats.answered.fetch_add(1, Ordering::Relaxed);
+            shared.leave(p.client.ip());
+        });
+    }
+}
+
+async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
+    let period = (shared.config.upstream_timeout / 10)
+        .clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for sock in pool.v4.iter().chain(&pool.v6) {
+            let expired: Vec<Pending> = {
+                let mut table = lock(&sock.pending);
+                let ids: Vec<u16> = table
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| table.remove(id)).collect()
+            };
+            for p in expired {
+                shared
+                    .stats
+                    .upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                fail(&shared, &p, Rcode::ServFail).await;
+            }
+        }
+    }
+}
+
+/// Serves one explicit UDP listener until the socket fails.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    pool: Arc<UpstreamPool>,
+    socket: Arc<UdpSocket>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_UDP];
+    let mut out = vec![0u8; 1024];
+    let upstreams = shared.config.upstreams.clone();
+    let mut turn = 0usize;
+    loop {
+        let (n, client) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // ICMP errors for earlier sends surface here on some systems: keep serving.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+            Err(e) => return Err(e),
+        };
+        turn = turn.wrapping_add(1);
+        let Some(&upstream) = upstreams.get(turn % upstreams.len().max(1)) else {
+            continue;
+        };
+        let packet = buf.get_mut(..n).unwrap_or_default();
+        match shared.judge(packet, client, upstream, Protocol::Udp, &mut out) {
+            Step::Reply(len) => {
+                let _ = socket
+                    .send_to(out.get(..len).unwrap_or_default(), client)
+                    .await;
+            }
+            Step::Forward(query) => {
+                pool.forward(&shared, packet, &query, client, socket.clone(), upstream)
+                    .await;
+            }
+            Step::Drop => {}
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! The proxy with real sockets: a real upstream (dnsmasq, or a scripted socket for faults),
+//! real clients (dig, and raw sockets for hostile input).
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
+use dnsfence_fqdncache::Change;
+use dnsfence_policy::{Labels, PolicyLoader};
+use dnsfence_proxy::config::DnsConfig;
+use dnsfence_proxy::{IpSink, NoopSink, Proxy, SinkFuture};
+use dnsfence_testsupport::{dig, msg, skip, Dnsmasq};
+use tokio::net::UdpSocket;
+
+fn policy(dns_port: u16) -> String {
+    format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: web, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  egress:
+    - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}}}]
+      toPorts:
+        - ports: [{{port: "{dns_port}", protocol: ANY}}]
+          rules: {{dns: [{{matchPattern: "*.example.com"}}, {{matchName: cdn.example.net}}]}}
+    - toFQDNs: [{{matchPattern: "*.example.com"}}]
+"#
+    )
+}
+
+/// web-1 is 127.0.0.2 (enforced), other is 127.0.0.3 (no policy); the upstream on
+/// 127.0.0.1 is kube-dns.
+fn snapshot(upstream: SocketAddr, verdict: VerdictConfig) -> Snapshot {
+    let mut loader = PolicyLoader::new();
+    loader.add("policy.yaml", &policy(upstream.port()));
+    assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+    let (set, _) = loader.finish();
+    let ep = |name: &str, ns: &str, k: &str, v: &str, ip: &str| EndpointSpec {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: Labels::new([(k, v)]).unwrap(),
+        ips: vec![ip.parse().unwrap()],
+    };
+    Snapshot::new(
+        Arc::new(set),
+        &[
+            ep("web-1", "default", "app", "web", "127.0.0.2"),
+            ep("other", "default", "app", "other", "127.0.0.3"),
+            ep(
+                "coredns",
+                "kube-system",
+                "k8s-app",
+                "kube-dns",
+                &upstream.ip().to_string(),
+            ),
+        ],
+        vec![],
+        verdict,
+    )
+}
+
+fn dns_config(upstream: SocketAddr) -> DnsConfig {
+    DnsConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        upstreams: vec![upstream],
+        ..DnsConfig::default()
+    }
+}
+
+async fn start(cfg: DnsConfig, verdict: VerdictConfig, sink: Arc<dyn IpSink>) -> Proxy {
+    let upstream = cfg.upstreams[0];
+    Proxy::start(cfg, snapshot(upstream, verdict), sink)
+        .await
+        .unwrap()
+}
+
+fn example_zone() -> Dnsmasq {
+    Dnsmasq::start(
+        "example.com",
+        30,
+        &[
+            "--host-record=api.example.com,192.0.2.10,2001:db8::10".into(),
+            "--host-record=edge.example.com,192.0.2.20".into(),
+            "--cname=www.example.com,edge.example.com".into(),
+            "--host-record=cdn.example.net,198.51.100.7".into(),
+        ],
+    )
+}
+
+/// Sends `packet` from `source` and waits for one reply.
+async fn ask(source: &'static str, to: SocketAddr, packet: Vec<u8>) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind((source, 0)).await.unwrap();
+    sock.send_to(&packet, to).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+fn rcode(reply: &[u8]) -> u8 {
+    reply[3] & 0x0f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_denied_and_unknown_over_udp_and_tcp_with_dig() {
+    if skip(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let proxy = start(
+        dns_config(up.addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    let d = tokio::task::spawn_blocking(move || {
+        (
+            dig("127.0.0.2", at, "api.example.com", &[]),
+            dig("127.0.0.2", at, "api.example.com", &["+tcp", "AAAA"]),
+            dig("127.0.0.2", at, "evil.org", &[]),
+            dig("127.0.0.2", at, "evil.org", &["+tcp"]),
+            dig("127.0.0.9", at, "api.example.com", &[]),
+            dig("127.0.0.3", at, "cdn.example.net", &["+tcp"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (d.0.status.as_str(), d.0.answers.clone()),
+        ("NOERROR", vec!["192.0.2.10".to_owned()]),
+        "{}",
+        d.0.raw
+    );
+    assert_eq!(
+        (d.1.status.as_str(), d.1.answers.clone()),
+        ("NOERROR", vec!["2001:db8::10".to_owned()]),
+        "{}",
+        d.1.raw
+    );
+    assert_eq!(d.2.status, "REFUSED", "{}", d.2.raw);
+    assert_eq!(d.3.status, "REFUSED", "{}", d.3.raw);
+    assert_eq!(d.4.status, "REFUSED", "unknown client: {}", d.4.raw);
+    assert_eq!(
+        d.5.answers,
+        ["198.51.100.7"],
+        "no policy, unfiltered: {}",
+        d.5.raw
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cname_chain_names_are_learned_with_the_answer_ttl() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let proxy = start(
+        dns_config(up.addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let reply = ask(
+        "127.0.0.2",
+        proxy.udp_addrs()[0],
+        msg::query(77, "WWW.example.com", 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rcode(&reply), 0);
+    assert_eq!(
+        &reply[..2],
+        &77u16.to_be_bytes(),
+        "the client's ID is restored"
+    );
+    let learned = proxy.shared().with_cache(|c| {
+        let mut v: Vec<(String, Vec<String>)> = c
+            .iter()
+            .map(|(n, ips, _)| (n.to_owned(), ips.iter().map(|l| l.ip.to_string()).collect()))
+            .collect();
+        v.sort();
+        v
+    });
+    assert_eq!(
+        learned,
+        [
+            ("edge.example.com".to_owned(), vec!["192.0.2.20".to_owned()]),
+            ("www.example.com".to_owned(), vec!["192.0.2.20".to_owned()]),
+        ]
+    );
+    let ttl = proxy
+        .shared()
+        .with_cache(|c| c.ips("edge.example.com")[0].expires);
+    let left = ttl.saturating_duration_since(Instant::now());
+    assert!(
+        left > Duration::from_secs(25) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nxdomain_deny_rcode_is_configurable() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let verdict = VerdictConfig {
+        deny_rcode: Rcode::NxDomain,
+        unknown_clients: UnknownClients::Forward,
+    };
+    let proxy = start(dns_config(up.addr), verdict, Arc::new(NoopSink)).await;
+    let at = proxy.udp_addrs()[0];
+    let denied = ask("127.0.0.2", at, msg::query(1, "evil.org", 1))
+        .await
+        .unwrap();
+    assert_eq!(rcode(&denied), 3);
+    assert_eq!(
+        &denied[12..],
+        &msg::query(1, "evil.org", 1)[12..],
+        "question echoed"
+    );
+    let unknown = ask("127.0.0.9", at, msg::query(2, "api.example.com", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        rcode(&unknown),
+        0,
+        "unknown clients forwarded when configured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_malformed_packets_leaves_the_proxy_answering() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let proxy = start(
+        dns_config(up.addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    let flood = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let good = msg::query(9, "api.example.com", 1);
+    for i in 0..5000 {
+        let len = (next() % 600) as usize;
+        let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 3 == 0 {
+            // Mutate a valid query instead: the nastier case.
+            p = good.clone();
+            let at = (next() as usize) % p.len();
+            p[at] = next() as u8;
+            p.truncate(((next() as usize) % p.len()).max(1));
+        }
+        let _ = flood.send_to(&p, at).await;
+    }
+    // A readable header with two questions gets FORMERR, echoing the ID.
+    let mut two = msg::header(0x5151, 0x0100, 2, 0, 0, 0);
+    two.extend(msg::name("a.example.com"));
+    two.extend([0, 1, 0, 1]);
+    two.extend(msg::name("b.example.com"));
+    two.extend([0, 1, 0, 1]);
+    let formerr = ask("127.0.0.2", at, two).await.unwrap();
+    assert_eq!((rcode(&formerr), &formerr[..2]), (1, &[0x51, 0x51][..]));
+    let reply = ask("127.0.0.2", at, good.clone())
+        .await
+        .expect("still answering after the flood");
+    assert_eq!(rcode(&reply), 0);
+    assert!(proxy.shared().stats.malformed.load(Ordering::Relaxed) > 100);
+}
+
+/// An upstream under the test's control.
+async fn scripted_upstream() -> (Arc<UdpSocket>, SocketAddr) {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    (sock, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_another_question_teach_nothing_and_the_real_one_gets_through() {
+    let (up, addr) = scripted_upstream().await;
+    let proxy = start(
+        dns_config(addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    let client = tokio::spawn(ask("127.0.0.2", at, msg::query(5, "api.example.com", 1)));
+    let mut buf = [0u8; 512];
+    let (n, from) = up.recv_from(&mut buf).await.unwrap();
+    let forwarded = buf[..n].to_vec();
+    // A forged answer for another name, with the right ID, first.
+    let mut other = msg::query(0, "bank.example.com", 1);
+    other[..2].copy_from_slice(&forwarded[..2]);
+    let forged = msg::response(
+        &other,
+        0,
+        &[msg::a("bank.example.com", 300, [203, 0, 113, 66])],
+        &[],
+    );
+    up.send_to(&forged, from).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let real = msg::response(
+        &forwarded,
+        0,
+        &[msg::a("api.example.com", 60, [192, 0, 2, 10])],
+        &[],
+    );
+    up.send_to(&real, from).await.unwrap();
+    let reply = client.await.unwrap().unwrap();
+    assert_eq!(&reply[..2], &5u16.to_be_bytes());
+    assert_eq!(&reply[reply.len() - 4..], &[192, 0, 2, 10]);
+    let names: Vec<String> = proxy
+        .shared()
+        .with_cache(|c| c.iter().map(|(n, _, _)| n.to_owned()).collect());
+    assert_eq!(names, ["api.example.com"]);
+    assert!(
+        proxy
+            .shared()
+            .stats
+            .answers_rejected
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
+    let (_up, addr) = scripted_upstream().await;
+    let cfg = DnsConfig {
+        upstream_timeout: Duration::from_millis(300),
+        max_inflight_per_client: 2,
+        ..dns_config(addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let at = proxy.udp_addrs()[0];
+    let a = tokio::spawn(ask("127.0.0.2", at, msg::query(1, "a.example.com", 1)));
+    let b = tokio::spawn(ask("127.0.0.2", at, msg::query(2, "b.example.com", 1)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let third = ask("127.0.0.2", at, msg::query(3, "c.example.com", 1))
+        .await
+        .unwrap();
+    assert_eq!(rcode(&third), 2, "over the bound: SERVFAIL at once");
+    assert!(started.elapsed() < Duration::from_millis(250));
+    // Another client is not starved.
+    let other = tokio::spawn(ask("127.0.0.3", at, msg::query(4, "d.example.org", 1)));
+    for r in [
+        a.await.unwrap().unwrap(),
+        b.await.unwrap().unwrap(),
+        other.await.unwrap().unwrap(),
+    ] {
+        assert_eq!(rcode(&r), 2, "upstream timeout: SERVFAIL");
+    }
+    let stats = &proxy.shared().stats;
+    assert_eq!(stats.fairness_rejections.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.upstream_timeouts.load(Ordering::Relaxed), 3);
+}
+
+/// A sink that records what it got and confirms after `delay` (never, when `None`).
+struct SlowSink {
+    delay: Option<Duration>,
+    seen: Arc<Mutex<Vec<(Instant, usize)>>>,
+}
+
+impl IpSink for SlowSink {
+    fn apply(&self, changes: Vec<Change>) -> SinkFuture {
+        let delay = self.delay;
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            match delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+            seen.lock().unwrap().push((Instant::now(), changes.len()));
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_held_until_the_sink_confirms_or_the_delay_runs_out() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::new(SlowSink {
+        delay: Some(Duration::from_millis(60)),
+        seen: seen.clone(),
+    });
+    let proxy = start(dns_config(up.addr), VerdictConfig::default(), sink).await;
+    let asked = Instant::now();
+    let reply = ask(
+        "127.0.0.2",
+        proxy.udp_addrs()[0],
+        msg::query(1, "api.example.com", 1),
+    )
+    .await
+    .unwrap();
+    let answered = Instant::now();
+    assert_eq!(rcode(&reply), 0);
+    let confirmed = seen
+        .lock()
+        .unwrap()
+        .first()
+        .copied()
+        .expect("sink saw the new IP");
+    assert!(
+        confirmed.0 <= answered,
+        "released only after the sink confirmed"
+    );
+    assert!(answered - asked >= Duration::from_millis(60));
+
+    let never = Arc::new(SlowSink {
+        delay: None,
+        seen: Arc::new(Mutex::new(Vec::new())),
+    });
+    let cfg = DnsConfig {
+        response_max_delay: Duration::from_millis(80),
+        ..dns_config(up.addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), never).await;
+    let asked = Instant::now();
+    let reply = ask(
+        "127.0.0.2",
+        proxy.udp_addrs()[0],
+        msg::query(2, "edge.example.com", 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rcode(&reply), 0);
+    assert!(asked.elapsed() >= Duration::from_millis(80));
+    assert_eq!(
+        proxy.shared().stats.hold_timeouts.load(Ordering::Relaxed),
+        1
+    );
+}
