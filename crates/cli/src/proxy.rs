@@ -10,7 +10,8 @@ use clap::Args;
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
 use dnsfence_policy::Labels;
 use dnsfence_proxy::config::{Config, DenyRcode, UnknownClientsConfig};
-use dnsfence_proxy::{NoopSink, Proxy};
+use dnsfence_proxy::{NoopSink, Proxy, ProxyMetrics};
+use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -108,9 +109,28 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
 }
 
 async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Result<ExitCode> {
-    let proxy = Proxy::start(config.dns.clone(), snapshot, Arc::new(NoopSink))
+    let mut registry = Registry::with_prefix("dnsfence");
+    let metrics = ProxyMetrics::register(&mut registry);
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics.listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let proxy = Proxy::start(config.dns.clone(), snapshot, Arc::new(NoopSink), metrics)
         .await
         .context("binding the DNS listeners")?;
+    if let Some(listener) = metrics_listener {
+        let registry = Arc::new(registry);
+        info!(addr = ?listener.local_addr().ok(), "metrics listening");
+        tokio::spawn(async move {
+            if let Err(e) = dnsfence_proxy::serve_metrics(listener, registry).await {
+                error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     info!(udp = ?proxy.udp_addrs(), tcp = ?proxy.tcp_addrs(), "DNS proxy listening");
     let shared = proxy.shared().clone();
     let socket = config.api.socket.clone();

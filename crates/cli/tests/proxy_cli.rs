@@ -43,12 +43,12 @@ fn write_policy(dir: &Path, port: u16, pattern: &str) {
     std::fs::write(dir.join("policy.yaml"), text).unwrap();
 }
 
-fn start(upstream: SocketAddr, listen: u16) -> Running {
+fn start(upstream: SocketAddr, listen: u16, metrics: u16) -> Running {
     let tmp = TempDir::new("proxy-cli");
     let dir = tmp.path().to_owned();
     write_policy(&dir, upstream.port(), "*.example.com");
     let config = format!(
-        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [127.0.0.2]}}\n  - {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}, ips: [127.0.0.1]}}\ndns:\n  listen: [\"127.0.0.1:{listen}\"]\n  upstreams: [\"{upstream}\"]\napi: {{socket: {}}}\n",
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [127.0.0.2]}}\n  - {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}, ips: [127.0.0.1]}}\ndns:\n  listen: [\"127.0.0.1:{listen}\"]\n  upstreams: [\"{upstream}\"]\napi: {{socket: {}}}\nmetrics: {{listen: \"127.0.0.1:{metrics}\"}}\n",
         dir.join("api.sock").display()
     );
     std::fs::write(dir.join("config.yaml"), config).unwrap();
@@ -82,6 +82,15 @@ fn fqdn_list(r: &Running) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn hup(r: &Running) {
     let ok = Command::new("kill")
         .args(["-HUP", &r.child.id().to_string()])
@@ -106,7 +115,8 @@ fn resolve_inspect_and_reload() {
         ],
     );
     let port = free_port();
-    let r = start(up.addr, port);
+    let metrics_port = free_port();
+    let r = start(up.addr, port, metrics_port);
     let at: SocketAddr = ([127, 0, 0, 1], port).into();
     let ok = dig("127.0.0.2", at, "www.example.com", &[]);
     assert_eq!(ok.status, "NOERROR", "{}", ok.raw);
@@ -127,6 +137,23 @@ fn resolve_inspect_and_reload() {
     let ttl = list[1]["ips"][0]["ttl"].as_u64().unwrap();
     assert!((55..=60).contains(&ttl), "{ttl}");
     assert_eq!(list[1]["selectors"][0], "*.example.com");
+
+    let scrape = http_get(metrics_port, "/metrics");
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    for needle in [
+        "dnsfence_dns_queries_total{verdict=\"allowed\",transport=\"udp\"} 1",
+        "dnsfence_dns_queries_total{verdict=\"denied\",transport=\"tcp\"} 1",
+        "dnsfence_dns_upstream_responses_total{rcode=\"noerror\"} 1",
+        "dnsfence_dns_latency_seconds_bucket",
+        "dnsfence_dns_upstream_latency_seconds_count 1",
+        "dnsfence_dns_hold_seconds_count 1",
+        "dnsfence_dns_learned_names 2",
+        "dnsfence_dns_learned_ips 2",
+        "dnsfence_dns_hold_timeouts_total 0",
+    ] {
+        assert!(scrape.contains(needle), "missing {needle} in\n{scrape}");
+    }
+    assert!(http_get(metrics_port, "/healthz").ends_with("ok\n"));
 
     // An invalid policy on SIGHUP is rejected; the running set stays in force.
     std::fs::write(

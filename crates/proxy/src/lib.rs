@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod config;
+mod http;
+pub mod metrics;
 mod shared;
 mod sink;
 mod tcp;
@@ -23,7 +25,9 @@ use tracing::error;
 
 pub use api::{serve_api, FqdnEntry, FqdnIp, API_VERSION};
 pub use config::Config;
-pub use shared::{Shared, Stats};
+pub use http::serve_metrics;
+pub use metrics::ProxyMetrics;
+pub use shared::Shared;
 pub use sink::{IpSink, NoopSink, SinkError, SinkFuture};
 
 /// A running proxy.
@@ -41,9 +45,10 @@ impl Proxy {
         config: config::DnsConfig,
         snapshot: Snapshot,
         sink: Arc<dyn IpSink>,
+        metrics: ProxyMetrics,
     ) -> io::Result<Self> {
         let listen = config.listen.clone();
-        let shared = Arc::new(Shared::new(config, snapshot, sink));
+        let shared = Arc::new(Shared::new(config, snapshot, sink, metrics));
         let mut udp_sockets = Vec::new();
         let mut tcp_listeners = Vec::new();
         for addr in listen {

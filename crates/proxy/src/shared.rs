@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -15,28 +14,8 @@ use dnsfence_policy::Protocol;
 use tracing::{debug, warn};
 
 use crate::config::DnsConfig;
+use crate::metrics::{ProxyMetrics, TransportLabel, VerdictLabel};
 use crate::sink::IpSink;
-
-/// Counters, read by metrics and tests.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Queries forwarded upstream.
-    pub forwarded: AtomicU64,
-    /// Queries answered with the deny rcode.
-    pub denied: AtomicU64,
-    /// Queries answered FORMERR/NOTIMP, or dropped as unreadable.
-    pub malformed: AtomicU64,
-    /// Queries refused because the client had too many in flight.
-    pub fairness_rejections: AtomicU64,
-    /// Upstream timeouts (answered SERVFAIL).
-    pub upstream_timeouts: AtomicU64,
-    /// Answers ignored: wrong source, unknown ID, or another question.
-    pub answers_rejected: AtomicU64,
-    /// Answers released after `response_max_delay` without the sink's confirmation.
-    pub hold_timeouts: AtomicU64,
-    /// Answers relayed to clients.
-    pub answered: AtomicU64,
-}
 
 /// Shared proxy state.
 pub struct Shared {
@@ -45,8 +24,8 @@ pub struct Shared {
     cache: Mutex<FqdnCache>,
     sink: Arc<dyn IpSink>,
     inflight: Mutex<HashMap<IpAddr, u32>>,
-    /// Counters.
-    pub stats: Stats,
+    /// Metrics (also read by tests).
+    pub metrics: ProxyMetrics,
 }
 
 /// What to do with a client's query.
@@ -68,7 +47,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn new(config: DnsConfig, snapshot: Snapshot, sink: Arc<dyn IpSink>) -> Self {
+    pub(crate) fn new(
+        config: DnsConfig,
+        snapshot: Snapshot,
+        sink: Arc<dyn IpSink>,
+        metrics: ProxyMetrics,
+    ) -> Self {
         let cache = FqdnCache::new(CacheConfig {
             min_ttl: config.min_ttl,
             max_ttl: config.max_ttl,
@@ -80,7 +64,7 @@ impl Shared {
             cache: Mutex::new(cache),
             sink,
             inflight: Mutex::new(HashMap::new()),
-            stats: Stats::default(),
+            metrics,
         }
     }
 
@@ -114,27 +98,31 @@ impl Shared {
         protocol: Protocol,
         out: &mut [u8],
     ) -> Step {
+        let t = match protocol {
+            Protocol::Tcp => TransportLabel::Tcp,
+            _ => TransportLabel::Udp,
+        };
         let query = match parse_query(packet) {
             ParsedQuery::Query(q) => q,
             ParsedQuery::Reject {
                 rcode,
                 question_end,
             } => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.query(VerdictLabel::Malformed, t);
                 return match write_reply(packet, question_end, rcode, out) {
                     Some(n) => Step::Reply(n),
                     None => Step::Drop,
                 };
             }
             ParsedQuery::Drop => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.query(VerdictLabel::Malformed, t);
                 return Step::Drop;
             }
         };
         let snapshot = self.snapshot.load();
         let verdict = snapshot.decide(client.ip(), server, protocol, &query);
         if let Some(rcode) = verdict.deny {
-            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            self.metrics.query(VerdictLabel::Denied, t);
             debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
             return match write_reply(packet, Some(query.question_end), rcode, out) {
                 Some(n) => Step::Reply(n),
@@ -142,15 +130,13 @@ impl Shared {
             };
         }
         if !self.enter(client.ip()) {
-            self.stats
-                .fairness_rejections
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.query(VerdictLabel::Fairness, t);
             return match write_reply(packet, Some(query.question_end), Rcode::ServFail, out) {
                 Some(n) => Step::Reply(n),
                 None => Step::Drop,
             };
         }
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.metrics.query(VerdictLabel::Allowed, t);
         Step::Forward(query)
     }
 
@@ -183,24 +169,28 @@ impl Shared {
         let checked = match check_answer(question, answer) {
             Ok(a) => a,
             Err(e) => {
-                self.stats.answers_rejected.fetch_add(1, Ordering::Relaxed);
+                self.metrics.answers_rejected.inc();
                 debug!(error = %e, "ignoring upstream message");
                 return None;
             }
         };
+        self.metrics.upstream_rcode(checked.rcode);
         let learned = checked.learned;
         if learned.ips.is_empty() {
             return Some(());
         }
         let changes = {
             let snapshot = self.snapshot.load();
-            lock(&self.cache).learn(
+            let mut cache = lock(&self.cache);
+            let changes = cache.learn(
                 Instant::now(),
                 &learned.names,
                 &learned.ips,
                 std::time::Duration::from_secs(u64::from(learned.ttl)),
                 snapshot.policies(),
-            )
+            );
+            self.gauge(&cache);
+            changes
         };
         self.push(changes).await;
         Some(())
@@ -223,21 +213,37 @@ impl Shared {
             });
             return;
         }
-        match tokio::time::timeout(self.config.response_max_delay, apply).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.response_max_delay, apply).await;
+        self.metrics
+            .latency_hold
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "enforcing learned IPs failed; releasing the answer"),
             Err(_) => {
-                self.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
+                self.metrics.hold_timeouts.inc();
                 warn!("learned IPs not confirmed within response_max_delay; releasing the answer");
             }
         }
+    }
+
+    fn gauge(&self, cache: &FqdnCache) {
+        self.metrics
+            .learned_names
+            .set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .learned_ips
+            .set(i64::try_from(cache.mappings()).unwrap_or(i64::MAX));
     }
 
     /// Removes expired mappings and tells the sink. Returns when the next one expires.
     pub(crate) async fn expire(&self) -> Option<Instant> {
         let (changes, next) = {
             let mut cache = lock(&self.cache);
-            (cache.expire(Instant::now()), cache.next_expiry())
+            let changes = cache.expire(Instant::now());
+            self.gauge(&cache);
+            (changes, cache.next_expiry())
         };
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {

@@ -6,7 +6,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dnsfence_dns::wire::{self, write_reply_to};
@@ -81,6 +80,7 @@ async fn connection(
             Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(()), // idle
         };
+        let received = std::time::Instant::now();
         match shared.judge(&msg, client, upstream, Protocol::Tcp, &mut out) {
             Step::Reply(n) => {
                 write_message(&mut *wr.lock().await, out.get(..n).unwrap_or_default()).await?;
@@ -102,15 +102,15 @@ async fn connection(
                     let reply = match answer {
                         Ok(Ok(mut a)) => {
                             wire::set_id(&mut a, query.id);
-                            shared.stats.answered.fetch_add(1, Ordering::Relaxed);
+                            shared
+                                .metrics
+                                .latency_total
+                                .observe(received.elapsed().as_secs_f64());
                             a
                         }
                         other => {
                             if other.is_err() {
-                                shared
-                                    .stats
-                                    .upstream_timeouts
-                                    .fetch_add(1, Ordering::Relaxed);
+                                shared.metrics.upstream_timeouts.inc();
                             }
                             let mut buf = [0u8; 512];
                             let n =
@@ -140,17 +140,19 @@ async fn exchange(
 ) -> io::Result<Vec<u8>> {
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
+    let sent = std::time::Instant::now();
     let mut up = TcpStream::connect(upstream).await?;
     write_message(&mut up, &query).await?;
     loop {
         let answer = read_message(&mut up).await?;
         if wire::id(&answer) != Some(id) {
-            shared
-                .stats
-                .answers_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.answers_rejected.inc();
             continue;
         }
+        shared
+            .metrics
+            .latency_upstream
+            .observe(sent.elapsed().as_secs_f64());
         if shared.accept_answer(question, &answer).await.is_some() {
             return Ok(answer);
         }

@@ -32,7 +32,19 @@ struct Pending {
     reply_via: Arc<UdpSocket>,
     question: Box<[u8]>,
     upstream: SocketAddr,
+    received: Instant,
+    sent: Instant,
     deadline: Instant,
+}
+
+/// Who asked, and how to answer them.
+pub(crate) struct ClientRef {
+    /// The client's address.
+    pub(crate) addr: SocketAddr,
+    /// The listener socket the answer leaves from.
+    pub(crate) reply_via: Arc<UdpSocket>,
+    /// When the query arrived.
+    pub(crate) received: Instant,
 }
 
 struct UpstreamSocket {
@@ -87,8 +99,7 @@ impl UpstreamPool {
         shared: &Shared,
         packet: &mut [u8],
         query: &Query,
-        client: SocketAddr,
-        reply_via: Arc<UdpSocket>,
+        client: ClientRef,
         upstream: SocketAddr,
     ) {
         let family = if upstream.is_ipv4() {
@@ -99,19 +110,21 @@ impl UpstreamPool {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let Some(sock) = family.get(n % family.len().max(1)) else {
             warn!(%upstream, "no upstream socket for this address family");
-            shared.leave(client.ip());
+            shared.leave(client.addr.ip());
             return;
         };
         let question = packet
             .get(wire::HEADER_LEN..query.question_end)
             .unwrap_or_default();
         let pending = Pending {
-            client,
+            client: client.addr,
             client_id: query.id,
             rd: wire::recursion_desired(packet),
-            reply_via,
+            reply_via: client.reply_via,
             question: question.into(),
             upstream,
+            received: client.received,
+            sent: Instant::now(),
             deadline: Instant::now() + shared.config.upstream_timeout,
         };
         let id = {
@@ -167,12 +180,13 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             }
         };
         let Some(p) = pending else {
-            shared
-                .stats
-                .answers_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.answers_rejected.inc();
             continue;
         };
+        shared
+            .metrics
+            .latency_upstream
+            .observe(p.sent.elapsed().as_secs_f64());
         let mut answer = packet.to_vec();
         let shared = shared.clone();
         let sock = sock.clone();
@@ -187,7 +201,10 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             if let Err(e) = p.reply_via.send_to(&answer, p.client).await {
                 debug!(client = %p.client, error = %e, "sending the answer failed");
             }
-            shared.stats.answered.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .latency_total
+                .observe(p.received.elapsed().as_secs_f64());
             shared.leave(p.client.ip());
         });
     }
@@ -211,10 +228,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
                 ids.iter().filter_map(|id| table.remove(id)).collect()
             };
             for p in expired {
-                shared
-                    .stats
-                    .upstream_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.metrics.upstream_timeouts.inc();
                 fail(&shared, &p, Rcode::ServFail).await;
             }
         }
@@ -238,6 +252,7 @@ pub(crate) async fn serve(
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
             Err(e) => return Err(e),
         };
+        let received = Instant::now();
         turn = turn.wrapping_add(1);
         let Some(&upstream) = upstreams.get(turn % upstreams.len().max(1)) else {
             continue;
@@ -250,7 +265,12 @@ pub(crate) async fn serve(
                     .await;
             }
             Step::Forward(query) => {
-                pool.forward(&shared, packet, &query, client, socket.clone(), upstream)
+                let client = ClientRef {
+                    addr: client,
+                    reply_via: socket.clone(),
+                    received,
+                };
+                pool.forward(&shared, packet, &query, client, upstream)
                     .await;
             }
             Step::Drop => {}

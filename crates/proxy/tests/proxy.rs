@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,8 @@ use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig}
 use dnsfence_fqdncache::Change;
 use dnsfence_policy::{Labels, PolicyLoader};
 use dnsfence_proxy::config::DnsConfig;
-use dnsfence_proxy::{IpSink, NoopSink, Proxy, SinkFuture};
+use dnsfence_proxy::metrics::{TransportLabel, VerdictLabel};
+use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics, SinkFuture};
 use dnsfence_testsupport::{dig, msg, skip, Dnsmasq};
 use tokio::net::UdpSocket;
 
@@ -75,9 +75,14 @@ fn dns_config(upstream: SocketAddr) -> DnsConfig {
 
 async fn start(cfg: DnsConfig, verdict: VerdictConfig, sink: Arc<dyn IpSink>) -> Proxy {
     let upstream = cfg.upstreams[0];
-    Proxy::start(cfg, snapshot(upstream, verdict), sink)
-        .await
-        .unwrap()
+    Proxy::start(
+        cfg,
+        snapshot(upstream, verdict),
+        sink,
+        ProxyMetrics::default(),
+    )
+    .await
+    .unwrap()
 }
 
 fn example_zone() -> Dnsmasq {
@@ -283,7 +288,13 @@ async fn a_flood_of_malformed_packets_leaves_the_proxy_answering() {
         .await
         .expect("still answering after the flood");
     assert_eq!(rcode(&reply), 0);
-    assert!(proxy.shared().stats.malformed.load(Ordering::Relaxed) > 100);
+    assert!(
+        proxy
+            .shared()
+            .metrics
+            .queries(VerdictLabel::Malformed, TransportLabel::Udp)
+            > 100
+    );
 }
 
 /// An upstream under the test's control.
@@ -332,14 +343,7 @@ async fn answers_to_another_question_teach_nothing_and_the_real_one_gets_through
         .shared()
         .with_cache(|c| c.iter().map(|(n, _, _)| n.to_owned()).collect());
     assert_eq!(names, ["api.example.com"]);
-    assert!(
-        proxy
-            .shared()
-            .stats
-            .answers_rejected
-            .load(Ordering::Relaxed)
-            >= 1
-    );
+    assert!(proxy.shared().metrics.answers_rejected.get() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,9 +374,9 @@ async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
     ] {
         assert_eq!(rcode(&r), 2, "upstream timeout: SERVFAIL");
     }
-    let stats = &proxy.shared().stats;
-    assert_eq!(stats.fairness_rejections.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.upstream_timeouts.load(Ordering::Relaxed), 3);
+    let m = &proxy.shared().metrics;
+    assert_eq!(m.queries(VerdictLabel::Fairness, TransportLabel::Udp), 1);
+    assert_eq!(m.upstream_timeouts.get(), 3);
 }
 
 /// A sink that records what it got and confirms after `delay` (never, when `None`).
@@ -449,8 +453,5 @@ async fn answers_are_held_until_the_sink_confirms_or_the_delay_runs_out() {
     .unwrap();
     assert_eq!(rcode(&reply), 0);
     assert!(asked.elapsed() >= Duration::from_millis(80));
-    assert_eq!(
-        proxy.shared().stats.hold_timeouts.load(Ordering::Relaxed),
-        1
-    );
+    assert_eq!(proxy.shared().metrics.hold_timeouts.get(), 1);
 }

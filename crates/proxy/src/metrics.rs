@@ -1,0 +1,263 @@
+//! The proxy's metrics, registered into a registry the caller owns.
+//!
+//! Label values are small fixed sets (verdict, transport, rcode); never a domain name.
+//! Every handle used per query is resolved once here, so the hot path only increments.
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// What happened to a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VerdictLabel {
+    /// Forwarded upstream.
+    Allowed,
+    /// Answered with the deny rcode (policy, or unknown client).
+    Denied,
+    /// Unreadable: FORMERR, NOTIMP, or dropped.
+    Malformed,
+    /// Over the per-client in-flight bound: SERVFAIL.
+    Fairness,
+}
+
+/// UDP or TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportLabel {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+/// Label values are lower case, as Prometheus conventions have them.
+macro_rules! lower_case_label {
+    ($t:ty) => {
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                encoder.write_str(&format!("{self:?}").to_ascii_lowercase())
+            }
+        }
+    };
+}
+
+lower_case_label!(VerdictLabel);
+lower_case_label!(TransportLabel);
+lower_case_label!(RcodeLabel);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QueryLabels {
+    verdict: VerdictLabel,
+    transport: TransportLabel,
+}
+
+/// Upstream response codes, folded into a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RcodeLabel {
+    /// 0.
+    Noerror,
+    /// 1.
+    Formerr,
+    /// 2.
+    Servfail,
+    /// 3.
+    Nxdomain,
+    /// 5.
+    Refused,
+    /// Anything else.
+    Other,
+}
+
+impl RcodeLabel {
+    /// Folds a 4-bit rcode.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => RcodeLabel::Noerror,
+            1 => RcodeLabel::Formerr,
+            2 => RcodeLabel::Servfail,
+            3 => RcodeLabel::Nxdomain,
+            5 => RcodeLabel::Refused,
+            _ => RcodeLabel::Other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RcodeLabels {
+    rcode: RcodeLabel,
+}
+
+/// Pre-resolved handles for the proxy's metrics.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    queries: Family<QueryLabels, Counter>,
+    upstream_rcodes: Family<RcodeLabels, Counter>,
+    /// Resolved handles: `[verdict][transport]`.
+    query_handles: [[Counter; 2]; 4],
+    /// Resolved handles, by `RcodeLabel` order.
+    rcode_handles: [Counter; 6],
+    /// Upstream timeouts (answered SERVFAIL).
+    pub upstream_timeouts: Counter,
+    /// Messages from upstream sockets that were not the awaited answer.
+    pub answers_rejected: Counter,
+    /// Answers released after `response_max_delay` without the sink's confirmation.
+    pub hold_timeouts: Counter,
+    /// Seconds from a query's arrival to its answer leaving, for forwarded queries.
+    pub latency_total: Histogram,
+    /// Seconds the upstream took.
+    pub latency_upstream: Histogram,
+    /// Seconds answers were held waiting for enforcement.
+    pub latency_hold: Histogram,
+    /// Names with learned IPs.
+    pub learned_names: Gauge,
+    /// Learned (name, IP) mappings.
+    pub learned_ips: Gauge,
+}
+
+fn latency() -> Histogram {
+    // 10 us .. ~5 s.
+    Histogram::new(exponential_buckets(0.000_01, 2.5, 15))
+}
+
+const VERDICTS: [VerdictLabel; 4] = [
+    VerdictLabel::Allowed,
+    VerdictLabel::Denied,
+    VerdictLabel::Malformed,
+    VerdictLabel::Fairness,
+];
+const RCODES: [RcodeLabel; 6] = [
+    RcodeLabel::Noerror,
+    RcodeLabel::Formerr,
+    RcodeLabel::Servfail,
+    RcodeLabel::Nxdomain,
+    RcodeLabel::Refused,
+    RcodeLabel::Other,
+];
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        let queries: Family<QueryLabels, Counter> = Family::default();
+        let upstream_rcodes: Family<RcodeLabels, Counter> = Family::default();
+        let query_handles = VERDICTS.map(|verdict| {
+            [TransportLabel::Udp, TransportLabel::Tcp].map(|transport| {
+                queries
+                    .get_or_create(&QueryLabels { verdict, transport })
+                    .clone()
+            })
+        });
+        let rcode_handles = RCODES.map(|rcode| {
+            upstream_rcodes
+                .get_or_create(&RcodeLabels { rcode })
+                .clone()
+        });
+        Self {
+            queries,
+            upstream_rcodes,
+            query_handles,
+            rcode_handles,
+            upstream_timeouts: Counter::default(),
+            answers_rejected: Counter::default(),
+            hold_timeouts: Counter::default(),
+            latency_total: latency(),
+            latency_upstream: latency(),
+            latency_hold: latency(),
+            learned_names: Gauge::default(),
+            learned_ips: Gauge::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    /// Creates the metrics and registers them (names `dnsfence_dns_*` under `registry`'s
+    /// prefix, which callers set to `dnsfence`).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("dns");
+        r.register(
+            "queries",
+            "DNS queries by verdict and transport",
+            m.queries.clone(),
+        );
+        r.register(
+            "upstream_responses",
+            "Upstream answers by rcode",
+            m.upstream_rcodes.clone(),
+        );
+        r.register(
+            "upstream_timeouts",
+            "Queries the upstream did not answer in time (SERVFAIL)",
+            m.upstream_timeouts.clone(),
+        );
+        r.register(
+            "answers_rejected",
+            "Upstream messages ignored: wrong source, ID or question",
+            m.answers_rejected.clone(),
+        );
+        r.register(
+            "hold_timeouts",
+            "Answers released before enforcement was confirmed",
+            m.hold_timeouts.clone(),
+        );
+        r.register_with_unit(
+            "latency",
+            "Query arrival to answer sent, forwarded queries",
+            Unit::Seconds,
+            m.latency_total.clone(),
+        );
+        r.register_with_unit(
+            "upstream_latency",
+            "Time the upstream took to answer",
+            Unit::Seconds,
+            m.latency_upstream.clone(),
+        );
+        r.register_with_unit(
+            "hold",
+            "Time answers waited for their IPs to be enforced",
+            Unit::Seconds,
+            m.latency_hold.clone(),
+        );
+        r.register(
+            "learned_names",
+            "Names with learned IPs",
+            m.learned_names.clone(),
+        );
+        r.register(
+            "learned_ips",
+            "Learned name-to-IP mappings",
+            m.learned_ips.clone(),
+        );
+        m
+    }
+
+    fn query_handle(&self, verdict: VerdictLabel, transport: TransportLabel) -> &Counter {
+        let v = VERDICTS.iter().position(|x| *x == verdict).unwrap_or(0);
+        let t = usize::from(transport == TransportLabel::Tcp);
+        &self.query_handles[v][t]
+    }
+
+    /// Counts a query.
+    pub fn query(&self, verdict: VerdictLabel, transport: TransportLabel) {
+        self.query_handle(verdict, transport).inc();
+    }
+
+    /// How many queries got `verdict` over `transport`.
+    pub fn queries(&self, verdict: VerdictLabel, transport: TransportLabel) -> u64 {
+        self.query_handle(verdict, transport).get()
+    }
+
+    /// Counts an upstream rcode.
+    pub fn upstream_rcode(&self, code: u8) {
+        let label = RcodeLabel::from_code(code);
+        let i = RCODES
+            .iter()
+            .position(|x| *x == label)
+            .unwrap_or(RCODES.len() - 1);
+        if let Some(c) = self.rcode_handles.get(i) {
+            c.inc();
+        }
+    }
+}
