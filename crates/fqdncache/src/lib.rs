@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use dnsfence_policy::{FoldedName, PolicySet, SelectorId};
 
+/// Smallest extension of a live mapping's expiry that is recorded (and sent on).
+pub const REFRESH_GRANULARITY: Duration = Duration::from_secs(1);
+
 /// Limits applied to what is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -132,14 +135,19 @@ impl FqdnCache {
         let expires = now + self.effective_ttl(ttl);
         let mut changes = Vec::new();
         for name in names {
-            let key: Arc<str> = name.as_str().into();
-            let entry = match self.names.get_mut(&key) {
-                Some(e) => e,
-                None => self.names.entry(key.clone()).or_insert_with(|| NameEntry {
-                    name: key.clone(),
-                    ips: Vec::new(),
-                    selectors: selectors_of(set, name),
-                }),
+            if !self.names.contains_key(name.as_str()) {
+                let key: Arc<str> = name.as_str().into();
+                self.names.insert(
+                    key.clone(),
+                    NameEntry {
+                        name: key,
+                        ips: Vec::new(),
+                        selectors: selectors_of(set, name),
+                    },
+                );
+            }
+            let Some(entry) = self.names.get_mut(name.as_str()) else {
+                continue;
             };
             for &ip in ips {
                 upsert(
@@ -253,8 +261,10 @@ fn upsert(
     changes: &mut Vec<Change>,
 ) {
     if let Some(have) = entry.ips.iter_mut().find(|l| l.ip == ip) {
-        // A shorter TTL never shortens a live allowance: the longest one wins.
-        if expires <= have.expires {
+        // A shorter TTL never shortens a live allowance: the longest one wins. Extensions
+        // under REFRESH_GRANULARITY are not worth a datapath update: the mapping then
+        // expires at most that much before the latest answer says (never later).
+        if expires <= have.expires + REFRESH_GRANULARITY {
             return;
         }
         expiry.remove(&(have.expires, entry.name.clone(), ip));

@@ -12,6 +12,7 @@ pub mod metrics;
 mod shared;
 mod sink;
 mod tcp;
+mod transparent;
 mod udp;
 
 use std::io;
@@ -48,7 +49,10 @@ impl Proxy {
         metrics: ProxyMetrics,
     ) -> io::Result<Self> {
         let listen = config.listen.clone();
-        let shared = Arc::new(Shared::new(config, snapshot, sink, metrics));
+        let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics);
+        let shared = Arc::new(shared);
+        let flusher = shared.clone();
+        tokio::spawn(async move { flusher.flush_refreshes(refresh_rx).await });
         let mut udp_sockets = Vec::new();
         let mut tcp_listeners = Vec::new();
         for addr in listen {
@@ -58,7 +62,43 @@ impl Proxy {
             udp_sockets.push(Arc::new(udp));
             tcp_listeners.push(tcp);
         }
+        let mut transparent_udp = Vec::new();
+        let mut transparent_tcp = Vec::new();
+        if let Some(t) = shared.config.transparent {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, t.port));
+            transparent_udp.push(Arc::new(transparent::udp_listener(v4)?));
+            transparent_tcp.push(transparent::tcp_listener(v4)?);
+            // IPv6 may be disabled on the node; IPv4 interception still works then.
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, t.port));
+            match (transparent::udp_listener(v6), transparent::tcp_listener(v6)) {
+                (Ok(u), Ok(l)) => {
+                    transparent_udp.push(Arc::new(u));
+                    transparent_tcp.push(l);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "no IPv6 transparent listener");
+                }
+            }
+        }
         let pool = udp::UpstreamPool::start(shared.clone()).await?;
+        for socket in transparent_udp {
+            let (shared, pool) = (shared.clone(), pool.clone());
+            tokio::spawn(async move {
+                if let Err(e) = udp::serve_transparent(shared, pool, socket).await {
+                    error!(error = %e, "transparent UDP listener stopped");
+                }
+            });
+        }
+        for listener in transparent_tcp {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    tcp::serve(shared, listener, tcp::Upstream::OriginalDestination).await
+                {
+                    error!(error = %e, "transparent TCP listener stopped");
+                }
+            });
+        }
         let mut proxy = Self {
             shared: shared.clone(),
             udp: Vec::new(),
@@ -77,7 +117,7 @@ impl Proxy {
             proxy.tcp.push(listener.local_addr()?);
             let shared = shared.clone();
             tokio::spawn(async move {
-                if let Err(e) = tcp::serve(shared, listener).await {
+                if let Err(e) = tcp::serve(shared, listener, tcp::Upstream::Configured).await {
                     error!(error = %e, "TCP listener stopped");
                 }
             });

@@ -11,11 +11,12 @@ use arc_swap::ArcSwap;
 use dnsfence_dns::{check_answer, parse_query, write_reply, ParsedQuery, Query, Rcode, Snapshot};
 use dnsfence_fqdncache::{CacheConfig, Change, FqdnCache};
 use dnsfence_policy::Protocol;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::config::DnsConfig;
 use crate::metrics::{ProxyMetrics, TransportLabel, VerdictLabel};
-use crate::sink::IpSink;
+use crate::sink::{IpSink, SinkFuture};
 
 /// Shared proxy state.
 pub struct Shared {
@@ -23,6 +24,7 @@ pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     cache: Mutex<FqdnCache>,
     sink: Arc<dyn IpSink>,
+    refresh: mpsc::UnboundedSender<Vec<Change>>,
     inflight: Mutex<HashMap<IpAddr, u32>>,
     /// Metrics (also read by tests).
     pub metrics: ProxyMetrics,
@@ -52,20 +54,23 @@ impl Shared {
         snapshot: Snapshot,
         sink: Arc<dyn IpSink>,
         metrics: ProxyMetrics,
-    ) -> Self {
+    ) -> (Self, mpsc::UnboundedReceiver<Vec<Change>>) {
         let cache = FqdnCache::new(CacheConfig {
             min_ttl: config.min_ttl,
             max_ttl: config.max_ttl,
             max_ips_per_name: config.max_ips_per_name,
         });
-        Self {
+        let (refresh, refresh_rx) = mpsc::unbounded_channel();
+        let shared = Self {
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
             cache: Mutex::new(cache),
             sink,
+            refresh,
             inflight: Mutex::new(HashMap::new()),
             metrics,
-        }
+        };
+        (shared, refresh_rx)
     }
 
     /// The snapshot in force.
@@ -163,9 +168,15 @@ impl Shared {
     }
 
     /// Checks an upstream answer against the question sent (`question`: the query's bytes
-    /// from offset 12 to the question's end), learns its IPs and waits until they are
-    /// enforced (at most `response_max_delay`). `None`: not an answer to that question.
-    pub(crate) async fn accept_answer(&self, question: &[u8], answer: &[u8]) -> Option<()> {
+    /// from offset 12 to the question's end) and learns its IPs. `None`: not an answer to
+    /// that question. `Some(Some(fut))`: new IPs; release the answer once `fut` is done
+    /// (see [`Shared::hold`]). Never waits: refreshes of known IPs go to a background
+    /// flusher, so most answers leave at once.
+    pub(crate) fn accept_answer(
+        &self,
+        question: &[u8],
+        answer: &[u8],
+    ) -> Option<Option<SinkFuture>> {
         let checked = match check_answer(question, answer) {
             Ok(a) => a,
             Err(e) => {
@@ -177,7 +188,7 @@ impl Shared {
         self.metrics.upstream_rcode(checked.rcode);
         let learned = checked.learned;
         if learned.ips.is_empty() {
-            return Some(());
+            return Some(None);
         }
         let changes = {
             let snapshot = self.snapshot.load();
@@ -192,27 +203,22 @@ impl Shared {
             self.gauge(&cache);
             changes
         };
-        self.push(changes).await;
-        Some(())
+        if changes.is_empty() {
+            return Some(None);
+        }
+        if changes
+            .iter()
+            .any(|c| matches!(c, Change::Upsert { new: true, .. }))
+        {
+            return Some(Some(self.sink.apply(changes)));
+        }
+        // Only refreshes: the IPs are already enforced.
+        let _ = self.refresh.send(changes);
+        Some(None)
     }
 
-    /// Hands changes to the sink; waits (bounded) only when some IP is new.
-    async fn push(&self, changes: Vec<Change>) {
-        if changes.is_empty() {
-            return;
-        }
-        let hold = changes
-            .iter()
-            .any(|c| matches!(c, Change::Upsert { new: true, .. }));
-        let apply = self.sink.apply(changes);
-        if !hold {
-            tokio::spawn(async move {
-                if let Err(e) = apply.await {
-                    warn!(error = %e, "refreshing learned IPs failed");
-                }
-            });
-            return;
-        }
+    /// Waits for `apply` (new IPs reaching the datapath), at most `response_max_delay`.
+    pub(crate) async fn hold(&self, apply: SinkFuture) {
         let started = Instant::now();
         let result = tokio::time::timeout(self.config.response_max_delay, apply).await;
         self.metrics
@@ -224,6 +230,18 @@ impl Shared {
             Err(_) => {
                 self.metrics.hold_timeouts.inc();
                 warn!("learned IPs not confirmed within response_max_delay; releasing the answer");
+            }
+        }
+    }
+
+    /// Applies queued refreshes in batches until the proxy stops.
+    pub(crate) async fn flush_refreshes(&self, mut rx: mpsc::UnboundedReceiver<Vec<Change>>) {
+        while let Some(mut batch) = rx.recv().await {
+            while let Ok(more) = rx.try_recv() {
+                batch.extend(more);
+            }
+            if let Err(e) = self.sink.apply(batch).await {
+                warn!(error = %e, "refreshing learned IPs failed");
             }
         }
     }

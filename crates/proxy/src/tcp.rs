@@ -21,8 +21,21 @@ use crate::shared::{Shared, Step};
 /// Client connections served at once per listener; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves one explicit TCP listener.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) -> io::Result<()> {
+/// Where a TCP listener's allowed queries go.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Upstream {
+    /// `dns.upstreams` (explicit listeners).
+    Configured,
+    /// The connection's original destination (transparent listeners).
+    OriginalDestination,
+}
+
+/// Serves one TCP listener.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    upstream: Upstream,
+) -> io::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut turn = 0usize;
     loop {
@@ -33,9 +46,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) -> io::Res
             .map_err(io::Error::other)?;
         let (stream, client) = listener.accept().await?;
         turn = turn.wrapping_add(1);
+        let server = match upstream {
+            Upstream::OriginalDestination => stream.local_addr()?,
+            Upstream::Configured => {
+                let all = &shared.config.upstreams;
+                match all.get(turn % all.len().max(1)) {
+                    Some(s) => *s,
+                    None => continue,
+                }
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(shared, stream, client, turn).await {
+            if let Err(e) = connection(shared, stream, client, server).await {
                 debug!(%client, error = %e, "TCP client connection ended");
             }
             drop(permit);
@@ -62,14 +85,10 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     client: SocketAddr,
-    turn: usize,
+    upstream: SocketAddr,
 ) -> io::Result<()> {
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(Mutex::new(wr));
-    let upstreams = &shared.config.upstreams;
-    let Some(&upstream) = upstreams.get(turn % upstreams.len().max(1)) else {
-        return Ok(());
-    };
     let mut out = vec![0u8; 1024];
     loop {
         let msg = match tokio::time::timeout(shared.config.tcp_idle_timeout, read_message(&mut rd))
@@ -153,8 +172,13 @@ async fn exchange(
             .metrics
             .latency_upstream
             .observe(sent.elapsed().as_secs_f64());
-        if shared.accept_answer(question, &answer).await.is_some() {
-            return Ok(answer);
+        match shared.accept_answer(question, &answer) {
+            Some(Some(apply)) => {
+                shared.hold(apply).await;
+                return Ok(answer);
+            }
+            Some(None) => return Ok(answer),
+            None => {}
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::shared::{Shared, Step};
+use crate::transparent::{recv_orig_dst, ReplySockets};
 
 /// Largest UDP message handled.
 pub(crate) const MAX_UDP: usize = 65_535;
@@ -170,7 +171,9 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             }
         };
         let packet = buf.get(..n).unwrap_or_default();
-        let Some(id) = wire::id(packet) else { continue };
+        let Some(id) = wire::id(packet) else {
+            continue;
+        };
         // Only the queried server may answer, and only for a pending ID.
         let pending = {
             let mut table = lock(&sock.pending);
@@ -187,27 +190,43 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             .metrics
             .latency_upstream
             .observe(p.sent.elapsed().as_secs_f64());
-        let mut answer = packet.to_vec();
-        let shared = shared.clone();
-        let sock = sock.clone();
-        // Learning may wait for the datapath: never on this loop.
-        tokio::spawn(async move {
-            if shared.accept_answer(&p.question, &answer).await.is_none() {
+        let hold = match shared.accept_answer(&p.question, packet) {
+            Some(hold) => hold,
+            None => {
                 // Not an answer to this question: keep waiting for the real one.
                 lock(&sock.pending).insert(id, p);
-                return;
+                continue;
             }
-            wire::set_id(&mut answer, p.client_id);
-            if let Err(e) = p.reply_via.send_to(&answer, p.client).await {
-                debug!(client = %p.client, error = %e, "sending the answer failed");
+        };
+        match hold {
+            None => {
+                let answer = buf.get_mut(..n).unwrap_or_default();
+                wire::set_id(answer, p.client_id);
+                deliver(&shared, &p, answer).await;
             }
-            shared
-                .metrics
-                .latency_total
-                .observe(p.received.elapsed().as_secs_f64());
-            shared.leave(p.client.ip());
-        });
+            Some(apply) => {
+                // New IPs: wait for the datapath, never on this loop.
+                let mut answer = buf.get(..n).unwrap_or_default().to_vec();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    shared.hold(apply).await;
+                    wire::set_id(&mut answer, p.client_id);
+                    deliver(&shared, &p, &answer).await;
+                });
+            }
+        }
     }
+}
+
+async fn deliver(shared: &Shared, p: &Pending, answer: &[u8]) {
+    if let Err(e) = p.reply_via.send_to(answer, p.client).await {
+        debug!(client = %p.client, error = %e, "sending the answer failed");
+    }
+    shared
+        .metrics
+        .latency_total
+        .observe(p.received.elapsed().as_secs_f64());
+    shared.leave(p.client.ip());
 }
 
 async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
@@ -272,6 +291,52 @@ pub(crate) async fn serve(
                 };
                 pool.forward(&shared, packet, &query, client, upstream)
                     .await;
+            }
+            Step::Drop => {}
+        }
+    }
+}
+
+/// Serves one transparent UDP listener: the policy's server and the upstream are the
+/// query's original destination, and replies leave from that address.
+pub(crate) async fn serve_transparent(
+    shared: Arc<Shared>,
+    pool: Arc<UpstreamPool>,
+    socket: Arc<UdpSocket>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_UDP];
+    let mut out = vec![0u8; 1024];
+    let mut replies = ReplySockets::default();
+    loop {
+        let (n, client, server) = match recv_orig_dst(&socket, &mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "transparent receive failed");
+                continue;
+            }
+        };
+        let received = Instant::now();
+        let reply_via = match replies.get(server) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%server, error = %e, "cannot answer from the original destination");
+                continue;
+            }
+        };
+        let packet = buf.get_mut(..n).unwrap_or_default();
+        match shared.judge(packet, client, server, Protocol::Udp, &mut out) {
+            Step::Reply(len) => {
+                let _ = reply_via
+                    .send_to(out.get(..len).unwrap_or_default(), client)
+                    .await;
+            }
+            Step::Forward(query) => {
+                let client = ClientRef {
+                    addr: client,
+                    reply_via,
+                    received,
+                };
+                pool.forward(&shared, packet, &query, client, server).await;
             }
             Step::Drop => {}
         }

@@ -145,7 +145,10 @@ pub fn dig(source: &str, server: SocketAddr, name: &str, extra: &[&str]) -> DigR
         .args(extra)
         .output()
         .expect("run dig");
-    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    parse_dig(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse_dig(raw: String) -> DigResult {
     let status = raw
         .split("status: ")
         .nth(1)
@@ -199,4 +202,180 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Whether this process runs as root (network-namespace tests need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Like [`skip`], and also skips (printing why) when not root.
+pub fn skip_unless_root(tools: &[&str]) -> bool {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIP: needs root (network namespaces)");
+        return true;
+    }
+    skip(tools)
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with a unique name, deleted on drop (also when a test fails).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `df-<tag>-<pid>-<n>` with its loopback up.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("df-{tag}-{}-{n}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `program args` inside the namespace, panicking on failure.
+    pub fn exec(&self, program: &str, args: &[&str]) {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Connects `a` and `b` with a veth pair named `a_if`/`b_if` and the given addresses
+/// (CIDR notation), both up.
+pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
+    run(
+        "ip",
+        &[
+            "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+            &b.name,
+        ],
+    );
+    a.ip(&["addr", "add", a_addr, "dev", a_if]);
+    b.ip(&["addr", "add", b_addr, "dev", b_if]);
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts dnsmasq inside `ns` on `addr` (port 53 unless given) serving `records`.
+pub fn dnsmasq_in(
+    ns: &Netns,
+    listen: &str,
+    port: u16,
+    local_zone: &str,
+    ttl: u32,
+    records: &[String],
+) -> Killed {
+    let child = ns
+        .command("/usr/sbin/dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={listen}"),
+            "--user=root",
+            &format!("--port={port}"),
+            &format!("--local=/{local_zone}/"),
+            &format!("--local-ttl={ttl}"),
+            "--pid-file=",
+        ])
+        .args(records)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dnsmasq");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = ns
+            .command("dig")
+            .args([
+                "+time=1",
+                "+tries=1",
+                "-p",
+                &port.to_string(),
+                &format!("@{listen}"),
+                "ready.invalid",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("status:") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq did not come up in {}",
+            ns.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Killed(child)
+}
+
+/// Runs `dig` inside `ns`; `args` are passed as they are.
+pub fn dig_in(ns: &Netns, args: &[&str]) -> DigResult {
+    let out = ns
+        .command("dig")
+        .args(["+time=2", "+tries=1", "+nocookie"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    parse_dig(String::from_utf8_lossy(&out.stdout).into_owned())
 }

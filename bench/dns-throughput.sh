@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# DNS load benchmark: dnsperf against a real upstream (dnsmasq) directly, then through the
+# dnsfence proxy (allowed names whose answers carry known IPs), in one run on this machine.
+# Prints qps, p50/p99 latency and CPU time per query of the process under test.
+#
+# Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding queries, default 100]
+# Needs root only to install dnsperf/dnsmasq when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+OUTSTANDING=${2:-100}
+
+need=()
+command -v dnsperf >/dev/null || need+=(dnsperf)
+[ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p dnsfence
+BIN=target/release/dnsfence
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port)
+PX=$(free_port)
+
+# 1000 names, each with one A record, served by dnsmasq from its configuration.
+: > "$work/dnsmasq.conf"
+: > "$work/queries"
+for i in $(seq 0 999); do
+  echo "host-record=h$i.bench.example.com,192.0.2.$((i % 250 + 1))" >> "$work/dnsmasq.conf"
+  echo "h$i.bench.example.com A" >> "$work/queries"
+done
+/usr/sbin/dnsmasq --keep-in-foreground --conf-file="$work/dnsmasq.conf" --no-resolv --no-hosts \
+  --bind-interfaces --listen-address=127.0.0.1 --port="$UP" --user=root --pid-file= \
+  --local=/bench.example.com/ --local-ttl=300 --cache-size=0 &
+pids+=($!)
+UPSTREAM_PID=$!
+
+cat > "$work/policy.yaml" <<YAML
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bench, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: bench}}
+  egress:
+    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+      toPorts:
+        - ports: [{port: "$UP", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*.bench.example.com"}]}
+    - toFQDNs: [{matchPattern: "*.bench.example.com"}]
+YAML
+cat > "$work/config.yaml" <<YAML
+policies: [policy.yaml]
+endpoints:
+  - {name: bench-client, labels: {app: bench}, ips: [127.0.0.2]}
+  - {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [127.0.0.1]}
+dns:
+  listen: ["127.0.0.1:$PX"]
+  upstreams: ["127.0.0.1:$UP"]
+  max_inflight_per_client: 100000
+api: {socket: $work/api.sock}
+YAML
+RUST_LOG=warn "$BIN" proxy --config "$work/config.yaml" &
+pids+=($!)
+PROXY_PID=$!
+sleep 1
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# run NAME PORT PID: dnsperf for DURATION seconds; CPU of PID over the run.
+run() {
+  local name=$1 port=$2 pid=$3
+  # Warm up (the proxy learns every name once).
+  dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -n 1 -q "$OUTSTANDING" >/dev/null 2>&1 || true
+  local before; before=$(cpu_ticks "$pid")
+  dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -l "$DURATION" -q "$OUTSTANDING" -c 4 -v \
+    > "$work/$name.out" 2>&1 || true
+  local after; after=$(cpu_ticks "$pid")
+  local completed qps
+  completed=$(awk '/Queries completed:/ {print $3}' "$work/$name.out")
+  qps=$(awk '/Queries per second:/ {print $4}' "$work/$name.out")
+  grep -E '^> NOERROR' "$work/$name.out" | awk '{print $NF}' | sort -g > "$work/$name.lat"
+  local n p50 p99
+  n=$(wc -l < "$work/$name.lat")
+  p50=$(awk -v n="$n" 'NR == int(n * 0.50) + 1 {printf "%.0f", $1 * 1e6}' "$work/$name.lat")
+  p99=$(awk -v n="$n" 'NR == int(n * 0.99) + 1 {printf "%.0f", $1 * 1e6}' "$work/$name.lat")
+  local cpu_us
+  cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v q="$completed" 'BEGIN {printf "%.1f", t / hz * 1e6 / q}')
+  local lost; lost=$(awk '/Queries lost:/ {print $3}' "$work/$name.out")
+  printf '%-22s %10s %9s %9s %12s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$lost" "$completed"
+}
+
+echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
+printf '%-22s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
+run "upstream-direct" "$UP" "$UPSTREAM_PID"
+run "through-dnsfence" "$PX" "$PROXY_PID"
+echo "(cpu_us/query: CPU time of the process under test: dnsmasq for the direct run, the dnsfence proxy for the proxied one)"

@@ -1,0 +1,123 @@
+//! Transparent interception in network namespaces the test creates: a pod's DNS to any
+//! server is TPROXY-redirected (by an nft rule the test installs, standing in for the
+//! datapath) to `dnsfence proxy`'s transparent port. The policy sees the original server,
+//! the query goes there, and the reply comes from its address.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use dnsfence_testsupport::{dig_in, dnsmasq_in, skip_unless_root, veth, Killed, Netns, TempDir};
+
+const TPROXY_PORT: u16 = 15053;
+
+fn policy() -> &'static str {
+    r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toCIDR: [192.0.2.53/32]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*.example.com"}]}
+    - toFQDNs: [{matchPattern: "*.example.com"}]
+"#
+}
+
+#[test]
+fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
+    if skip_unless_root(&["ip", "nft", "dig", "dnsmasq"]) {
+        return;
+    }
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    veth(&node, "n0", "10.77.0.1/24", &pod, "p0", "10.77.0.2/24");
+    pod.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    // Two DNS servers in the world, routed through the node: the allowed one and one no
+    // rule covers.
+    let world = Netns::new("world");
+    veth(&node, "n1", "10.78.0.1/24", &world, "w0", "10.78.0.2/24");
+    world.ip(&["addr", "add", "192.0.2.53/32", "dev", "lo"]);
+    world.ip(&["addr", "add", "192.0.2.54/32", "dev", "lo"]);
+    world.ip(&["route", "add", "default", "via", "10.78.0.1"]);
+    node.ip(&["route", "add", "192.0.2.0/24", "via", "10.78.0.2"]);
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let records = [
+        "--host-record=api.example.com,192.0.2.10".to_owned(),
+        "--host-record=evil.org,203.0.113.66".to_owned(),
+    ];
+    let _dns = dnsmasq_in(&world, "192.0.2.53", 53, "example.com", 60, &records);
+    let _dns2 = dnsmasq_in(&world, "192.0.2.54", 53, "example.com", 60, &records);
+    // The datapath's redirect, by hand: pod DNS (UDP and TCP) to the transparent port.
+    let rules = format!(
+        "table inet dnsfence_t {{
+           chain pre {{
+             type filter hook prerouting priority mangle; policy accept;
+             iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
+           }}
+         }}"
+    );
+    let tmp = TempDir::new("transparent");
+    std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
+    node.exec(
+        "nft",
+        &["-f", &tmp.path().join("rules.nft").display().to_string()],
+    );
+    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
+
+    std::fs::write(tmp.path().join("policy.yaml"), policy()).unwrap();
+    let config = format!(
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.77.0.2]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
+        tmp.path().join("api.sock").display()
+    );
+    std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
+    let proxy = node
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(tmp.path().join("config.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proxy = Killed(proxy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tmp.path().join("api.sock").exists() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Allowed name, UDP and TCP: answered, and from 192.0.2.53 (dig rejects other sources).
+    let ok = dig_in(&pod, &["@192.0.2.53", "api.example.com"]);
+    assert_eq!(
+        (ok.status.as_str(), ok.answers.clone()),
+        ("NOERROR", vec!["192.0.2.10".to_owned()]),
+        "{}",
+        ok.raw
+    );
+    assert!(ok.raw.contains("SERVER: 192.0.2.53#53"), "{}", ok.raw);
+    let tcp = dig_in(&pod, &["+tcp", "@192.0.2.53", "api.example.com"]);
+    assert_eq!(tcp.answers, ["192.0.2.10"], "{}", tcp.raw);
+    // Denied name: REFUSED by the proxy, UDP and TCP.
+    assert_eq!(dig_in(&pod, &["@192.0.2.53", "evil.org"]).status, "REFUSED");
+    assert_eq!(
+        dig_in(&pod, &["+tcp", "@192.0.2.53", "evil.org"]).status,
+        "REFUSED"
+    );
+    // A server no DNS rule covers: the policy judges the original destination.
+    let other = dig_in(&pod, &["@192.0.2.54", "api.example.com"]);
+    assert_eq!(other.status, "REFUSED", "{}", other.raw);
+}
