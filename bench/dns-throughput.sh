@@ -3,12 +3,17 @@
 # dnsfence proxy (allowed names whose answers carry known IPs), in one run on this machine.
 # Prints qps, p50/p99 latency and CPU time per query of the process under test.
 #
-# Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding queries, default 100]
+# Two phases per target: saturated (as many queries per second as it takes, OUTSTANDING in
+# flight) for throughput and CPU per query, then a fixed RATE for latency (p50/p99 at a
+# load both targets sustain, so the difference is the latency the proxy adds).
+#
+# Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding, default 100] [rate, default 20000]
 # Needs root only to install dnsperf/dnsmasq when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 OUTSTANDING=${2:-100}
+RATE=${3:-20000}
 
 need=()
 command -v dnsperf >/dev/null || need+=(dnsperf)
@@ -73,13 +78,14 @@ sleep 1
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
-# run NAME PORT PID: dnsperf for DURATION seconds; CPU of PID over the run.
+# run NAME PORT PID [extra dnsperf flags]: dnsperf for DURATION seconds; CPU of PID over the run.
 run() {
   local name=$1 port=$2 pid=$3
+  shift 3
   # Warm up (the proxy learns every name once).
   dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -n 1 -q "$OUTSTANDING" >/dev/null 2>&1 || true
   local before; before=$(cpu_ticks "$pid")
-  dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -l "$DURATION" -q "$OUTSTANDING" -c 4 -v \
+  dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -l "$DURATION" -q "$OUTSTANDING" -c 4 -v "$@" \
     > "$work/$name.out" 2>&1 || true
   local after; after=$(cpu_ticks "$pid")
   local completed qps
@@ -93,11 +99,13 @@ run() {
   local cpu_us
   cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v q="$completed" 'BEGIN {printf "%.1f", t / hz * 1e6 / q}')
   local lost; lost=$(awk '/Queries lost:/ {print $3}' "$work/$name.out")
-  printf '%-22s %10s %9s %9s %12s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$lost" "$completed"
+  printf '%-26s %10.0f %9s %9s %12s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$lost" "$completed"
 }
 
 echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
-printf '%-22s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
+printf '%-26s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
 run "upstream-direct" "$UP" "$UPSTREAM_PID"
 run "through-dnsfence" "$PX" "$PROXY_PID"
+run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
+run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
 echo "(cpu_us/query: CPU time of the process under test: dnsmasq for the direct run, the dnsfence proxy for the proxied one)"

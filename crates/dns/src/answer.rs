@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use dnsfence_policy::FoldedName;
-use domain::base::{Message, ParsedName};
+use domain::base::{Message, ParsedName, Rtype};
 use domain::rdata::{Aaaa, Cname, A};
 use smallvec::SmallVec;
 
@@ -101,54 +101,70 @@ fn fold<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Option<FoldedName> {
     fold_name(name).ok()
 }
 
-/// Follows the CNAME chain from `qname` and collects the addresses of names on it.
+/// Follows the CNAME chain from `qname` and collects the addresses of names on it, in one
+/// pass over the answer section.
 fn learn(msg: &Message<&[u8]>, qname: FoldedName) -> Learned {
+    let mut cnames: SmallVec<[(FoldedName, FoldedName, u32); 4]> = SmallVec::new();
+    let mut addrs: SmallVec<[(FoldedName, IpAddr, u32); 8]> = SmallVec::new();
+    let Ok(section) = msg.answer() else {
+        return Learned::default();
+    };
+    for rr in section {
+        let Ok(rr) = rr else {
+            // A malformed answer teaches nothing (it is still relayed, as received).
+            return Learned::default();
+        };
+        let ttl = rr.ttl().as_secs();
+        match rr.rtype() {
+            Rtype::CNAME => {
+                if let Ok(Some(r)) = rr.to_record::<Cname<ParsedName<&[u8]>>>() {
+                    if let (Some(owner), Some(target)) = (fold(r.owner()), fold(r.data().cname())) {
+                        cnames.push((owner, target, ttl));
+                    }
+                }
+            }
+            Rtype::A => {
+                if let Ok(Some(r)) = rr.to_record::<A>() {
+                    if let Some(owner) = fold(r.owner()) {
+                        addrs.push((owner, IpAddr::V4(r.data().addr()), ttl));
+                    }
+                }
+            }
+            Rtype::AAAA => {
+                if let Ok(Some(r)) = rr.to_record::<Aaaa>() {
+                    if let Some(owner) = fold(r.owner()) {
+                        addrs.push((owner, IpAddr::V6(r.data().addr()), ttl));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     let mut learned = Learned {
         names: SmallVec::new(),
         ips: SmallVec::new(),
         ttl: u32::MAX,
     };
     learned.names.push(qname);
-    let mut chain_ttl = u32::MAX;
-    // Follow CNAMEs: each step looks for a CNAME owned by the last name on the chain.
+    let mut ttl = u32::MAX;
+    // Follow CNAMEs: each step takes the CNAME owned by the last name on the chain.
     while learned.names.len() < MAX_CHAIN {
         let Some(last) = learned.names.last() else {
             break;
         };
-        let Ok(section) = msg.answer() else {
-            return Learned::default();
-        };
-        let next = section
-            .limit_to::<Cname<ParsedName<&[u8]>>>()
-            .find_map(|rr| {
-                let rr = rr.ok()?;
-                (fold(rr.owner()).as_ref() == Some(last))
-                    .then(|| fold(rr.data().cname()).map(|t| (t, rr.ttl().as_secs())))
-                    .flatten()
-            });
+        let next = cnames.iter().find(|(owner, _, _)| owner == last);
         match next {
-            Some((target, ttl)) if !learned.names.contains(&target) => {
-                chain_ttl = chain_ttl.min(ttl);
-                learned.names.push(target);
+            Some((_, target, t)) if !learned.names.contains(target) => {
+                ttl = ttl.min(*t);
+                learned.names.push(target.clone());
             }
             _ => break,
         }
     }
-    let mut ttl = chain_ttl;
-    if let Ok(section) = msg.answer() {
-        for rr in section.limit_to::<A>().flatten() {
-            if fold(rr.owner()).is_some_and(|o| learned.names.contains(&o)) {
-                push_ip(&mut learned.ips, IpAddr::V4(rr.data().addr()));
-                ttl = ttl.min(rr.ttl().as_secs());
-            }
-        }
-    }
-    if let Ok(section) = msg.answer() {
-        for rr in section.limit_to::<Aaaa>().flatten() {
-            if fold(rr.owner()).is_some_and(|o| learned.names.contains(&o)) {
-                push_ip(&mut learned.ips, IpAddr::V6(rr.data().addr()));
-                ttl = ttl.min(rr.ttl().as_secs());
-            }
+    for (owner, ip, t) in &addrs {
+        if learned.names.contains(owner) {
+            push_ip(&mut learned.ips, *ip);
+            ttl = ttl.min(*t);
         }
     }
     if learned.ips.is_empty() {

@@ -146,3 +146,21 @@ fn truncated_record_data_never_panics() {
         let _ = check_answer(question(&q), &r[..cut]);
     }
 }
+
+#[test]
+fn a_malformed_answer_section_teaches_nothing() {
+    let q = query(7, "a.example.com", 1);
+    let mut r = response(
+        &q,
+        0,
+        &[
+            a("a.example.com", 60, [192, 0, 2, 1]),
+            a("a.example.com", 60, [192, 0, 2, 2]),
+        ],
+        &[],
+    );
+    // Claim a third record that is not there.
+    r[7] = 3;
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert!(ans.learned.ips.is_empty());
+}
