@@ -8,6 +8,7 @@
 # load both targets sustain, so the difference is the latency the proxy adds).
 #
 # Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding, default 100] [rate, default 20000]
+# ONLY_RATE=1 skips the saturated phase (handy while profiling).
 # Needs root only to install dnsperf/dnsmasq when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,8 +105,8 @@ run() {
 
 echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
 printf '%-26s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
-run "upstream-direct" "$UP" "$UPSTREAM_PID"
-run "through-dnsfence" "$PX" "$PROXY_PID"
+[ -n "${ONLY_RATE:-}" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
+[ -n "${ONLY_RATE:-}" ] || run "through-dnsfence" "$PX" "$PROXY_PID"
 run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
 echo "(cpu_us/query: CPU time of the process under test: dnsmasq for the direct run, the dnsfence proxy for the proxied one)"

@@ -20,7 +20,7 @@ metadata: {name: web, namespace: default}
 spec:
   endpointSelector: {matchLabels: {app: web}}
   egress:
-    - toCIDR: [192.0.2.53/32]
+    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
       toPorts:
         - ports: [{port: "53", protocol: ANY}]
           rules: {dns: [{matchPattern: "*.example.com"}]}
@@ -34,9 +34,15 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
         return;
     }
     let node = Netns::new("node");
+    // Routing first: turning forwarding on resets the interfaces' IPv6 state.
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
     let pod = Netns::new("pod");
     veth(&node, "n0", "10.77.0.1/24", &pod, "p0", "10.77.0.2/24");
     pod.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    node.ip(&["addr", "add", "fd77::1/64", "dev", "n0", "nodad"]);
+    pod.ip(&["addr", "add", "fd77::2/64", "dev", "p0", "nodad"]);
+    pod.ip(&["-6", "route", "add", "default", "via", "fd77::1"]);
     // Two DNS servers in the world, routed through the node: the allowed one and one no
     // rule covers.
     let world = Netns::new("world");
@@ -45,19 +51,25 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     world.ip(&["addr", "add", "192.0.2.54/32", "dev", "lo"]);
     world.ip(&["route", "add", "default", "via", "10.78.0.1"]);
     node.ip(&["route", "add", "192.0.2.0/24", "via", "10.78.0.2"]);
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.ip(&["addr", "add", "fd78::1/64", "dev", "n1", "nodad"]);
+    world.ip(&["addr", "add", "fd78::2/64", "dev", "w0", "nodad"]);
+    world.ip(&["addr", "add", "2001:db8::53/128", "dev", "lo", "nodad"]);
+    world.ip(&["-6", "route", "add", "default", "via", "fd78::1"]);
+    node.ip(&["-6", "route", "add", "2001:db8::/32", "via", "fd78::2"]);
     let records = [
         "--host-record=api.example.com,192.0.2.10".to_owned(),
         "--host-record=evil.org,203.0.113.66".to_owned(),
     ];
     let _dns = dnsmasq_in(&world, "192.0.2.53", 53, "example.com", 60, &records);
     let _dns2 = dnsmasq_in(&world, "192.0.2.54", 53, "example.com", 60, &records);
+    let _dns6 = dnsmasq_in(&world, "2001:db8::53", 53, "example.com", 60, &records);
     // The datapath's redirect, by hand: pod DNS (UDP and TCP) to the transparent port.
     let rules = format!(
         "table inet dnsfence_t {{
            chain pre {{
              type filter hook prerouting priority mangle; policy accept;
              iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
+             iifname \"n0\" meta nfproto ipv6 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip6 to :{TPROXY_PORT} meta mark set 0x1 accept
            }}
          }}"
     );
@@ -78,10 +90,14 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
         "table",
         "100",
     ]);
+    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
 
     std::fs::write(tmp.path().join("policy.yaml"), policy()).unwrap();
     let config = format!(
-        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.77.0.2]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.77.0.2, \"fd77::2\"]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
         tmp.path().join("api.sock").display()
     );
     std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
@@ -89,11 +105,13 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
         .command(env!("CARGO_BIN_EXE_dnsfence"))
         .args(["proxy", "--config"])
         .arg(tmp.path().join("config.yaml"))
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
         .spawn()
         .unwrap();
     let _proxy = Killed(proxy);
+    let log = || std::fs::read_to_string(tmp.path().join("proxy.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !tmp.path().join("api.sock").exists() {
         assert!(Instant::now() < deadline, "proxy did not start");
@@ -120,4 +138,31 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     // A server no DNS rule covers: the policy judges the original destination.
     let other = dig_in(&pod, &["@192.0.2.54", "api.example.com"]);
     assert_eq!(other.status, "REFUSED", "{}", other.raw);
+    // IPv6: the same over a v6 server, UDP and TCP.
+    let v6 = dig_in(&pod, &["@2001:db8::53", "api.example.com"]);
+    let diag = |ns: &Netns, args: &[&str]| {
+        let out = ns.command(args[0]).args(&args[1..]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert_eq!(
+        v6.answers,
+        ["192.0.2.10"],
+        "{}\nproxy log:\n{}\nnode nft:\n{}\npod routes:\n{}{}\nnode:\n{}{}",
+        v6.raw,
+        log(),
+        diag(&node, &["nft", "list", "ruleset"]),
+        diag(&pod, &["ip", "-6", "addr"]),
+        diag(&pod, &["ip", "-6", "route"]),
+        diag(&node, &["ip", "-6", "route", "show", "table", "all"]),
+        diag(&node, &["ip", "-6", "rule"]),
+    );
+    assert!(v6.raw.contains("SERVER: 2001:db8::53#53"), "{}", v6.raw);
+    assert_eq!(
+        dig_in(&pod, &["+tcp", "@2001:db8::53", "api.example.com"]).answers,
+        ["192.0.2.10"]
+    );
+    assert_eq!(
+        dig_in(&pod, &["@2001:db8::53", "evil.org"]).status,
+        "REFUSED"
+    );
 }

@@ -455,3 +455,125 @@ async fn answers_are_held_until_the_sink_confirms_or_the_delay_runs_out() {
     assert!(asked.elapsed() >= Duration::from_millis(80));
     assert_eq!(proxy.shared().metrics.hold_timeouts.get(), 1);
 }
+
+async fn tcp_send(stream: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(msg);
+    stream.write_all(&framed).await.unwrap();
+}
+
+async fn tcp_recv(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let len = tokio::time::timeout(Duration::from_secs(3), stream.read_u16())
+        .await
+        .ok()?
+        .ok()?;
+    let mut buf = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+/// A TCP upstream that answers each query after a delay chosen by its name's first label
+/// ("slow" waits 300 ms), with one A record.
+async fn tcp_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                while let Some(q) = tcp_recv(&mut s).await {
+                    let slow = q[13..17].eq_ignore_ascii_case(b"slow");
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let owner = if slow {
+                        "slow.example.com"
+                    } else {
+                        "fast.example.com"
+                    };
+                    let r = msg::response(&q, 0, &[msg::a(owner, 60, [192, 0, 2, 1])], &[]);
+                    tcp_send(&mut s, &r).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_are_pipelined_and_answered_out_of_order() {
+    let up = tcp_upstream().await;
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(proxy.tcp_addrs()[0]).await.unwrap();
+    // Three queries back to back on one connection: slow, fast, denied.
+    tcp_send(&mut s, &msg::query(1, "slow.example.com", 1)).await;
+    tcp_send(&mut s, &msg::query(2, "fast.example.com", 1)).await;
+    tcp_send(&mut s, &msg::query(3, "evil.org", 1)).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = tcp_recv(&mut s).await.expect("answer");
+        ids.push((u16::from_be_bytes([r[0], r[1]]), rcode(&r)));
+    }
+    // The denied and the fast answer overtake the slow one.
+    assert_eq!(ids.last(), Some(&(1, 0)), "{ids:?}");
+    assert!(ids.contains(&(2, 0)) && ids.contains(&(3, 5)), "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_clients_are_closed() {
+    let up = tcp_upstream().await;
+    let cfg = DnsConfig {
+        tcp_idle_timeout: Duration::from_millis(200),
+        ..dns_config(up)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.tcp_addrs()[0])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut byte))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "closed by the proxy");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edns_and_truncation_are_relayed_as_received() {
+    let (up, addr) = scripted_upstream().await;
+    let proxy = start(
+        dns_config(addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    // A query with an OPT record (EDNS, 4096-byte payload).
+    let mut q = msg::query(11, "big.example.com", 1);
+    q[11] = 1; // ARCOUNT = 1
+    q.extend([0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    let client = tokio::spawn(ask("127.0.0.2", at, q.clone()));
+    let mut buf = [0u8; 512];
+    let (n, from) = up.recv_from(&mut buf).await.unwrap();
+    assert_eq!(&buf[2..n], &q[2..], "forwarded byte for byte but the ID");
+    // A truncated answer: relayed with TC so the client retries over TCP; teaches nothing.
+    let mut r = msg::response(
+        &buf[..n - 11],
+        0,
+        &[msg::a("big.example.com", 60, [192, 0, 2, 9])],
+        &[],
+    );
+    r[2] |= 0x02;
+    up.send_to(&r, from).await.unwrap();
+    let reply = client.await.unwrap().unwrap();
+    assert_eq!(&reply[..2], &11u16.to_be_bytes());
+    assert_eq!(&reply[2..], &r[2..]);
+    assert_eq!(proxy.shared().with_cache(|c| c.len()), 0);
+}
