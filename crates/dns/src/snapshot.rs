@@ -87,6 +87,10 @@ pub enum Reason<'a> {
 pub struct Verdict<'a> {
     /// Forward upstream (`None`), or answer with this rcode.
     pub deny: Option<Rcode>,
+    /// Whether a DNS rule covers this server and port, so that the answer may teach IPs.
+    /// Queries forwarded unfiltered (no policy, unknown clients) teach nothing: their
+    /// server was never vetted by a policy.
+    pub learn: bool,
     /// The client endpoint, when known.
     pub endpoint: Option<&'a EndpointEntry>,
     /// Why.
@@ -162,6 +166,7 @@ impl Snapshot {
             };
             return Verdict {
                 deny,
+                learn: false,
                 endpoint: None,
                 reason: Reason::UnknownClient,
             };
@@ -175,6 +180,7 @@ impl Snapshot {
         );
         Verdict {
             deny: (!d.allowed).then_some(self.config.deny_rcode),
+            learn: d.allowed && d.proxied,
             endpoint: Some(entry),
             reason: Reason::Policy(d.reason),
         }
@@ -267,6 +273,20 @@ spec:
             decide(&s, "10.0.0.3", dns, "anything.org"),
             None,
             "not enforced"
+        );
+        let learns = |client: &str, name: &str| {
+            s.decide(
+                client.parse().unwrap(),
+                dns.parse().unwrap(),
+                Protocol::Udp,
+                &q(name),
+            )
+            .learn
+        };
+        assert!(learns("10.0.0.2", "a.example.com"));
+        assert!(
+            !learns("10.0.0.3", "a.example.com"),
+            "unfiltered queries teach nothing"
         );
         assert_eq!(
             decide(&s, "10.9.9.9", dns, "a.example.com"),

@@ -38,8 +38,9 @@ pub struct Shared {
 pub(crate) enum Step {
     /// Send these bytes back (length within the reply buffer).
     Reply(usize),
-    /// Forward upstream; the parsed query says what to expect back.
-    Forward(Query),
+    /// Forward upstream; the parsed query says what to expect back, the flag whether
+    /// the answer may teach IPs.
+    Forward(Query, bool),
     /// Send nothing.
     Drop,
 }
@@ -142,7 +143,7 @@ impl Shared {
             };
         }
         self.metrics.query(VerdictLabel::Allowed, t);
-        Step::Forward(query)
+        Step::Forward(query, verdict.learn)
     }
 
     /// Counts a query in flight for `client`; false when over the bound.
@@ -176,6 +177,7 @@ impl Shared {
         &self,
         question: &[u8],
         answer: &[u8],
+        learn: bool,
     ) -> Option<Option<SinkFuture>> {
         let checked = match check_answer(question, answer) {
             Ok(a) => a,
@@ -187,7 +189,7 @@ impl Shared {
         };
         self.metrics.upstream_rcode(checked.rcode);
         let learned = checked.learned;
-        if learned.ips.is_empty() {
+        if !learn || learned.ips.is_empty() {
             return Some(None);
         }
         let changes = {

@@ -104,7 +104,7 @@ async fn connection(
             Step::Reply(n) => {
                 write_message(&mut *wr.lock().await, out.get(..n).unwrap_or_default()).await?;
             }
-            Step::Forward(query) => {
+            Step::Forward(query, learn) => {
                 let shared = shared.clone();
                 let wr = wr.clone();
                 tokio::spawn(async move {
@@ -115,7 +115,7 @@ async fn connection(
                     let rd = wire::recursion_desired(&msg);
                     let answer = tokio::time::timeout(
                         shared.config.upstream_timeout,
-                        exchange(&shared, upstream, msg, &question),
+                        exchange(&shared, upstream, msg, &question, learn),
                     )
                     .await;
                     let reply = match answer {
@@ -156,6 +156,7 @@ async fn exchange(
     upstream: SocketAddr,
     mut query: Vec<u8>,
     question: &[u8],
+    learn: bool,
 ) -> io::Result<Vec<u8>> {
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
@@ -172,7 +173,7 @@ async fn exchange(
             .metrics
             .latency_upstream
             .observe(sent.elapsed().as_secs_f64());
-        match shared.accept_answer(question, &answer) {
+        match shared.accept_answer(question, &answer, learn) {
             Some(Some(apply)) => {
                 shared.hold(apply).await;
                 return Ok(answer);

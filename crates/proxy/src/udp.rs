@@ -23,6 +23,10 @@ use crate::transparent::{recv_orig_dst, ReplySockets};
 /// Largest UDP message handled.
 pub(crate) const MAX_UDP: usize = 65_535;
 
+/// Queries in flight per upstream socket; IDs are 16 bits, and a nearly full table would
+/// make a fresh random ID slow to find.
+const MAX_PENDING_PER_SOCKET: usize = 32_768;
+
 /// Upstream sockets per address family.
 const POOL: usize = 4;
 
@@ -30,6 +34,7 @@ struct Pending {
     client: SocketAddr,
     client_id: u16,
     rd: bool,
+    learn: bool,
     reply_via: Arc<UdpSocket>,
     question: Box<[u8]>,
     upstream: SocketAddr,
@@ -100,6 +105,7 @@ impl UpstreamPool {
         shared: &Shared,
         packet: &mut [u8],
         query: &Query,
+        learn: bool,
         client: ClientRef,
         upstream: SocketAddr,
     ) {
@@ -121,6 +127,7 @@ impl UpstreamPool {
             client: client.addr,
             client_id: query.id,
             rd: wire::recursion_desired(packet),
+            learn,
             reply_via: client.reply_via,
             question: question.into(),
             upstream,
@@ -130,12 +137,24 @@ impl UpstreamPool {
         };
         let id = {
             let mut table = lock(&sock.pending);
-            let mut id = rand::random::<u16>();
-            while table.contains_key(&id) {
-                id = rand::random::<u16>();
+            if table.len() >= MAX_PENDING_PER_SOCKET {
+                Err(pending)
+            } else {
+                let mut id = rand::random::<u16>();
+                while table.contains_key(&id) {
+                    id = rand::random::<u16>();
+                }
+                table.insert(id, pending);
+                Ok(id)
             }
-            table.insert(id, pending);
-            id
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(pending) => {
+                warn!("upstream socket has no free query ID; answering SERVFAIL");
+                fail(shared, &pending, Rcode::ServFail).await;
+                return;
+            }
         };
         wire::set_id(packet, id);
         if let Err(e) = sock.socket.send_to(packet, upstream).await {
@@ -190,7 +209,7 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             .metrics
             .latency_upstream
             .observe(p.sent.elapsed().as_secs_f64());
-        let hold = match shared.accept_answer(&p.question, packet) {
+        let hold = match shared.accept_answer(&p.question, packet, p.learn) {
             Some(hold) => hold,
             None => {
                 // Not an answer to this question: keep waiting for the real one.
@@ -283,13 +302,13 @@ pub(crate) async fn serve(
                     .send_to(out.get(..len).unwrap_or_default(), client)
                     .await;
             }
-            Step::Forward(query) => {
+            Step::Forward(query, learn) => {
                 let client = ClientRef {
                     addr: client,
                     reply_via: socket.clone(),
                     received,
                 };
-                pool.forward(&shared, packet, &query, client, upstream)
+                pool.forward(&shared, packet, &query, learn, client, upstream)
                     .await;
             }
             Step::Drop => {}
@@ -330,13 +349,14 @@ pub(crate) async fn serve_transparent(
                     .send_to(out.get(..len).unwrap_or_default(), client)
                     .await;
             }
-            Step::Forward(query) => {
+            Step::Forward(query, learn) => {
                 let client = ClientRef {
                     addr: client,
                     reply_via,
                     received,
                 };
-                pool.forward(&shared, packet, &query, client, server).await;
+                pool.forward(&shared, packet, &query, learn, client, server)
+                    .await;
             }
             Step::Drop => {}
         }

@@ -212,6 +212,48 @@ async fn cname_chain_names_are_learned_with_the_answer_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_answers_to_policy_vetted_queries_teach_ips() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let verdict = VerdictConfig {
+        unknown_clients: UnknownClients::Forward,
+        ..VerdictConfig::default()
+    };
+    let proxy = start(dns_config(up.addr), verdict, Arc::new(NoopSink)).await;
+    let at = proxy.udp_addrs()[0];
+    // No policy (127.0.0.3) and unknown (127.0.0.9): forwarded unfiltered, learned nothing.
+    assert_eq!(
+        rcode(
+            &ask("127.0.0.3", at, msg::query(1, "api.example.com", 1))
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(
+        rcode(
+            &ask("127.0.0.9", at, msg::query(2, "api.example.com", 1))
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(proxy.shared().with_cache(|c| c.len()), 0);
+    // The enforced endpoint, through its DNS rule: learned.
+    assert_eq!(
+        rcode(
+            &ask("127.0.0.2", at, msg::query(3, "api.example.com", 1))
+                .await
+                .unwrap()
+        ),
+        0
+    );
+    assert_eq!(proxy.shared().with_cache(|c| c.len()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nxdomain_deny_rcode_is_configurable() {
     if skip(&["dnsmasq"]) {
         return;
