@@ -8,21 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
 use dnsfence_testsupport::{dig, free_port, skip, Dnsmasq, TempDir};
-
-const POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  egress:
-    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-      toPorts:
-        - ports: [{port: "PORT", protocol: ANY}]
-          rules: {dns: [{matchPattern: "PATTERN"}]}
-    - toFQDNs: [{matchPattern: "PATTERN"}]
-"#;
 
 struct Running {
     child: Child,
@@ -37,9 +24,7 @@ impl Drop for Running {
 }
 
 fn write_policy(dir: &Path, port: u16, pattern: &str) {
-    let text = POLICY
-        .replace("PORT", &port.to_string())
-        .replace("PATTERN", pattern);
+    let text = dns_policy("web", DnsPeer::KubeDns, port, &[pattern], &[pattern]);
     std::fs::write(dir.join("policy.yaml"), text).unwrap();
 }
 

@@ -8,24 +8,20 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
 use dnsfence_testsupport::{dig_in, dnsmasq_in, skip_unless_root, veth, Killed, Netns, TempDir};
 
 const TPROXY_PORT: u16 = 15053;
 
-fn policy() -> &'static str {
-    r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  egress:
-    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
-      toPorts:
-        - ports: [{port: "53", protocol: ANY}]
-          rules: {dns: [{matchPattern: "*.example.com"}]}
-    - toFQDNs: [{matchPattern: "*.example.com"}]
-"#
+fn policy() -> String {
+    let servers = ["192.0.2.53/32", "2001:db8::53/128"];
+    dns_policy(
+        "web",
+        DnsPeer::Cidrs(&servers),
+        53,
+        &["*.example.com"],
+        &["*.example.com"],
+    )
 }
 
 #[test]

@@ -9,24 +9,19 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use dnsfence_dns::{check_answer, parse_query, EndpointSpec, ParsedQuery, Snapshot, VerdictConfig};
 use dnsfence_policy::{Labels, PolicyLoader, Protocol};
 use dnsfence_testsupport::msg;
+use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
 
 fn snapshot() -> Snapshot {
     let mut l = PolicyLoader::new();
     l.add(
         "p.yaml",
-        r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: p, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  egress:
-    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-      toPorts:
-        - ports: [{port: "53", protocol: ANY}]
-          rules: {dns: [{matchPattern: "*.example.com"}, {matchName: api.stripe.com}]}
-    - toFQDNs: [{matchPattern: "*.example.com"}]
-"#,
+        &dns_policy(
+            "web",
+            DnsPeer::KubeDns,
+            53,
+            &["*.example.com", "api.stripe.com"],
+            &["*.example.com"],
+        ),
     );
     let (set, _) = l.finish();
     let ep = |name: &str, ns: &str, k: &str, v: &str, ip: &str| EndpointSpec {

@@ -193,23 +193,14 @@ mod tests {
     use crate::query::{parse_query, ParsedQuery};
     use dnsfence_policy::PolicyLoader;
     use dnsfence_testsupport::msg::query;
-
-    const POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  egress:
-    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
-      toPorts:
-        - ports: [{port: "53", protocol: ANY}]
-          rules: {dns: [{matchPattern: "*.example.com"}]}
-"#;
+    use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
 
     fn snapshot(config: VerdictConfig) -> Snapshot {
         let mut l = PolicyLoader::new();
-        l.add("p.yaml", POLICY);
+        l.add(
+            "p.yaml",
+            &dns_policy("web", DnsPeer::KubeDns, 53, &["*.example.com"], &[]),
+        );
         let (set, _) = l.finish();
         let ep = |name: &str, ns: &str, k: &str, v: &str, ip: &str| EndpointSpec {
             name: name.into(),

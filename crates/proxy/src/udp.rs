@@ -273,6 +273,39 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
     }
 }
 
+/// One received client datagram and where it was headed.
+struct Received<'a> {
+    packet: &'a mut [u8],
+    client: SocketAddr,
+    /// The server as policy sees it, and where an allowed query goes.
+    server: SocketAddr,
+    /// The socket answers leave from.
+    reply_via: Arc<UdpSocket>,
+    at: Instant,
+}
+
+/// Judges one datagram and answers it or forwards it.
+async fn handle(shared: &Shared, pool: &UpstreamPool, r: Received<'_>, out: &mut [u8]) {
+    match shared.judge(r.packet, r.client, r.server, Protocol::Udp, out) {
+        Step::Reply(len) => {
+            let _ = r
+                .reply_via
+                .send_to(out.get(..len).unwrap_or_default(), r.client)
+                .await;
+        }
+        Step::Forward(query, learn) => {
+            let client = ClientRef {
+                addr: r.client,
+                reply_via: r.reply_via,
+                received: r.at,
+            };
+            pool.forward(shared, r.packet, &query, learn, client, r.server)
+                .await;
+        }
+        Step::Drop => {}
+    }
+}
+
 /// Serves one explicit UDP listener until the socket fails.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
@@ -290,29 +323,26 @@ pub(crate) async fn serve(
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
             Err(e) => return Err(e),
         };
-        let received = Instant::now();
+        let at = Instant::now();
         turn = turn.wrapping_add(1);
-        let Some(&upstream) = upstreams.get(turn % upstreams.len().max(1)) else {
+        let Some(&server) = upstreams.get(turn % upstreams.len().max(1)) else {
             continue;
         };
         let packet = buf.get_mut(..n).unwrap_or_default();
-        match shared.judge(packet, client, upstream, Protocol::Udp, &mut out) {
-            Step::Reply(len) => {
-                let _ = socket
-                    .send_to(out.get(..len).unwrap_or_default(), client)
-                    .await;
-            }
-            Step::Forward(query, learn) => {
-                let client = ClientRef {
-                    addr: client,
-                    reply_via: socket.clone(),
-                    received,
-                };
-                pool.forward(&shared, packet, &query, learn, client, upstream)
-                    .await;
-            }
-            Step::Drop => {}
-        }
+        let reply_via = socket.clone();
+        handle(
+            &shared,
+            &pool,
+            Received {
+                packet,
+                client,
+                server,
+                reply_via,
+                at,
+            },
+            &mut out,
+        )
+        .await;
     }
 }
 
@@ -334,7 +364,7 @@ pub(crate) async fn serve_transparent(
                 continue;
             }
         };
-        let received = Instant::now();
+        let at = Instant::now();
         let reply_via = match replies.get(server) {
             Ok(s) => s,
             Err(e) => {
@@ -343,22 +373,18 @@ pub(crate) async fn serve_transparent(
             }
         };
         let packet = buf.get_mut(..n).unwrap_or_default();
-        match shared.judge(packet, client, server, Protocol::Udp, &mut out) {
-            Step::Reply(len) => {
-                let _ = reply_via
-                    .send_to(out.get(..len).unwrap_or_default(), client)
-                    .await;
-            }
-            Step::Forward(query, learn) => {
-                let client = ClientRef {
-                    addr: client,
-                    reply_via,
-                    received,
-                };
-                pool.forward(&shared, packet, &query, learn, client, server)
-                    .await;
-            }
-            Step::Drop => {}
-        }
+        handle(
+            &shared,
+            &pool,
+            Received {
+                packet,
+                client,
+                server,
+                reply_via,
+                at,
+            },
+            &mut out,
+        )
+        .await;
     }
 }

@@ -13,24 +13,17 @@ use dnsfence_policy::{Labels, PolicyLoader};
 use dnsfence_proxy::config::DnsConfig;
 use dnsfence_proxy::metrics::{TransportLabel, VerdictLabel};
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics, SinkFuture};
+use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
 use dnsfence_testsupport::{dig, msg, skip, Dnsmasq};
 use tokio::net::UdpSocket;
 
 fn policy(dns_port: u16) -> String {
-    format!(
-        r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: web, namespace: default}}
-spec:
-  endpointSelector: {{matchLabels: {{app: web}}}}
-  egress:
-    - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}}}]
-      toPorts:
-        - ports: [{{port: "{dns_port}", protocol: ANY}}]
-          rules: {{dns: [{{matchPattern: "*.example.com"}}, {{matchName: cdn.example.net}}]}}
-    - toFQDNs: [{{matchPattern: "*.example.com"}}]
-"#
+    dns_policy(
+        "web",
+        DnsPeer::KubeDns,
+        dns_port,
+        &["*.example.com", "cdn.example.net"],
+        &["*.example.com"],
     )
 }
 

@@ -12,6 +12,7 @@
 #![allow(missing_docs, reason = "test support")]
 
 pub mod msg;
+pub mod policy;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
