@@ -23,6 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 cargo build --release -q -p dnsfence
+cargo build --release -q -p dnsfence-proxy --example udp_floor
 BIN=target/release/dnsfence
 
 work=$(mktemp -d)
@@ -33,6 +34,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port)
 PX=$(free_port)
+FL=$(free_port)
 
 # 1000 names, each with one A record, served by dnsmasq from its configuration.
 : > "$work/dnsmasq.conf"
@@ -74,6 +76,10 @@ YAML
 RUST_LOG=warn "$BIN" proxy --config "$work/config.yaml" &
 pids+=($!)
 PROXY_PID=$!
+# The floor: a trivial tokio responder (REFUSED to everything), one socket round trip.
+target/release/examples/udp_floor "127.0.0.1:$FL" &
+pids+=($!)
+FLOOR_PID=$!
 sleep 1
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -92,7 +98,7 @@ run() {
   local completed qps
   completed=$(awk '/Queries completed:/ {print $3}' "$work/$name.out")
   qps=$(awk '/Queries per second:/ {print $4}' "$work/$name.out")
-  grep -E '^> NOERROR' "$work/$name.out" | awk '{print $NF}' | sort -g > "$work/$name.lat"
+  grep -E '^> (NOERROR|REFUSED)' "$work/$name.out" | awk '{print $NF}' | sort -g > "$work/$name.lat"
   local n p50 p99
   n=$(wc -l < "$work/$name.lat")
   p50=$(awk -v n="$n" 'NR == int(n * 0.50) + 1 {printf "%.0f", $1 * 1e6}' "$work/$name.lat")
@@ -105,8 +111,10 @@ run() {
 
 echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
 printf '%-26s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
+[ -n "${ONLY_RATE:-}" ] || run "floor-echo" "$FL" "$FLOOR_PID"
 [ -n "${ONLY_RATE:-}" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
 [ -n "${ONLY_RATE:-}" ] || run "through-dnsfence" "$PX" "$PROXY_PID"
+run "floor-echo@$RATE" "$FL" "$FLOOR_PID" -Q "$RATE"
 run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
-echo "(cpu_us/query: CPU time of the process under test: dnsmasq for the direct run, the dnsfence proxy for the proxied one)"
+echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, or the dnsfence proxy)"
