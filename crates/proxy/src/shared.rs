@@ -38,9 +38,9 @@ pub struct Shared {
 pub(crate) enum Step {
     /// Send these bytes back (length within the reply buffer).
     Reply(usize),
-    /// Forward upstream; the parsed query says what to expect back, the flag whether
-    /// the answer may teach IPs.
-    Forward(Query, bool),
+    /// Forward upstream to the given server; the parsed query says what to expect back,
+    /// the flag whether the answer may teach IPs.
+    Forward(Query, bool, SocketAddr),
     /// Send nothing.
     Drop,
 }
@@ -95,12 +95,16 @@ impl Shared {
         f(&lock(&self.cache))
     }
 
-    /// Judges the query in `packet` from `client` sent to `server`; a reply goes to `out`.
+    /// Judges the query in `packet` from `client`, to be sent to one of `servers` (tried
+    /// from index `start` on, round robin): the first server the client's policy allows
+    /// this name on is chosen, and the query is denied only when none is. A reply goes to
+    /// `out`.
     pub(crate) fn judge(
         &self,
         packet: &[u8],
         client: SocketAddr,
-        server: SocketAddr,
+        servers: &[SocketAddr],
+        start: usize,
         protocol: Protocol,
         out: &mut [u8],
     ) -> Step {
@@ -126,15 +130,34 @@ impl Shared {
             }
         };
         let snapshot = self.snapshot.load();
-        let verdict = snapshot.decide(client.ip(), server, protocol, &query);
-        if let Some(rcode) = verdict.deny {
+        let mut chosen = None;
+        let mut denied = None;
+        for k in 0..servers.len() {
+            let Some(&server) = servers.get(start.wrapping_add(k) % servers.len()) else {
+                continue;
+            };
+            let verdict = snapshot.decide(client.ip(), server, protocol, &query);
+            match verdict.deny {
+                None => {
+                    chosen = Some((server, verdict.learn));
+                    break;
+                }
+                Some(rcode) => {
+                    if denied.is_none() {
+                        debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
+                        denied = Some(rcode);
+                    }
+                }
+            }
+        }
+        let Some((server, learn)) = chosen else {
             self.metrics.query(VerdictLabel::Denied, t);
-            debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
+            let rcode = denied.unwrap_or(Rcode::Refused);
             return match write_reply(packet, Some(query.question_end), rcode, out) {
                 Some(n) => Step::Reply(n),
                 None => Step::Drop,
             };
-        }
+        };
         if !self.enter(client.ip()) {
             self.metrics.query(VerdictLabel::Fairness, t);
             return match write_reply(packet, Some(query.question_end), Rcode::ServFail, out) {
@@ -143,7 +166,7 @@ impl Shared {
             };
         }
         self.metrics.query(VerdictLabel::Allowed, t);
-        Step::Forward(query, verdict.learn)
+        Step::Forward(query, learn, server)
     }
 
     /// Counts a query in flight for `client`; false when over the bound.

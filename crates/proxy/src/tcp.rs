@@ -46,19 +46,13 @@ pub(crate) async fn serve(
             .map_err(io::Error::other)?;
         let (stream, client) = listener.accept().await?;
         turn = turn.wrapping_add(1);
-        let server = match upstream {
-            Upstream::OriginalDestination => stream.local_addr()?,
-            Upstream::Configured => {
-                let all = &shared.config.upstreams;
-                match all.get(turn % all.len().max(1)) {
-                    Some(s) => *s,
-                    None => continue,
-                }
-            }
+        let servers = match upstream {
+            Upstream::OriginalDestination => vec![stream.local_addr()?],
+            Upstream::Configured => shared.config.upstreams.clone(),
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(shared, stream, client, server).await {
+            if let Err(e) = connection(shared, stream, client, servers, turn).await {
                 debug!(%client, error = %e, "TCP client connection ended");
             }
             drop(permit);
@@ -85,7 +79,8 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     client: SocketAddr,
-    upstream: SocketAddr,
+    servers: Vec<SocketAddr>,
+    mut turn: usize,
 ) -> io::Result<()> {
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(Mutex::new(wr));
@@ -100,11 +95,12 @@ async fn connection(
             Err(_) => return Ok(()), // idle
         };
         let received = std::time::Instant::now();
-        match shared.judge(&msg, client, upstream, Protocol::Tcp, &mut out) {
+        turn = turn.wrapping_add(1);
+        match shared.judge(&msg, client, &servers, turn, Protocol::Tcp, &mut out) {
             Step::Reply(n) => {
                 write_message(&mut *wr.lock().await, out.get(..n).unwrap_or_default()).await?;
             }
-            Step::Forward(query, learn) => {
+            Step::Forward(query, learn, upstream) => {
                 let shared = shared.clone();
                 let wr = wr.clone();
                 tokio::spawn(async move {

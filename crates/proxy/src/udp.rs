@@ -277,8 +277,9 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
 struct Received<'a> {
     packet: &'a mut [u8],
     client: SocketAddr,
-    /// The server as policy sees it, and where an allowed query goes.
-    server: SocketAddr,
+    /// The servers the query may go to (the policy chooses), tried from `start` on.
+    servers: &'a [SocketAddr],
+    start: usize,
     /// The socket answers leave from.
     reply_via: Arc<UdpSocket>,
     at: Instant,
@@ -286,20 +287,20 @@ struct Received<'a> {
 
 /// Judges one datagram and answers it or forwards it.
 async fn handle(shared: &Shared, pool: &UpstreamPool, r: Received<'_>, out: &mut [u8]) {
-    match shared.judge(r.packet, r.client, r.server, Protocol::Udp, out) {
+    match shared.judge(r.packet, r.client, r.servers, r.start, Protocol::Udp, out) {
         Step::Reply(len) => {
             let _ = r
                 .reply_via
                 .send_to(out.get(..len).unwrap_or_default(), r.client)
                 .await;
         }
-        Step::Forward(query, learn) => {
+        Step::Forward(query, learn, server) => {
             let client = ClientRef {
                 addr: r.client,
                 reply_via: r.reply_via,
                 received: r.at,
             };
-            pool.forward(shared, r.packet, &query, learn, client, r.server)
+            pool.forward(shared, r.packet, &query, learn, client, server)
                 .await;
         }
         Step::Drop => {}
@@ -325,9 +326,6 @@ pub(crate) async fn serve(
         };
         let at = Instant::now();
         turn = turn.wrapping_add(1);
-        let Some(&server) = upstreams.get(turn % upstreams.len().max(1)) else {
-            continue;
-        };
         let packet = buf.get_mut(..n).unwrap_or_default();
         let reply_via = socket.clone();
         handle(
@@ -336,7 +334,8 @@ pub(crate) async fn serve(
             Received {
                 packet,
                 client,
-                server,
+                servers: &upstreams,
+                start: turn,
                 reply_via,
                 at,
             },
@@ -379,7 +378,8 @@ pub(crate) async fn serve_transparent(
             Received {
                 packet,
                 client,
-                server,
+                servers: &[server],
+                start: 0,
                 reply_via,
                 at,
             },

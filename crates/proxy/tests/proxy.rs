@@ -612,3 +612,41 @@ async fn edns_and_truncation_are_relayed_as_received() {
     assert_eq!(&reply[2..], &r[2..]);
     assert_eq!(proxy.shared().with_cache(|c| c.len()), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_upstreams_the_policy_picks_the_one_it_allows() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    // A second upstream on a port the DNS rule does not cover, listed first.
+    let (_other, other) = scripted_upstream().await;
+    let cfg = DnsConfig {
+        upstreams: vec![other, up.addr],
+        ..dns_config(up.addr)
+    };
+    let proxy = Proxy::start(
+        cfg,
+        snapshot(up.addr, VerdictConfig::default()),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.udp_addrs()[0];
+    for id in 0..6u16 {
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            rcode(&r),
+            0,
+            "query {id} went to an upstream the policy does not allow"
+        );
+    }
+    // A name no upstream is allowed for is still refused.
+    let r = ask("127.0.0.2", at, msg::query(9, "evil.org", 1))
+        .await
+        .unwrap();
+    assert_eq!(rcode(&r), 5);
+}
