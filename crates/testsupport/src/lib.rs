@@ -53,6 +53,30 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// dnsmasq in the foreground, with no configuration but its command line: it answers for
+/// `local_zone` from the records given after these arguments (NXDOMAIN for other names
+/// in the zone), on `listen`:`port`, with `ttl`.
+fn dnsmasq_args(listen: &str, port: u16, local_zone: &str, ttl: u32) -> Vec<String> {
+    [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--user=root",
+        "--pid-file=",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([
+        format!("--listen-address={listen}"),
+        format!("--port={port}"),
+        format!("--local=/{local_zone}/"),
+        format!("--local-ttl={ttl}"),
+    ])
+    .collect()
+}
+
 /// A dnsmasq serving records from its command line, killed on drop.
 pub struct Dnsmasq {
     child: Child,
@@ -71,19 +95,7 @@ impl Dnsmasq {
             "dnsmasq"
         };
         let child = Command::new(dnsmasq)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                &format!("--port={port}"),
-                &format!("--local=/{local_zone}/"),
-                &format!("--local-ttl={ttl}"),
-                "--pid-file=",
-            ])
+            .args(dnsmasq_args("127.0.0.1", port, local_zone, ttl))
             .args(records)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -334,19 +346,7 @@ pub fn dnsmasq_in(
 ) -> Killed {
     let child = ns
         .command("/usr/sbin/dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={listen}"),
-            "--user=root",
-            &format!("--port={port}"),
-            &format!("--local=/{local_zone}/"),
-            &format!("--local-ttl={ttl}"),
-            "--pid-file=",
-        ])
+        .args(dnsmasq_args(listen, port, local_zone, ttl))
         .args(records)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
