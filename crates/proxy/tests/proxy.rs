@@ -650,3 +650,71 @@ async fn with_several_upstreams_the_policy_picks_the_one_it_allows() {
         .unwrap();
     assert_eq!(rcode(&r), 5);
 }
+
+/// A sink that confirms at once and records every change (shared with the test).
+#[derive(Default, Clone)]
+struct RecordingSink(Arc<Mutex<Vec<Change>>>);
+
+impl IpSink for RecordingSink {
+    fn apply(&self, changes: Vec<Change>) -> SinkFuture {
+        self.0.lock().unwrap().extend(changes);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_ttls_expire_into_removals_and_many_ips_are_capped() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let mut records: Vec<String> = (1..=20)
+        .map(|i| format!("--host-record=many.example.com,192.0.2.{i}"))
+        .collect();
+    records.push("--host-record=brief.example.com,198.51.100.9".into());
+    let up = Dnsmasq::start("example.com", 1, &records);
+    let sink = RecordingSink::default();
+    let cfg = DnsConfig {
+        max_ips_per_name: 5,
+        ..dns_config(up.addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(sink.clone())).await;
+    let at = proxy.udp_addrs()[0];
+    let many = ask("127.0.0.2", at, msg::query(1, "many.example.com", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        u16::from_be_bytes([many[6], many[7]]),
+        20,
+        "the client gets every record"
+    );
+    assert_eq!(
+        proxy
+            .shared()
+            .with_cache(|c| c.ips("many.example.com").len()),
+        5
+    );
+    ask("127.0.0.2", at, msg::query(2, "brief.example.com", 1))
+        .await
+        .unwrap();
+    let added = |ip: &str| {
+        sink.0.lock().unwrap().iter().any(|c| {
+            matches!(c, Change::Upsert { name, ip: i, .. } if &**name == "brief.example.com" && i.to_string() == ip)
+        })
+    };
+    let removed = |ip: &str| {
+        sink.0.lock().unwrap().iter().any(|c| {
+            matches!(c, Change::Remove { name, ip: i, .. } if &**name == "brief.example.com" && i.to_string() == ip)
+        })
+    };
+    assert!(added("198.51.100.9"));
+    assert!(!removed("198.51.100.9"));
+    // TTL 1 s: the mapping expires and the sink is told, within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !removed("198.51.100.9") {
+        assert!(Instant::now() < deadline, "expiry never reached the sink");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy
+        .shared()
+        .with_cache(|c| c.ips("brief.example.com").is_empty()));
+}
