@@ -41,7 +41,7 @@ fn start(upstream: SocketAddr, listen: u16, metrics: u16) -> Running {
         .args(["proxy", "--config"])
         .arg(dir.join("config.yaml"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
         .spawn()
         .unwrap();
     let running = Running { child, dir: tmp };
@@ -76,13 +76,30 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// Sends SIGHUP and waits until the proxy has logged the outcome of the reload.
 fn hup(r: &Running) {
+    let log = r.dir.path().join("proxy.log");
+    let reloads = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("policies reloaded") || l.contains("reload rejected"))
+            .count()
+    };
+    let before = reloads();
     let ok = Command::new("kill")
         .args(["-HUP", &r.child.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never logged the reload"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -147,6 +164,8 @@ fn resolve_inspect_and_reload() {
     )
     .unwrap();
     hup(&r);
+    let log = std::fs::read_to_string(r.dir.path().join("proxy.log")).unwrap();
+    assert!(log.contains("reload rejected"), "{log}");
     assert_eq!(
         dig("127.0.0.2", at, "www.example.com", &[]).status,
         "NOERROR"
