@@ -104,7 +104,12 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         }
     };
     crate::init_logging();
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    // One thread serves every socket: on small nodes this costs less CPU per query than a
+    // multi-threaded scheduler (see BENCHMARKS.md); reloads build snapshots off this thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(serve(args.config.clone(), config, snapshot))
 }
 
@@ -156,16 +161,20 @@ async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Resu
 /// SIGHUP: re-read the configuration's policies; a set that fails validation is rejected
 /// and the running one stays in force.
 async fn reload(config_path: &Path, proxy: &Proxy) {
-    let config = match read_config(config_path) {
-        Ok(c) => c,
-        Err(_) => {
-            error!(
-                "reload rejected: the configuration is invalid; the running policy stays in force"
-            );
-            return;
-        }
+    let path = config_path.to_owned();
+    // Reading files and compiling policies is blocking work: keep it off the DNS thread.
+    let built = tokio::task::spawn_blocking(move || match read_config(&path) {
+        Ok(config) => Some(build_snapshot(&path, &config)),
+        Err(_) => None,
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(built) = built else {
+        error!("reload rejected: the configuration is invalid; the running policy stays in force");
+        return;
     };
-    match build_snapshot(config_path, &config) {
+    match built {
         Ok(s) => {
             proxy.shared().set_snapshot(s).await;
             info!("policies reloaded");
