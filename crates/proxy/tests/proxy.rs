@@ -729,3 +729,110 @@ async fn short_ttls_expire_into_removals_and_many_ips_are_capped() {
         .shared()
         .with_cache(|c| c.ips("brief.example.com").is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authoritative_upstream_with_chains_many_ips_and_aaaa() {
+    use dnsfence_testsupport::authority::{Authority, Rec};
+    use std::net::IpAddr;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut records = vec![
+        Rec::Cname("www.example.com", 300, "a.example.com"),
+        Rec::Cname("a.example.com", 120, "b.example.com"),
+        Rec::Addr("b.example.com", 60, ip("192.0.2.1")),
+        Rec::Addr("b.example.com", 60, ip("192.0.2.2")),
+        Rec::Addr("b.example.com", 90, ip("192.0.2.3")),
+        Rec::Addr("v6.example.com", 30, ip("2001:db8::1")),
+    ];
+    for i in 1..=50u8 {
+        records.push(Rec::Addr(
+            "many.example.com",
+            300,
+            IpAddr::from([198, 51, 100, i]),
+        ));
+    }
+    let auth = tokio::task::spawn_blocking(move || Authority::start("example.com", &records))
+        .await
+        .unwrap();
+    let proxy = start(
+        dns_config(auth.addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+
+    let r = ask("127.0.0.2", at, msg::query(1, "www.example.com", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (rcode(&r), u16::from_be_bytes([r[6], r[7]])),
+        (0, 5),
+        "2 CNAMEs + 3 A"
+    );
+    let chain = proxy.shared().with_cache(|c| {
+        let mut v: Vec<(String, usize)> = c
+            .iter()
+            .map(|(n, ips, _)| (n.to_owned(), ips.len()))
+            .collect();
+        v.sort();
+        v
+    });
+    assert_eq!(
+        chain,
+        [
+            ("a.example.com".into(), 3),
+            ("b.example.com".into(), 3),
+            ("www.example.com".into(), 3)
+        ]
+    );
+    let left = proxy
+        .shared()
+        .with_cache(|c| c.ips("www.example.com")[0].expires)
+        .saturating_duration_since(Instant::now());
+    assert!(
+        left <= Duration::from_secs(60),
+        "smallest TTL on the chain: {left:?}"
+    );
+
+    // 50 A records do not fit in 512 bytes: the truncated UDP answer is relayed with TC and
+    // teaches nothing; the client retries over TCP and gets (and the proxy learns) all 50.
+    let r = ask("127.0.0.2", at, msg::query(2, "many.example.com", 1))
+        .await
+        .unwrap();
+    assert_ne!(r[2] & 0x02, 0, "TC relayed");
+    assert_eq!(
+        proxy
+            .shared()
+            .with_cache(|c| c.ips("many.example.com").len()),
+        0
+    );
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(proxy.tcp_addrs()[0]).await.unwrap();
+    tcp_send(&mut s, &msg::query(2, "many.example.com", 1)).await;
+    let r = tcp_recv(&mut s).await.unwrap();
+    assert_eq!(u16::from_be_bytes([r[6], r[7]]), 50);
+    assert_eq!(
+        proxy
+            .shared()
+            .with_cache(|c| c.ips("many.example.com").len()),
+        50
+    );
+
+    // AAAA, over the same TCP connection.
+    tcp_send(&mut s, &msg::query(3, "v6.example.com", 28)).await;
+    let r = tcp_recv(&mut s).await.unwrap();
+    assert_eq!(
+        (rcode(&r), &r[r.len() - 16..]),
+        (0, &ip6_bytes("2001:db8::1")[..])
+    );
+    let learned = proxy
+        .shared()
+        .with_cache(|c| c.ips("v6.example.com").to_vec());
+    assert_eq!(learned.len(), 1);
+    assert_eq!(learned[0].ip, ip("2001:db8::1"));
+}
+
+fn ip6_bytes(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}

@@ -1,6 +1,7 @@
 //! Test harnesses shared by dnsfence's crates, so fixtures are written once.
 //!
 //! - [`msg`]: DNS messages built by hand, including malformed and hostile ones;
+//! - [`authority::Authority`]: a real authoritative server (hickory-server) with test zones;
 //! - [`Dnsmasq`]: a real upstream DNS server (Debian's `dnsmasq`) on a loopback port;
 //! - [`dig`]: the real `dig` client, bound to a chosen source address;
 //! - [`skip`]: how tests that need a missing tool or root say why they skip.
@@ -11,6 +12,7 @@
 )]
 #![allow(missing_docs, reason = "test support")]
 
+pub mod authority;
 pub mod msg;
 pub mod policy;
 
