@@ -11,8 +11,8 @@ mod http;
 pub mod metrics;
 mod shared;
 mod sink;
+mod sys;
 mod tcp;
-mod transparent;
 mod udp;
 
 use std::io;
@@ -66,11 +66,11 @@ impl Proxy {
         let mut transparent_tcp = Vec::new();
         if let Some(t) = shared.config.transparent {
             let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, t.port));
-            transparent_udp.push(Arc::new(transparent::udp_listener(v4)?));
-            transparent_tcp.push(transparent::tcp_listener(v4)?);
+            transparent_udp.push(Arc::new(sys::udp_listener(v4)?));
+            transparent_tcp.push(sys::tcp_listener(v4)?);
             // IPv6 may be disabled on the node; IPv4 interception still works then.
             let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, t.port));
-            match (transparent::udp_listener(v6), transparent::tcp_listener(v6)) {
+            match (sys::udp_listener(v6), sys::tcp_listener(v6)) {
                 (Ok(u), Ok(l)) => {
                     transparent_udp.push(Arc::new(u));
                     transparent_tcp.push(l);

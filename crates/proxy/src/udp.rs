@@ -18,7 +18,17 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::shared::{Shared, Step};
-use crate::transparent::{recv_orig_dst, ReplySockets};
+use crate::sys::{recv_orig_dst, Batch, ReplySockets};
+
+/// Client datagrams received with one system call.
+const CLIENT_BATCH: usize = 32;
+
+/// Largest client query accepted over UDP (larger ones arrive truncated and are refused
+/// as malformed); EDNS queries are far smaller.
+const CLIENT_DATAGRAM: usize = 4096;
+
+/// Upstream answers received with one system call (each buffer holds the largest answer).
+const UPSTREAM_BATCH: usize = 8;
 
 /// Largest UDP message handled.
 pub(crate) const MAX_UDP: usize = 65_535;
@@ -180,59 +190,71 @@ async fn fail(shared: &Shared, p: &Pending, rcode: Rcode) {
 }
 
 async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
-    let mut buf = vec![0u8; MAX_UDP];
+    let mut batch = Batch::new(UPSTREAM_BATCH, MAX_UDP);
     loop {
-        let (n, from) = match sock.socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        let count = match batch.recv(&sock.socket).await {
+            Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "upstream receive failed");
                 continue;
             }
         };
-        let packet = buf.get(..n).unwrap_or_default();
-        let Some(id) = wire::id(packet) else {
-            continue;
-        };
-        // Only the queried server may answer, and only for a pending ID.
-        let pending = {
-            let mut table = lock(&sock.pending);
-            match table.get(&id) {
-                Some(p) if p.upstream == from => table.remove(&id),
-                _ => None,
+        for i in 0..count {
+            if let Some((answer, from)) = batch.datagram(i) {
+                answer_from_upstream(&shared, &sock, answer, from).await;
             }
-        };
-        let Some(p) = pending else {
-            shared.metrics.answers_rejected.inc();
-            continue;
-        };
-        shared
-            .metrics
-            .latency_upstream
-            .observe(p.sent.elapsed().as_secs_f64());
-        let hold = match shared.accept_answer(&p.question, packet, p.learn) {
-            Some(hold) => hold,
-            None => {
-                // Not an answer to this question: keep waiting for the real one.
-                lock(&sock.pending).insert(id, p);
-                continue;
-            }
-        };
-        match hold {
-            None => {
-                let answer = buf.get_mut(..n).unwrap_or_default();
-                wire::set_id(answer, p.client_id);
-                deliver(&shared, &p, answer).await;
-            }
-            Some(apply) => {
-                // New IPs: wait for the datapath, never on this loop.
-                let mut answer = buf.get(..n).unwrap_or_default().to_vec();
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    shared.hold(apply).await;
-                    wire::set_id(&mut answer, p.client_id);
-                    deliver(&shared, &p, &answer).await;
-                });
-            }
+        }
+    }
+}
+
+/// One datagram from an upstream socket: relay it if it answers a pending query.
+async fn answer_from_upstream(
+    shared: &Arc<Shared>,
+    sock: &UpstreamSocket,
+    packet: &mut [u8],
+    from: SocketAddr,
+) {
+    let Some(id) = wire::id(packet) else {
+        return;
+    };
+    // Only the queried server may answer, and only for a pending ID.
+    let pending = {
+        let mut table = lock(&sock.pending);
+        match table.get(&id) {
+            Some(p) if p.upstream == from => table.remove(&id),
+            _ => None,
+        }
+    };
+    let Some(p) = pending else {
+        shared.metrics.answers_rejected.inc();
+        return;
+    };
+    shared
+        .metrics
+        .latency_upstream
+        .observe(p.sent.elapsed().as_secs_f64());
+    let hold = match shared.accept_answer(&p.question, packet, p.learn) {
+        Some(hold) => hold,
+        None => {
+            // Not an answer to this question: keep waiting for the real one.
+            lock(&sock.pending).insert(id, p);
+            return;
+        }
+    };
+    match hold {
+        None => {
+            wire::set_id(packet, p.client_id);
+            deliver(shared, &p, packet).await;
+        }
+        Some(apply) => {
+            // New IPs: wait for the datapath, never on this loop.
+            let mut answer = packet.to_vec();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shared.hold(apply).await;
+                wire::set_id(&mut answer, p.client_id);
+                deliver(&shared, &p, &answer).await;
+            });
         }
     }
 }
@@ -313,35 +335,39 @@ pub(crate) async fn serve(
     pool: Arc<UpstreamPool>,
     socket: Arc<UdpSocket>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; MAX_UDP];
+    let mut batch = Batch::new(CLIENT_BATCH, CLIENT_DATAGRAM);
     let mut out = vec![0u8; 1024];
     let upstreams = shared.config.upstreams.clone();
     let mut turn = 0usize;
     loop {
-        let (n, client) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        let count = match batch.recv(&socket).await {
+            Ok(n) => n,
             // ICMP errors for earlier sends surface here on some systems: keep serving.
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
             Err(e) => return Err(e),
         };
         let at = Instant::now();
-        turn = turn.wrapping_add(1);
-        let packet = buf.get_mut(..n).unwrap_or_default();
-        let reply_via = socket.clone();
-        handle(
-            &shared,
-            &pool,
-            Received {
-                packet,
-                client,
-                servers: &upstreams,
-                start: turn,
-                reply_via,
-                at,
-            },
-            &mut out,
-        )
-        .await;
+        for i in 0..count {
+            let Some((packet, client)) = batch.datagram(i) else {
+                continue;
+            };
+            turn = turn.wrapping_add(1);
+            let reply_via = socket.clone();
+            handle(
+                &shared,
+                &pool,
+                Received {
+                    packet,
+                    client,
+                    servers: &upstreams,
+                    start: turn,
+                    reply_via,
+                    at,
+                },
+                &mut out,
+            )
+            .await;
+        }
     }
 }
 

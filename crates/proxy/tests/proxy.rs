@@ -577,10 +577,11 @@ async fn idle_tcp_clients_are_closed() {
         ..dns_config(up)
     };
     let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
+    // Taken before connecting: the proxy's idle timer cannot start earlier than this.
+    let started = Instant::now();
     let mut s = tokio::net::TcpStream::connect(proxy.tcp_addrs()[0])
         .await
         .unwrap();
-    let started = Instant::now();
     use tokio::io::AsyncReadExt;
     let mut byte = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut byte))

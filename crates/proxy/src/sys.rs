@@ -1,6 +1,6 @@
-//! Transparent (TPROXY) sockets: every socket option and `recvmsg` the proxy uses lives here.
+//! Every socket option and `recvmsg`/`recvmmsg` call the proxy makes lives here.
 //!
-//! The datapath redirects pods' DNS to the transparent port while keeping the original
+//! Transparent (TPROXY) sockets: the datapath redirects pods' DNS to the transparent port while keeping the original
 //! destination. A UDP query's original destination comes from `IP_RECVORIGDSTADDR`
 //! (`IPV6_RECVORIGDSTADDR`); the reply must leave from that address, so it is sent through
 //! a transparent socket bound to it. A TCP connection's local address is the original
@@ -13,7 +13,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
+    recvmmsg, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
+    SockaddrStorage,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -136,4 +137,67 @@ fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
             v6.scope_id(),
         ))
     })
+}
+
+/// Buffers for receiving up to `BATCH` datagrams with one `recvmmsg` call.
+pub(crate) struct Batch {
+    bufs: Vec<Vec<u8>>,
+    /// Length and source of each datagram of the last receive.
+    pub(crate) got: Vec<(usize, SocketAddr)>,
+}
+
+impl Batch {
+    /// `count` buffers of `size` bytes each.
+    pub(crate) fn new(count: usize, size: usize) -> Self {
+        Self {
+            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            got: Vec::with_capacity(count),
+        }
+    }
+
+    /// The `i`-th datagram of the last receive.
+    pub(crate) fn datagram(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr)> {
+        let (len, from) = *self.got.get(i)?;
+        Some((self.bufs.get_mut(i)?.get_mut(..len)?, from))
+    }
+
+    /// Waits until `socket` is readable, then receives every datagram queued (up to the
+    /// batch size) with one system call. Returns how many arrived.
+    pub(crate) async fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let fd = socket.as_raw_fd();
+        loop {
+            socket.readable().await?;
+            let Self { bufs, got } = self;
+            got.clear();
+            let received = socket.try_io(Interest::READABLE, || {
+                // The kernel's headers hold raw pointers (not `Send`): built per call, so
+                // the batch can live across awaits; one allocation per batch, not per query.
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+                let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                    bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+                let results = recvmmsg(
+                    fd,
+                    &mut headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)?;
+                for msg in results {
+                    // A datagram without a readable source address cannot be answered.
+                    let from = msg.address.as_ref().and_then(to_std);
+                    got.push((
+                        msg.bytes,
+                        from.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    ));
+                }
+                Ok(())
+            });
+            match received {
+                Ok(()) => return Ok(got.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
