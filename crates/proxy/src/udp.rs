@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use dnsfence_dns::{wire, Query, Rcode};
 use dnsfence_policy::Protocol;
+use smallvec::SmallVec;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
@@ -46,7 +47,8 @@ struct Pending {
     rd: bool,
     learn: bool,
     reply_via: Arc<UdpSocket>,
-    question: Box<[u8]>,
+    /// The question's wire bytes; inline for names of ordinary length (no allocation).
+    question: SmallVec<[u8; 96]>,
     upstream: SocketAddr,
     received: Instant,
     sent: Instant,
@@ -139,7 +141,7 @@ impl UpstreamPool {
             rd: wire::recursion_desired(packet),
             learn,
             reply_via: client.reply_via,
-            question: question.into(),
+            question: SmallVec::from_slice(question),
             upstream,
             received: client.received,
             sent: Instant::now(),
