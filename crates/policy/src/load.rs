@@ -58,6 +58,15 @@ impl PolicyLoader {
     /// The set of every policy that validated, and all diagnostics. Callers that must keep
     /// a running set when anything is wrong check [`PolicyLoader::has_errors`] first.
     pub fn finish(self) -> (PolicySet, Vec<Diagnostic>) {
-        (PolicySet::new(self.policies), self.diagnostics)
+        self.finish_after(&PolicySet::default())
+    }
+
+    /// As [`PolicyLoader::finish`], for a set that replaces `previous`: selectors both use
+    /// keep their ids (see [`PolicySet::succeeding`]).
+    pub fn finish_after(self, previous: &PolicySet) -> (PolicySet, Vec<Diagnostic>) {
+        (
+            PolicySet::succeeding(self.policies, previous),
+            self.diagnostics,
+        )
     }
 }

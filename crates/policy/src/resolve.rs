@@ -24,36 +24,58 @@ pub struct SelectorId(pub u32);
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: Vec<Arc<Policy>>,
-    selectors: Vec<NamePattern>,
+    /// Every selector with its id, in id order.
+    selectors: Vec<(SelectorId, NamePattern)>,
     selector_ids: HashMap<NamePattern, SelectorId>,
     selector_matcher: NameMatcher<SelectorId>,
+    /// The id the next new selector gets (ids are never reused by successors).
+    next_id: u32,
 }
 
 impl PolicySet {
     /// Builds the set and interns every distinct `toFQDNs` selector.
     pub fn new(policies: impl IntoIterator<Item = Policy>) -> Self {
-        let mut set = Self::default();
+        Self::succeeding(policies, &Self::default())
+    }
+
+    /// Builds the set that replaces `previous`: a selector both use keeps its id, a new
+    /// one gets an id `previous` never used. Learned IPs and datapath sets keyed by
+    /// [`SelectorId`] therefore stay meaningful across a policy update, and an id that
+    /// disappears is never given to another selector.
+    pub fn succeeding(policies: impl IntoIterator<Item = Policy>, previous: &PolicySet) -> Self {
+        let mut set = Self {
+            next_id: previous.next_id,
+            ..Self::default()
+        };
         for p in policies {
             for rule in &p.rules {
                 for allow in &rule.egress {
                     if let Peer::Fqdns(patterns) = &allow.peer {
                         for pattern in patterns {
-                            set.intern(pattern);
+                            set.intern(pattern, previous);
                         }
                     }
                 }
             }
             set.policies.push(Arc::new(p));
         }
+        set.selectors.sort_by_key(|(id, _)| *id);
         set
     }
 
-    fn intern(&mut self, pattern: &NamePattern) -> SelectorId {
+    fn intern(&mut self, pattern: &NamePattern, previous: &PolicySet) -> SelectorId {
         if let Some(id) = self.selector_ids.get(pattern) {
             return *id;
         }
-        let id = SelectorId(self.selectors.len() as u32);
-        self.selectors.push(pattern.clone());
+        let id = match previous.selector_id(pattern) {
+            Some(id) => id,
+            None => {
+                let id = SelectorId(self.next_id);
+                self.next_id += 1;
+                id
+            }
+        };
+        self.selectors.push((id, pattern.clone()));
         self.selector_ids.insert(pattern.clone(), id);
         self.selector_matcher.insert(pattern, id);
         id
@@ -64,9 +86,17 @@ impl PolicySet {
         &self.policies
     }
 
-    /// Every distinct `toFQDNs` selector; a [`SelectorId`] indexes this slice.
-    pub fn fqdn_selectors(&self) -> &[NamePattern] {
+    /// Every distinct `toFQDNs` selector with its id, in id order.
+    pub fn fqdn_selectors(&self) -> &[(SelectorId, NamePattern)] {
         &self.selectors
+    }
+
+    /// The selector with id `id`, if this set uses it.
+    pub fn selector(&self, id: SelectorId) -> Option<&NamePattern> {
+        self.selectors
+            .binary_search_by_key(&id, |(i, _)| *i)
+            .ok()
+            .map(|i| &self.selectors[i].1)
     }
 
     /// The id of a selector, if some policy uses it.

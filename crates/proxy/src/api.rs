@@ -49,7 +49,7 @@ struct Request {
 /// The learned mappings, sorted by name.
 pub(crate) fn fqdn_list(shared: &Shared) -> Vec<FqdnEntry> {
     let snapshot = shared.snapshot();
-    let selectors = snapshot.policies().fqdn_selectors();
+    let selectors = snapshot.policies();
     let now = Instant::now();
     let mut out: Vec<FqdnEntry> = shared.with_cache(|cache| {
         cache
@@ -65,7 +65,7 @@ pub(crate) fn fqdn_list(shared: &Shared) -> Vec<FqdnEntry> {
                     .collect(),
                 selectors: sels
                     .iter()
-                    .filter_map(|s| selectors.get(s.0 as usize))
+                    .filter_map(|s| selectors.selector(*s))
                     .map(|p| p.as_str().to_owned())
                     .collect(),
             })
