@@ -36,6 +36,75 @@ pub struct Config {
     /// Where state survives restarts (default `/var/lib/dnsfence`).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Kernel enforcement (`dnsfence run`; `dnsfence proxy` enforces nothing).
+    #[serde(default)]
+    pub datapath: DatapathConfig,
+}
+
+/// `datapath.backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One nftables table, programmed over netlink.
+    #[default]
+    Nftables,
+    /// Enforce nothing (DNS filtering only).
+    None,
+}
+
+/// `datapath.deny_action`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyAction {
+    /// ICMP administratively prohibited, TCP reset: clients fail fast.
+    #[default]
+    Reject,
+    /// Silently drop: clients time out.
+    Drop,
+}
+
+/// The `datapath` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Which datapath (default `nftables`).
+    #[serde(default)]
+    pub backend: Backend,
+    /// The nftables table (family `inet`) dnsfence owns (default `dnsfence`).
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// What happens to traffic no rule allows (default `reject`).
+    #[serde(default)]
+    pub deny_action: DenyAction,
+    /// The packet mark of redirected DNS (default `0x4e53`), routed to the local proxy
+    /// by a policy routing rule.
+    #[serde(default = "default_fwmark")]
+    pub fwmark: u32,
+    /// The routing table of that rule (default `20053`).
+    #[serde(default = "default_route_table")]
+    pub route_table: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::default(),
+            table: default_table(),
+            deny_action: DenyAction::default(),
+            fwmark: default_fwmark(),
+            route_table: default_route_table(),
+        }
+    }
+}
+
+fn default_table() -> String {
+    "dnsfence".to_owned()
+}
+fn default_fwmark() -> u32 {
+    0x4e53
+}
+fn default_route_table() -> u32 {
+    20053
 }
 
 /// One endpoint of the standalone inventory.
@@ -247,6 +316,10 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     ("dns.transparent", &["port"]),
     ("api", &["socket"]),
+    (
+        "datapath",
+        &["backend", "table", "deny_action", "fwmark", "route_table"],
+    ),
     ("metrics", &["listen"]),
     ("endpoints[]", &["name", "namespace", "labels", "ips"]),
 ];
@@ -319,6 +392,9 @@ impl Config {
                         ("metrics", Value::Mapping(inner)) => {
                             field_errors::<MetricsConfig>("metrics", inner, &mut problems)
                         }
+                        ("datapath", Value::Mapping(inner)) => {
+                            field_errors::<DatapathConfig>("datapath", inner, &mut problems)
+                        }
                         ("endpoints", Value::Sequence(items)) => {
                             for (i, item) in items.iter().enumerate() {
                                 if let Err(e) =
@@ -377,6 +453,26 @@ impl Config {
         }
         if self.dns.max_inflight_per_client == 0 {
             p.push("dns.max_inflight_per_client: must be at least 1".to_owned());
+        }
+        let table = &self.datapath.table;
+        if table.is_empty()
+            || table.len() > 32
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            p.push(format!(
+                "datapath.table: {table:?} must be 1 to 32 letters, digits, '_' or '-'"
+            ));
+        }
+        if self.datapath.fwmark == 0 {
+            p.push("datapath.fwmark: must not be 0".to_owned());
+        }
+        if matches!(self.datapath.route_table, 0 | 253..=255) {
+            p.push(format!(
+                "datapath.route_table: {} is reserved (0, 253 default, 254 main, 255 local)",
+                self.datapath.route_table
+            ));
         }
         let mut seen = BTreeMap::new();
         for (i, ep) in self.endpoints.iter().enumerate() {
