@@ -1,0 +1,292 @@
+//! The kernel datapath: one nftables table (`inet dnsfence` by default) that redirects
+//! enforced endpoints' DNS to the proxy, accepts their traffic to what their policy allows
+//! (learned FQDN IPs, CIDRs, entities, peer endpoints) and refuses everything else.
+//!
+//! [`Datapath`] is the synchronous core (reconcile a policy set and inventory; apply
+//! learned-IP changes); [`Worker`] runs it on its own thread and batches concurrent
+//! learned-IP updates into one netlink transaction, so a burst of answers costs one kernel
+//! round trip.
+
+pub mod learned;
+pub mod ruleset;
+pub mod sys;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dnsfence_fqdncache::Change;
+use dnsfence_policy::{PolicySet, SelectorId};
+use tracing::{debug, info};
+
+pub use learned::{Learned, Op, MIN_TIMEOUT};
+pub use ruleset::{DenyAction, EndpointState, Existing, Inventory, Options, Ruleset};
+pub use sys::{FakeKernel, Kernel, RealKernel, SetOp, SysError};
+
+/// What a reconcile did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Enforced endpoint addresses.
+    pub enforced: usize,
+    /// Selector sets in use.
+    pub selectors: usize,
+}
+
+/// The datapath: owns the table and knows which learned IPs it holds.
+pub struct Datapath {
+    kernel: Box<dyn Kernel>,
+    options: Options,
+    learned: Learned,
+    sets: BTreeMap<SelectorId, (String, String)>,
+    ops: Vec<Op>,
+    set_ops: Vec<SetOp>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("options", &self.options)
+            .field("learned", &self.learned.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// A datapath on `kernel`; checks that the tools it needs exist and installs the
+    /// routing rule for redirected DNS. Nothing is enforced before [`Datapath::reconcile`].
+    pub fn new(mut kernel: Box<dyn Kernel>, options: Options) -> Result<Self, SysError> {
+        kernel.check()?;
+        if options.tproxy_port.is_some() {
+            kernel.ensure_local_route(options.fwmark, options.route_table)?;
+        }
+        Ok(Self {
+            kernel,
+            options,
+            learned: Learned::default(),
+            sets: BTreeMap::new(),
+            ops: Vec::new(),
+            set_ops: Vec::new(),
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Makes the table enforce `policies` for `inventory`, in one transaction, without a
+    /// moment of open or broken egress: nothing is flushed but what is rewritten in the
+    /// same transaction, and learned IPs of selectors that stay are kept.
+    pub fn reconcile(
+        &mut self,
+        policies: &PolicySet,
+        inventory: &Inventory,
+    ) -> Result<Reconciled, SysError> {
+        let existing = self
+            .kernel
+            .list_table(&self.options.table)?
+            .map(|l| Existing::parse(&l))
+            .unwrap_or_default();
+        let ruleset = ruleset::render(policies, inventory, &self.options, &existing);
+        self.kernel.run_script(&ruleset.script)?;
+        self.learned
+            .retain_selectors(|s| ruleset.fqdn_sets.contains_key(&s));
+        self.sets = ruleset.fqdn_sets;
+        info!(
+            table = %self.options.table,
+            enforced = ruleset.enforced,
+            selectors = self.sets.len(),
+            "datapath reconciled"
+        );
+        Ok(Reconciled {
+            enforced: ruleset.enforced,
+            selectors: self.sets.len(),
+        })
+    }
+
+    /// Applies learned-IP changes in one batch; returns how many elements it wrote.
+    /// Changes for selectors the table does not have (retired by a policy update) are
+    /// ignored. On error the bookkeeping keeps the changes (a later refresh re-adds).
+    pub fn apply(&mut self, changes: &[Change]) -> Result<usize, SysError> {
+        let now = Instant::now();
+        self.ops.clear();
+        self.learned.apply(changes, now, &mut self.ops);
+        self.set_ops.clear();
+        for op in &self.ops {
+            let (selector, ip) = match op {
+                Op::Add { selector, ip, .. } | Op::Delete { selector, ip } => (*selector, *ip),
+            };
+            let Some((v4, v6)) = self.sets.get(&selector) else {
+                continue;
+            };
+            let set = if ip.is_ipv4() { v4 } else { v6 }.clone();
+            self.set_ops.push(match op {
+                Op::Add { timeout, .. } => SetOp::Add {
+                    set,
+                    ip,
+                    timeout: *timeout,
+                },
+                Op::Delete { .. } => SetOp::Delete { set, ip },
+            });
+        }
+        if self.set_ops.is_empty() {
+            return Ok(0);
+        }
+        self.kernel
+            .apply_elements(&self.options.table, &self.set_ops)?;
+        debug!(elements = self.set_ops.len(), "learned IPs applied");
+        Ok(self.set_ops.len())
+    }
+
+    /// Removes the table and the routing rule (`dnsfence cleanup`): enforced endpoints
+    /// regain unrestricted egress.
+    pub fn cleanup(kernel: &mut dyn Kernel, options: &Options) -> Result<(), SysError> {
+        kernel.delete_table(&options.table)?;
+        kernel.remove_local_route(options.fwmark, options.route_table)
+    }
+}
+
+/// Called once a batch is in the kernel (or failed).
+pub type Done = Box<dyn FnOnce(Result<(), Arc<SysError>>) + Send>;
+
+enum Request {
+    Apply(Vec<Change>, Done),
+    Reconcile(
+        Arc<PolicySet>,
+        Arc<Inventory>,
+        mpsc::Sender<Result<Reconciled, SysError>>,
+    ),
+}
+
+/// Statistics of the worker, for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches written.
+    pub batches: std::sync::atomic::AtomicU64,
+    /// Elements written.
+    pub elements: std::sync::atomic::AtomicU64,
+    /// Batches that failed.
+    pub errors: std::sync::atomic::AtomicU64,
+    /// Sum of batch latencies in microseconds.
+    pub busy_us: std::sync::atomic::AtomicU64,
+}
+
+/// A handle to the datapath thread.
+#[derive(Clone)]
+pub struct Worker {
+    tx: mpsc::Sender<Request>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Moves `datapath` to its own thread (which inherits the caller's network namespace).
+    pub fn spawn(mut datapath: Datapath) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        std::thread::Builder::new()
+            .name("dnsfence-datapath".into())
+            .spawn(move || {
+                let mut pending: Vec<Request> = Vec::new();
+                while let Ok(first) = rx.recv() {
+                    pending.push(first);
+                    // Everything queued meanwhile goes in the same batch.
+                    while let Ok(more) = rx.try_recv() {
+                        pending.push(more);
+                    }
+                    let mut changes = Vec::new();
+                    let mut waiting: Vec<Done> = Vec::new();
+                    for req in pending.drain(..) {
+                        match req {
+                            Request::Apply(c, done) => {
+                                changes.extend(c);
+                                waiting.push(done);
+                            }
+                            Request::Reconcile(p, inv, reply) => {
+                                // Apply what came before, in order.
+                                flush(&mut datapath, &st, &mut changes, &mut waiting);
+                                let _ = reply.send(datapath.reconcile(&p, &inv));
+                            }
+                        }
+                    }
+                    flush(&mut datapath, &st, &mut changes, &mut waiting);
+                }
+            })?;
+        Ok(Self { tx, stats })
+    }
+
+    /// Queues learned-IP changes; `done` is called once they are in the kernel.
+    pub fn apply(&self, changes: Vec<Change>, done: Done) {
+        if let Err(mpsc::SendError(Request::Apply(_, done))) =
+            self.tx.send(Request::Apply(changes, done))
+        {
+            done(Err(Arc::new(SysError::Command {
+                command: "datapath".into(),
+                stderr: "the datapath thread has stopped".into(),
+            })));
+        }
+    }
+
+    /// Reconciles and waits for the result.
+    pub fn reconcile(
+        &self,
+        policies: Arc<PolicySet>,
+        inventory: Arc<Inventory>,
+    ) -> Result<Reconciled, SysError> {
+        let (tx, rx) = mpsc::channel();
+        let stopped = || SysError::Command {
+            command: "datapath".into(),
+            stderr: "the datapath thread has stopped".into(),
+        };
+        self.tx
+            .send(Request::Reconcile(policies, inventory, tx))
+            .map_err(|_| stopped())?;
+        rx.recv_timeout(Duration::from_secs(60))
+            .map_err(|_| stopped())?
+    }
+}
+
+fn flush(
+    datapath: &mut Datapath,
+    stats: &Stats,
+    changes: &mut Vec<Change>,
+    waiting: &mut Vec<Done>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if waiting.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let result = datapath.apply(changes);
+    changes.clear();
+    stats.busy_us.fetch_add(
+        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        Relaxed,
+    );
+    let result = match result {
+        Ok(n) => {
+            stats.batches.fetch_add(1, Relaxed);
+            stats.elements.fetch_add(n as u64, Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            stats.errors.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "writing learned IPs to the kernel failed");
+            Err(Arc::new(e))
+        }
+    };
+    for done in waiting.drain(..) {
+        done(result.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,575 @@
+//! The desired ruleset: what the policy means for the kernel, rendered as one atomic `nft`
+//! transaction that creates or updates the table in place.
+//!
+//! Layout (for 250 endpoints x 2,000 learned IPs, every lookup is a hash and every update
+//! one set element):
+//! - `ep4`/`ep6`: verdict maps from an enforced endpoint's address to the chain of its
+//!   policy (`pol_N`); endpoints with identical rules share a chain.
+//! - `fq_<hash>_4`/`_6`: one set per `toFQDNs` selector with per-element timeouts, shared by
+//!   every endpoint whose policy uses the selector. Named by a hash of the pattern, so they
+//!   survive policy updates and restarts, and never flushed by a reconcile.
+//! - `cluster4/6`, `host4/6`: the inventory's and the node's addresses (entities).
+//! - `dns4`/`dns6`: `address . protocol . port` of enforced endpoints' DNS, TPROXY-redirected
+//!   to the proxy's transparent port with the routing mark.
+//! - Base chains `prerouting` (redirect), `forward` and `input` (filter): established
+//!   traffic first, then dispatch through the verdict maps; a policy chain ends in the
+//!   configured deny action.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use dnsfence_policy::{
+    EgressRule, Endpoint, EndpointPolicy, Entity, NamePattern, Peer, PolicySet, PortProtocol,
+    Protocol, SelectorId,
+};
+
+/// What the datapath does with traffic nothing allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenyAction {
+    /// ICMP administratively prohibited, TCP reset.
+    #[default]
+    Reject,
+    /// Silent drop.
+    Drop,
+}
+
+/// Settings of the ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The `inet` table dnsfence owns.
+    pub table: String,
+    /// Verdict for traffic nothing allows.
+    pub deny_action: DenyAction,
+    /// Mark of redirected DNS (routed locally by the policy routing rule).
+    pub fwmark: u32,
+    /// The proxy's transparent port; `None` disables the redirect (DNS is then filtered
+    /// at L3/L4 only, and no IP is ever learned).
+    pub tproxy_port: Option<u16>,
+    /// The routing table of the local-delivery rule for `fwmark`.
+    pub route_table: u32,
+}
+
+/// One endpoint of the inventory with its resolved policy.
+#[derive(Debug, Clone)]
+pub struct EndpointState {
+    /// Name, for comments.
+    pub name: String,
+    /// Namespace and labels (for `toEndpoints` peers).
+    pub endpoint: Endpoint,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// The rules that apply.
+    pub policy: EndpointPolicy,
+}
+
+/// Everything the datapath enforces.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// The endpoints.
+    pub endpoints: Vec<EndpointState>,
+    /// The node's addresses (`toEntities: host`).
+    pub host_ips: Vec<IpAddr>,
+}
+
+impl Inventory {
+    /// Resolves `policies` for each endpoint.
+    pub fn resolve(
+        policies: &PolicySet,
+        endpoints: impl IntoIterator<Item = (String, Endpoint, Vec<IpAddr>)>,
+        host_ips: Vec<IpAddr>,
+    ) -> Self {
+        Self {
+            endpoints: endpoints
+                .into_iter()
+                .map(|(name, endpoint, ips)| EndpointState {
+                    name,
+                    policy: policies.resolve(&endpoint),
+                    endpoint,
+                    ips,
+                })
+                .collect(),
+            host_ips,
+        }
+    }
+}
+
+/// The name of the set holding IPs learned for a selector, by family.
+pub fn fqdn_set_name(pattern: &NamePattern, v6: bool) -> String {
+    // FNV-1a: stable across builds and restarts, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pattern.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("fq_{h:016x}_{}", if v6 { 6 } else { 4 })
+}
+
+/// The rendered ruleset and what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The `nft -f` script; idempotent, one transaction.
+    pub script: String,
+    /// The selector sets it uses: id -> (v4 set, v6 set).
+    pub fqdn_sets: BTreeMap<SelectorId, (String, String)>,
+    /// Every chain, set and map it defines (to delete the others).
+    pub objects: BTreeSet<String>,
+    /// Enforced endpoint addresses.
+    pub enforced: usize,
+}
+
+/// The objects (chains, sets, maps) found in the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// Chain names.
+    pub chains: BTreeSet<String>,
+    /// Set and map names.
+    pub sets: BTreeSet<String>,
+}
+
+impl Existing {
+    /// Parses `nft --terse list table` output.
+    pub fn parse(listing: &str) -> Self {
+        let mut out = Self::default();
+        for line in listing.lines() {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("chain"), Some(name)) => {
+                    out.chains.insert(name.to_owned());
+                }
+                (Some("set" | "map"), Some(name)) => {
+                    out.sets.insert(name.to_owned());
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Renders the desired ruleset; `existing` (what the table holds now, if it exists) is
+/// used to delete objects that are no longer wanted, in the same transaction.
+pub fn render(
+    policies: &PolicySet,
+    inventory: &Inventory,
+    options: &Options,
+    existing: &Existing,
+) -> Ruleset {
+    let mut r = Renderer {
+        t: format!("inet {}", options.table),
+        out: String::new(),
+        objects: BTreeSet::new(),
+        fqdn_sets: BTreeMap::new(),
+    };
+    {
+        let _ = writeln!(r.out, "add table {}", r.t);
+    }
+
+    // Address sets of the entities.
+    let mut cluster = Vec::new();
+    for ep in &inventory.endpoints {
+        cluster.extend(ep.ips.iter().copied());
+    }
+    cluster.extend(inventory.host_ips.iter().copied());
+    r.addr_set("cluster", &cluster);
+    r.addr_set("host", &inventory.host_ips);
+
+    // Selector sets: created when missing, never flushed.
+    for (id, pattern) in policies.fqdn_selectors() {
+        let v4 = fqdn_set_name(pattern, false);
+        let v6 = fqdn_set_name(pattern, true);
+        for (name, ty) in [(&v4, "ipv4_addr"), (&v6, "ipv6_addr")] {
+            {
+                let _ = writeln!(
+                    r.out,
+                    "add set {} {name} {{ type {ty}; flags timeout; comment \"{}\"; }}",
+                    r.t,
+                    pattern.as_str()
+                );
+            }
+            r.objects.insert(name.clone());
+        }
+        r.fqdn_sets.insert(*id, (v4, v6));
+    }
+
+    // Policy chains, shared by endpoints with the same rules.
+    let mut chains: Vec<Vec<String>> = Vec::new();
+    let mut ep4 = Vec::new();
+    let mut ep6 = Vec::new();
+    let mut dns4 = Vec::new();
+    let mut dns6 = Vec::new();
+    let mut enforced = 0;
+    for ep in inventory.endpoints.iter().filter(|e| e.policy.enforced) {
+        let body = policy_chain(ep, inventory, policies, options.deny_action);
+        let index = match chains.iter().position(|c| *c == body) {
+            Some(i) => i,
+            None => {
+                chains.push(body);
+                chains.len() - 1
+            }
+        };
+        for ip in &ep.ips {
+            enforced += 1;
+            let element = format!("{ip} : jump pol_{index}");
+            if ip.is_ipv4() {
+                ep4.push(element);
+            } else {
+                ep6.push(element);
+            }
+            if options.tproxy_port.is_some() {
+                for pp in dns_ports(&ep.policy) {
+                    let (proto, ports) = pp;
+                    let element = format!("{ip} . {proto} . {ports}");
+                    if ip.is_ipv4() {
+                        dns4.push(element);
+                    } else {
+                        dns6.push(element);
+                    }
+                }
+            }
+        }
+    }
+    for (i, body) in chains.iter().enumerate() {
+        let name = format!("pol_{i}");
+        {
+            let _ = writeln!(r.out, "add chain {} {name}", r.t);
+        }
+        {
+            let _ = writeln!(r.out, "flush chain {} {name}", r.t);
+        }
+        for rule in body {
+            r.rule(&name, format_args!("{rule}"));
+        }
+        r.objects.insert(name);
+    }
+    r.map("ep4", "ipv4_addr : verdict", "", &ep4);
+    r.map("ep6", "ipv6_addr : verdict", "", &ep6);
+    r.map(
+        "dns4",
+        "ipv4_addr . inet_proto . inet_service",
+        " flags interval;",
+        &dns4,
+    );
+    r.map(
+        "dns6",
+        "ipv6_addr . inet_proto . inet_service",
+        " flags interval;",
+        &dns6,
+    );
+
+    // Base chains.
+    let mark = options.fwmark;
+    r.base_chain("prerouting", "filter hook prerouting priority mangle");
+    if let Some(port) = options.tproxy_port {
+        for (fam, set) in [("ip", "dns4"), ("ip6", "dns6")] {
+            for proto in ["udp", "tcp"] {
+                r.rule(
+                    "prerouting",
+                    format_args!(
+                        "meta l4proto {proto} {fam} saddr . meta l4proto . th dport @{set} tproxy {fam} to :{port} meta mark set {mark:#x} accept"
+                    ),
+                );
+            }
+        }
+    }
+    for hook in ["forward", "input"] {
+        r.base_chain(hook, &format!("filter hook {hook} priority filter"));
+        if hook == "input" {
+            // DNS the redirect delivers to the proxy, and IPv6 neighbour discovery.
+            r.rule(hook, format_args!("meta mark {mark:#x} accept"));
+            r.rule(
+                hook,
+                format_args!(
+                    "icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept"
+                ),
+            );
+        }
+        r.rule(hook, format_args!("ct state established,related accept"));
+        r.rule(hook, format_args!("ip saddr vmap @ep4"));
+        r.rule(hook, format_args!("ip6 saddr vmap @ep6"));
+    }
+
+    // Whatever the table holds that is no longer wanted: chains first (their rules may
+    // reference sets), then sets.
+    for chain in existing.chains.difference(&r.objects) {
+        {
+            let _ = writeln!(r.out, "flush chain {} {chain}", r.t);
+        }
+    }
+    for chain in existing.chains.difference(&r.objects) {
+        {
+            let _ = writeln!(r.out, "delete chain {} {chain}", r.t);
+        }
+    }
+    for set in existing.sets.difference(&r.objects) {
+        {
+            let _ = writeln!(r.out, "delete set {} {set}", r.t);
+        }
+    }
+    Ruleset {
+        script: r.out,
+        fqdn_sets: r.fqdn_sets,
+        objects: r.objects,
+        enforced,
+    }
+}
+
+/// The DNS ports an endpoint's DNS rules cover, as `(protocol, port or range)`.
+fn dns_ports(policy: &EndpointPolicy) -> BTreeSet<(&'static str, String)> {
+    let mut out = BTreeSet::new();
+    for rule in &policy.dns_rules {
+        for pp in &rule.ports {
+            // A DNS rule without a port means the DNS port, never "every port".
+            let (lo, hi) = if pp.port == 0 {
+                (53, 53)
+            } else {
+                (pp.port, pp.end_port.max(pp.port))
+            };
+            let range = format!("{lo}-{hi}");
+            for proto in ["udp", "tcp"] {
+                let p = if proto == "udp" {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                if pp.protocol.covers(p) {
+                    out.insert((proto, range.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Renderer {
+    t: String,
+    out: String,
+    objects: BTreeSet<String>,
+    fqdn_sets: BTreeMap<SelectorId, (String, String)>,
+}
+
+impl Renderer {
+    fn rule(&mut self, chain: &str, args: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.out, "add rule {} {chain} {args}", self.t);
+    }
+
+    fn base_chain(&mut self, name: &str, spec: &str) {
+        {
+            let _ = writeln!(
+                self.out,
+                "add chain {} {name} {{ type {spec}; policy accept; }}",
+                self.t
+            );
+        }
+        {
+            let _ = writeln!(self.out, "flush chain {} {name}", self.t);
+        }
+        self.objects.insert(name.to_owned());
+    }
+
+    fn addr_set(&mut self, base: &str, ips: &[IpAddr]) {
+        let v4: Vec<String> = ips
+            .iter()
+            .filter(|i| i.is_ipv4())
+            .map(ToString::to_string)
+            .collect();
+        let v6: Vec<String> = ips
+            .iter()
+            .filter(|i| i.is_ipv6())
+            .map(ToString::to_string)
+            .collect();
+        self.map(&format!("{base}4"), "ipv4_addr", "", &v4);
+        self.map(&format!("{base}6"), "ipv6_addr", "", &v6);
+    }
+
+    /// A set or map whose content is replaced (atomically) by each reconcile.
+    fn map(&mut self, name: &str, ty: &str, flags: &str, elements: &[String]) {
+        let kind = if ty.contains(" : ") { "map" } else { "set" };
+        {
+            let _ = writeln!(
+                self.out,
+                "add {kind} {} {name} {{ type {ty};{flags} }}",
+                self.t
+            );
+        }
+        {
+            let _ = writeln!(self.out, "flush {kind} {} {name}", self.t);
+        }
+        let mut elements = elements.to_vec();
+        elements.sort();
+        elements.dedup();
+        for chunk in elements.chunks(256) {
+            {
+                let _ = writeln!(
+                    self.out,
+                    "add element {} {name} {{ {} }}",
+                    self.t,
+                    chunk.join(", ")
+                );
+            }
+        }
+        self.objects.insert(name.to_owned());
+    }
+}
+
+/// The rules of one endpoint's chain (identical lists share a chain).
+fn policy_chain(
+    ep: &EndpointState,
+    inventory: &Inventory,
+    policies: &PolicySet,
+    deny: DenyAction,
+) -> Vec<String> {
+    let mut rules = Vec::new();
+    let deny_verdict = match deny {
+        DenyAction::Reject => "reject with icmpx type admin-prohibited",
+        DenyAction::Drop => "drop",
+    };
+    for d in &ep.policy.denies {
+        for m in rule_matches(&d.rule, inventory, policies) {
+            if deny == DenyAction::Reject && !m.contains("udp") && !m.contains("sctp") {
+                rules.push(format!("{m} meta l4proto tcp reject with tcp reset"));
+            }
+            rules.push(format!("{m} {deny_verdict}"));
+        }
+    }
+    for a in &ep.policy.allows {
+        for m in rule_matches(&a.rule, inventory, policies) {
+            rules.push(format!("{m} accept"));
+        }
+    }
+    if deny == DenyAction::Reject {
+        rules.push("meta l4proto tcp counter reject with tcp reset".to_owned());
+    }
+    rules.push(format!("counter {deny_verdict}"));
+    rules
+}
+
+/// The match expressions of a rule: one per (destination, port) alternative.
+fn rule_matches(rule: &EgressRule, inventory: &Inventory, policies: &PolicySet) -> Vec<String> {
+    let peers = peer_matches(&rule.peer, inventory, policies);
+    let ports = port_matches(&rule.ports());
+    let mut out = Vec::new();
+    for p in &peers {
+        for q in &ports {
+            out.push(format!("{p} {q}").trim().to_owned());
+        }
+    }
+    out
+}
+
+fn set_literal(ips: &[String]) -> String {
+    format!("{{ {} }}", ips.join(", "))
+}
+
+/// Destination matches; empty when the peer selects nothing.
+fn peer_matches(peer: &Peer, inventory: &Inventory, policies: &PolicySet) -> Vec<String> {
+    let both = |v4: String, v6: String| vec![v4, v6];
+    match peer {
+        Peer::Any => vec![String::new()],
+        Peer::Endpoints(selectors) => {
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            for ep in &inventory.endpoints {
+                if selectors.iter().any(|s| s.matches(&ep.endpoint)) {
+                    for ip in &ep.ips {
+                        if ip.is_ipv4() {
+                            v4.push(ip.to_string());
+                        } else {
+                            v6.push(ip.to_string());
+                        }
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            if !v4.is_empty() {
+                out.push(format!("ip daddr {}", set_literal(&v4)));
+            }
+            if !v6.is_empty() {
+                out.push(format!("ip6 daddr {}", set_literal(&v6)));
+            }
+            out
+        }
+        Peer::Cidrs(cidrs) => cidrs
+            .iter()
+            .map(|c| {
+                let fam = if c.cidr.addr().is_ipv4() { "ip" } else { "ip6" };
+                let cluster = if fam == "ip" { "cluster4" } else { "cluster6" };
+                let mut m = format!("{fam} daddr {} {fam} daddr != @{cluster}", c.cidr.trunc());
+                if !c.except.is_empty() {
+                    let ex: Vec<String> = c.except.iter().map(|e| e.trunc().to_string()).collect();
+                    let _ = write!(m, " {fam} daddr != {}", set_literal(&ex));
+                }
+                m
+            })
+            .collect(),
+        Peer::Entities(entities) => {
+            let mut out = Vec::new();
+            for e in entities {
+                match e {
+                    Entity::All => out.push(String::new()),
+                    Entity::World => out.extend(both(
+                        "ip daddr != @cluster4".into(),
+                        "ip6 daddr != @cluster6".into(),
+                    )),
+                    Entity::WorldIpv4 => out.push("ip daddr != @cluster4".into()),
+                    Entity::WorldIpv6 => out.push("ip6 daddr != @cluster6".into()),
+                    Entity::Cluster => out.extend(both(
+                        "ip daddr @cluster4".into(),
+                        "ip6 daddr @cluster6".into(),
+                    )),
+                    Entity::Host => {
+                        out.extend(both("ip daddr @host4".into(), "ip6 daddr @host6".into()))
+                    }
+                }
+            }
+            out.sort();
+            out.dedup();
+            out
+        }
+        Peer::Fqdns(patterns) => {
+            let mut out = Vec::new();
+            for p in patterns {
+                if policies.selector_id(p).is_some() {
+                    out.push(format!("ip daddr @{}", fqdn_set_name(p, false)));
+                    out.push(format!("ip6 daddr @{}", fqdn_set_name(p, true)));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Port matches; `[""]` for every port and protocol.
+fn port_matches(ports: &[PortProtocol]) -> Vec<String> {
+    if ports.contains(&PortProtocol::ANY) {
+        return vec![String::new()];
+    }
+    ports
+        .iter()
+        .map(|p| {
+            let range = if p.end_port > p.port {
+                format!("{}-{}", p.port, p.end_port)
+            } else {
+                p.port.to_string()
+            };
+            match (p.protocol, p.port) {
+                (Protocol::Any, 0) => String::new(),
+                (Protocol::Any, _) => format!("meta l4proto {{ tcp, udp, sctp }} th dport {range}"),
+                (proto, 0) => format!("meta l4proto {}", proto_name(proto)),
+                (proto, _) => format!("{} dport {range}", proto_name(proto)),
+            }
+        })
+        .collect()
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+        Protocol::Any => "",
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use super::*;
+use dnsfence_policy::{Labels, PolicyLoader};
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}]
+      toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+    - toFQDNs: [{matchName: api.example.com}, {matchPattern: "*.cdn.example.com"}]
+      toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+    - toCIDRSet: [{cidr: 198.51.100.0/24, except: [198.51.100.128/25]}]
+  egressDeny:
+    - toCIDR: [198.51.100.66/32]
+"#;
+
+fn policies() -> PolicySet {
+    let mut loader = PolicyLoader::new();
+    loader.add("p.yaml", POLICY);
+    assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+    loader.finish().0
+}
+
+fn ep(
+    name: &str,
+    ns: &str,
+    labels: &[(&str, &str)],
+    ips: &[&str],
+) -> (String, Endpoint, Vec<IpAddr>) {
+    let labels = Labels::new(labels.iter().map(|(k, v)| (*k, (*v).to_owned()))).unwrap();
+    (
+        name.to_owned(),
+        Endpoint::new(ns, labels),
+        ips.iter().map(|i| i.parse().unwrap()).collect(),
+    )
+}
+
+fn options() -> Options {
+    Options {
+        table: "dnsfence".into(),
+        deny_action: DenyAction::Reject,
+        fwmark: 0x4e53,
+        tproxy_port: Some(15053),
+        route_table: 20053,
+    }
+}
+
+fn inventory(set: &PolicySet) -> Inventory {
+    Inventory::resolve(
+        set,
+        [
+            ep(
+                "web-1",
+                "default",
+                &[("app", "web")],
+                &["10.0.0.2", "fd00::2"],
+            ),
+            ep("web-2", "default", &[("app", "web")], &["10.0.0.3"]),
+            ep("other", "default", &[("app", "other")], &["10.0.0.9"]),
+            ep(
+                "coredns",
+                "kube-system",
+                &[("k8s-app", "kube-dns")],
+                &["10.96.0.10"],
+            ),
+        ],
+        vec!["10.0.0.1".parse().unwrap()],
+    )
+}
+
+#[test]
+fn endpoints_with_the_same_rules_share_one_chain_and_unenforced_ones_are_absent() {
+    let set = policies();
+    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    assert!(
+        r.script.contains(
+            "add element inet dnsfence ep4 { 10.0.0.2 : jump pol_0, 10.0.0.3 : jump pol_0 }"
+        ),
+        "{}",
+        r.script
+    );
+    assert!(r
+        .script
+        .contains("add element inet dnsfence ep6 { fd00::2 : jump pol_0 }"));
+    assert!(
+        !r.script.contains("10.0.0.9 :"),
+        "an endpoint no policy enforces is not dispatched"
+    );
+    assert!(!r.script.contains("pol_1"));
+    assert_eq!(r.enforced, 3);
+}
+
+#[test]
+fn fqdn_selectors_get_timeout_sets_with_ports_and_deny_comes_first() {
+    let set = policies();
+    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    assert_eq!(r.fqdn_sets.len(), 2);
+    let api = set
+        .fqdn_selectors()
+        .iter()
+        .find(|(_, p)| p.as_str() == "api.example.com")
+        .unwrap();
+    let v4 = fqdn_set_name(&api.1, false);
+    assert!(r.script.contains(&format!(
+        "add set inet dnsfence {v4} {{ type ipv4_addr; flags timeout;"
+    )));
+    assert!(
+        r.script.contains(&format!(
+            "add rule inet dnsfence pol_0 ip daddr @{v4} tcp dport 443 accept"
+        )),
+        "{}",
+        r.script
+    );
+    // Selector sets are never flushed by a reconcile (learned IPs survive it).
+    assert!(!r.script.contains(&format!("flush set inet dnsfence {v4}")));
+    let deny = r.script.find("198.51.100.66/32").unwrap();
+    let allow = r.script.find("198.51.100.0/24").unwrap();
+    assert!(deny < allow, "egressDeny is rendered before allows");
+    assert!(r.script.contains("ip daddr 198.51.100.0/24 ip daddr != @cluster4 ip daddr != { 198.51.100.128/25 } accept"), "{}", r.script);
+    // The kube-dns peer with its ports (ANY -> tcp, udp, sctp).
+    assert!(
+        r.script
+            .contains("ip daddr { 10.96.0.10 } meta l4proto { tcp, udp, sctp } th dport 53 accept"),
+        "{}",
+        r.script
+    );
+    // The chain ends in the deny action.
+    let last = r
+        .script
+        .lines()
+        .rfind(|l| l.starts_with("add rule inet dnsfence pol_0 "))
+        .unwrap();
+    assert!(
+        last.ends_with("counter reject with icmpx type admin-prohibited"),
+        "{last}"
+    );
+}
+
+#[test]
+fn dns_of_enforced_endpoints_is_redirected_on_its_rule_ports() {
+    let set = policies();
+    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    assert!(r.script.contains("10.0.0.2 . udp . 53-53"), "{}", r.script);
+    assert!(r.script.contains("10.0.0.2 . tcp . 53-53"));
+    assert!(r.script.contains("fd00::2 . udp . 53-53"));
+    assert!(r
+        .script
+        .contains("tproxy ip to :15053 meta mark set 0x4e53 accept"));
+    let mut no_redirect = options();
+    no_redirect.tproxy_port = None;
+    let r = render(&set, &inventory(&set), &no_redirect, &Existing::default());
+    assert!(!r.script.contains("tproxy"));
+}
+
+#[test]
+fn objects_no_longer_wanted_are_deleted_in_the_same_transaction() {
+    let set = policies();
+    let existing = Existing::parse(
+        "table inet dnsfence {\n\tset fq_00000000deadbeef_4 {\n\t}\n\tchain pol_7 {\n\t}\n\tchain forward {\n\t}\n}\n",
+    );
+    let r = render(&set, &inventory(&set), &options(), &existing);
+    let flush = r.script.find("flush chain inet dnsfence pol_7").unwrap();
+    let del = r.script.find("delete chain inet dnsfence pol_7").unwrap();
+    let del_set = r
+        .script
+        .find("delete set inet dnsfence fq_00000000deadbeef_4")
+        .unwrap();
+    assert!(flush < del && del < del_set);
+    assert!(!r.script.contains("delete chain inet dnsfence forward"));
+}
+
+#[test]
+fn drop_action_has_no_reject() {
+    let set = policies();
+    let mut o = options();
+    o.deny_action = DenyAction::Drop;
+    let r = render(&set, &inventory(&set), &o, &Existing::default());
+    assert!(!r.script.contains("reject"));
+    assert!(r.script.contains("pol_0 counter drop"));
+}
+
+#[test]
+fn set_names_are_stable_and_distinct_per_pattern_and_family() {
+    let set = policies();
+    let names: Vec<String> = set
+        .fqdn_selectors()
+        .iter()
+        .flat_map(|(_, p)| [fqdn_set_name(p, false), fqdn_set_name(p, true)])
+        .collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4);
+    assert!(names.iter().all(|n| n.len() <= 32));
+    let again = policies();
+    assert_eq!(fqdn_set_name(&again.fqdn_selectors()[0].1, false), names[0]);
+}

@@ -1,0 +1,315 @@
+//! Every system call of the datapath, behind [`Kernel`] so the logic above it is unit
+//! tested with [`FakeKernel`]; the real one is tested in network namespaces.
+//!
+//! - The ruleset skeleton goes through the `nft` tool as one atomic transaction (`nft -f`),
+//!   as kube-proxy's nftables mode does; it changes only on policy or inventory updates.
+//! - Learned IPs, the hot path, go over netlink ([`netlink`]) in batches, no process spawned.
+//! - The policy routing rule that delivers redirected DNS to the local proxy goes through
+//!   the `ip` tool at start-up.
+
+pub mod netlink;
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// A failed system operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A required tool is missing.
+    #[error("`{tool}` not found: the nftables datapath needs it ({hint})")]
+    Missing {
+        /// The tool.
+        tool: &'static str,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// A command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// Netlink refused a batch.
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+}
+
+/// A learned-IP element operation on a named set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOp {
+    /// Add or extend.
+    Add {
+        /// The set.
+        set: String,
+        /// The IP.
+        ip: IpAddr,
+        /// Timeout from now.
+        timeout: Duration,
+    },
+    /// Remove (a missing element is not an error).
+    Delete {
+        /// The set.
+        set: String,
+        /// The IP.
+        ip: IpAddr,
+    },
+}
+
+/// The kernel as the datapath sees it.
+pub trait Kernel: Send {
+    /// Checks that the tools exist.
+    fn check(&mut self) -> Result<(), SysError>;
+    /// Runs an `nft -f` script as one transaction.
+    fn run_script(&mut self, script: &str) -> Result<(), SysError>;
+    /// `nft --terse list table inet TABLE`; `None` when the table does not exist.
+    fn list_table(&mut self, table: &str) -> Result<Option<String>, SysError>;
+    /// Applies element operations in one atomic batch.
+    fn apply_elements(&mut self, table: &str, ops: &[SetOp]) -> Result<(), SysError>;
+    /// Deletes the table (no error when it does not exist).
+    fn delete_table(&mut self, table: &str) -> Result<(), SysError>;
+    /// Installs (idempotently) the rule routing packets with `fwmark` to local delivery
+    /// through routing table `table`, IPv4 and IPv6.
+    fn ensure_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
+    /// Removes that rule and route.
+    fn remove_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
+}
+
+/// The real kernel: `nft`, `ip` and a netlink socket.
+#[derive(Default)]
+pub struct RealKernel {
+    socket: Option<netlink::NftSocket>,
+}
+
+impl std::fmt::Debug for RealKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealKernel").finish_non_exhaustive()
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, SysError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| SysError::Command {
+            command: command.clone(),
+            stderr: e.to_string(),
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| SysError::Command {
+                command: command.clone(),
+                stderr: e.to_string(),
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|e| SysError::Command {
+        command: command.clone(),
+        stderr: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(SysError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn found(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+impl RealKernel {
+    fn socket(&mut self) -> Result<&mut netlink::NftSocket, SysError> {
+        match &mut self.socket {
+            Some(s) => Ok(s),
+            slot => Ok(slot.insert(netlink::NftSocket::open()?)),
+        }
+    }
+}
+
+impl Kernel for RealKernel {
+    fn check(&mut self) -> Result<(), SysError> {
+        if !found("nft") {
+            return Err(SysError::Missing {
+                tool: "nft",
+                hint: "on Debian: apt install nftables",
+            });
+        }
+        if !found("ip") {
+            return Err(SysError::Missing {
+                tool: "ip",
+                hint: "on Debian: apt install iproute2",
+            });
+        }
+        self.socket()?;
+        Ok(())
+    }
+
+    fn run_script(&mut self, script: &str) -> Result<(), SysError> {
+        run("nft", &["-f", "-"], Some(script)).map(drop)
+    }
+
+    fn list_table(&mut self, table: &str) -> Result<Option<String>, SysError> {
+        match run("nft", &["--terse", "list", "table", "inet", table], None) {
+            Ok(out) => Ok(Some(out)),
+            Err(SysError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn apply_elements(&mut self, table: &str, ops: &[SetOp]) -> Result<(), SysError> {
+        let ops: Vec<netlink::ElemOp<'_>> = ops
+            .iter()
+            .map(|op| match op {
+                SetOp::Add { set, ip, timeout } => netlink::ElemOp::Add {
+                    set,
+                    ip: *ip,
+                    timeout: *timeout,
+                },
+                SetOp::Delete { set, ip } => netlink::ElemOp::Delete { set, ip: *ip },
+            })
+            .collect();
+        self.socket()?.apply(table, &ops)?;
+        Ok(())
+    }
+
+    fn delete_table(&mut self, table: &str) -> Result<(), SysError> {
+        match run("nft", &["delete", "table", "inet", table], None) {
+            Ok(_) => Ok(()),
+            Err(SysError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ensure_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError> {
+        let mark = format!("{fwmark:#x}");
+        let table_s = table.to_string();
+        for (fam, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+            let rules = run("ip", &[fam, "rule", "show", "fwmark", &mark], None)?;
+            if !rules.contains(&format!("lookup {table}")) {
+                run(
+                    "ip",
+                    &[fam, "rule", "add", "fwmark", &mark, "lookup", &table_s],
+                    None,
+                )?;
+            }
+            run(
+                "ip",
+                &[
+                    fam, "route", "replace", "local", any, "dev", "lo", "table", &table_s,
+                ],
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remove_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError> {
+        let mark = format!("{fwmark:#x}");
+        let table_s = table.to_string();
+        for (fam, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+            while run(
+                "ip",
+                &[fam, "rule", "del", "fwmark", &mark, "lookup", &table_s],
+                None,
+            )
+            .is_ok()
+            {}
+            let _ = run(
+                "ip",
+                &[
+                    fam, "route", "del", "local", any, "dev", "lo", "table", &table_s,
+                ],
+                None,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What [`FakeKernel`] was asked to do.
+#[derive(Debug, Default, Clone)]
+pub struct FakeLog {
+    /// Scripts run.
+    pub scripts: Vec<String>,
+    /// Element batches applied.
+    pub batches: Vec<Vec<SetOp>>,
+    /// Tables deleted.
+    pub deleted: Vec<String>,
+    /// The listing `list_table` returns.
+    pub listing: Option<String>,
+    /// Make the next element batch fail.
+    pub fail_next_batch: bool,
+}
+
+/// A kernel that records calls, for unit tests of the logic above it.
+#[derive(Debug, Default, Clone)]
+pub struct FakeKernel {
+    /// The record, shared with the test.
+    pub log: Arc<Mutex<FakeLog>>,
+}
+
+impl FakeKernel {
+    fn log(&self) -> std::sync::MutexGuard<'_, FakeLog> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn check(&mut self) -> Result<(), SysError> {
+        Ok(())
+    }
+    fn run_script(&mut self, script: &str) -> Result<(), SysError> {
+        self.log().scripts.push(script.to_owned());
+        Ok(())
+    }
+    fn list_table(&mut self, _table: &str) -> Result<Option<String>, SysError> {
+        Ok(self.log().listing.clone())
+    }
+    fn apply_elements(&mut self, table: &str, ops: &[SetOp]) -> Result<(), SysError> {
+        let mut log = self.log();
+        if std::mem::take(&mut log.fail_next_batch) {
+            return Err(SysError::Command {
+                command: format!("netlink batch on {table}"),
+                stderr: "injected failure".to_owned(),
+            });
+        }
+        log.batches.push(ops.to_vec());
+        Ok(())
+    }
+    fn delete_table(&mut self, table: &str) -> Result<(), SysError> {
+        self.log().deleted.push(table.to_owned());
+        Ok(())
+    }
+    fn ensure_local_route(&mut self, _fwmark: u32, _table: u32) -> Result<(), SysError> {
+        Ok(())
+    }
+    fn remove_local_route(&mut self, _fwmark: u32, _table: u32) -> Result<(), SysError> {
+        Ok(())
+    }
+}

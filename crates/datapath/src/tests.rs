@@ -1,0 +1,147 @@
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use super::*;
+use dnsfence_policy::{Endpoint, Labels, PolicyLoader};
+
+fn set(patterns: &[&str], previous: &PolicySet) -> PolicySet {
+    let fqdns: Vec<String> = patterns
+        .iter()
+        .map(|p| format!("{{matchPattern: \"{p}\"}}"))
+        .collect();
+    let text = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: a, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a}}}}\n  egress:\n    - toFQDNs: [{}]\n",
+        fqdns.join(", ")
+    );
+    let mut loader = PolicyLoader::new();
+    loader.add("p.yaml", &text);
+    assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+    loader.finish_after(previous).0
+}
+
+fn inventory(set: &PolicySet) -> Inventory {
+    let labels = Labels::new([("app", "a".to_owned())]).unwrap();
+    Inventory::resolve(
+        set,
+        [(
+            "a".to_owned(),
+            Endpoint::new("default", labels),
+            vec!["10.0.0.2".parse().unwrap()],
+        )],
+        vec![],
+    )
+}
+
+fn options() -> Options {
+    Options {
+        table: "t".into(),
+        deny_action: DenyAction::Reject,
+        fwmark: 1,
+        tproxy_port: Some(15053),
+        route_table: 100,
+    }
+}
+
+fn upsert(name: &str, ip: &str, sel: SelectorId) -> Change {
+    Change::Upsert {
+        name: name.into(),
+        ip: ip.parse().unwrap(),
+        expires: Instant::now() + Duration::from_secs(30),
+        selectors: vec![sel].into(),
+        new: true,
+    }
+}
+
+#[test]
+fn learned_ips_go_to_the_selector_set_of_their_family() {
+    let fake = FakeKernel::default();
+    let mut dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let s = set(&["*.example.com"], &PolicySet::default());
+    dp.reconcile(&s, &inventory(&s)).unwrap();
+    let (id, pattern) = s.fqdn_selectors()[0].clone();
+    let n = dp
+        .apply(&[
+            upsert("a.example.com", "192.0.2.1", id),
+            upsert("a.example.com", "2001:db8::1", id),
+        ])
+        .unwrap();
+    assert_eq!(n, 2);
+    let log = fake.log.lock().unwrap();
+    let batch = &log.batches[0];
+    assert!(
+        matches!(&batch[0], SetOp::Add { set, .. } if *set == ruleset::fqdn_set_name(&pattern, false))
+    );
+    assert!(
+        matches!(&batch[1], SetOp::Add { set, .. } if *set == ruleset::fqdn_set_name(&pattern, true))
+    );
+}
+
+#[test]
+fn a_policy_update_keeps_selector_ids_and_ignores_retired_ones() {
+    let fake = FakeKernel::default();
+    let mut dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let s1 = set(&["*.a.com", "*.b.com"], &PolicySet::default());
+    dp.reconcile(&s1, &inventory(&s1)).unwrap();
+    let a = s1.fqdn_selectors()[0].0;
+    let b = s1.fqdn_selectors()[1].0;
+    dp.apply(&[
+        upsert("x.a.com", "192.0.2.1", a),
+        upsert("x.b.com", "192.0.2.2", b),
+    ])
+    .unwrap();
+    // *.a.com disappears: *.b.com keeps its id, and *.c.com gets a fresh one.
+    let s2 = set(&["*.b.com", "*.c.com"], &s1);
+    assert_eq!(s2.selector_id(&s1.fqdn_selectors()[1].1), Some(b));
+    let c = s2
+        .fqdn_selectors()
+        .iter()
+        .find(|(_, p)| p.as_str() == "*.c.com")
+        .unwrap()
+        .0;
+    assert!(c != a && c != b, "a retired id is never reused");
+    fake.log.lock().unwrap().listing =
+        Some("table inet t {\n\tset fq_1111111111111111_4 {\n\t}\n}\n".into());
+    dp.reconcile(&s2, &inventory(&s2)).unwrap();
+    let script = fake.log.lock().unwrap().scripts.last().unwrap().clone();
+    assert!(script.contains("delete set inet t fq_1111111111111111_4"));
+    // A removal for the retired selector writes nothing.
+    let n = dp
+        .apply(&[Change::Remove {
+            name: "x.a.com".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            selectors: vec![a].into(),
+        }])
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn the_worker_batches_concurrent_requests_and_reports_failures() {
+    let fake = FakeKernel::default();
+    let mut dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let s = set(&["*.example.com"], &PolicySet::default());
+    dp.reconcile(&s, &inventory(&s)).unwrap();
+    let id = s.fqdn_selectors()[0].0;
+    let worker = Worker::spawn(dp).unwrap();
+    let (tx, rx) = mpsc::channel();
+    for i in 0..20 {
+        let tx = tx.clone();
+        worker.apply(
+            vec![upsert("a.example.com", &format!("192.0.2.{i}"), id)],
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        );
+    }
+    for _ in 0..20 {
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    }
+    let log = fake.log.lock().unwrap().clone();
+    let total: usize = log.batches.iter().map(Vec::len).sum();
+    assert_eq!(total, 20);
+    assert!(log.batches.len() <= 20);
+    fake.log.lock().unwrap().fail_next_batch = true;
+    let (tx, rx) = mpsc::channel();
+    worker.apply(
+        vec![upsert("b.example.com", "192.0.2.200", id)],
+        Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+    );
+    assert!(!rx.recv_timeout(Duration::from_secs(5)).unwrap());
+}
