@@ -3,10 +3,13 @@
 //! Exit codes: 0 success, 1 a negative answer (invalid policy, denied query), 2 usage or
 //! input error.
 
+mod daemon;
+mod demo;
 mod files;
 mod fqdn;
 mod policy;
 mod proxy;
+mod run;
 
 use std::process::ExitCode;
 
@@ -27,6 +30,13 @@ enum Command {
     Policy(policy::PolicyCommand),
     /// Run the DNS proxy alone (no kernel enforcement).
     Proxy(proxy::ProxyArgs),
+    /// Build a network-namespace lab, enforce an example policy in it, and show what pods
+    /// can and cannot reach (root). Exit 0 only if every observation matches the policy.
+    Demo(demo::DemoArgs),
+    /// Run agent, DNS proxy and nftables datapath in one process (the embedded default).
+    Run(run::RunArgs),
+    /// Remove dnsfence's nftables table and routing rule (enforced endpoints regain egress).
+    Cleanup(run::CleanupArgs),
     /// Inspect learned name-to-IP mappings.
     #[command(subcommand)]
     Fqdn(fqdn::FqdnCommand),
@@ -59,6 +69,9 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Proxy(args) => proxy::run(&args),
         Command::Fqdn(cmd) => fqdn::run(&cmd),
+        Command::Run(args) => run::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Cleanup(args) => run::cleanup(&args),
     };
     match result {
         Ok(code) => code,

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use dnsfence_datapath::Worker;
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
-use dnsfence_policy::Labels;
+use dnsfence_policy::{Labels, PolicySet};
 use dnsfence_proxy::config::{Config, DenyRcode, UnknownClientsConfig};
-use dnsfence_proxy::{NoopSink, Proxy, ProxyMetrics};
+use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -42,14 +43,19 @@ pub(crate) fn read_config(path: &Path) -> Result<Config, ExitCode> {
 }
 
 /// Policy paths are relative to the configuration file's directory.
-fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
+pub(crate) fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> {
     let base = config_path.parent().unwrap_or(Path::new("."));
     config.policies.iter().map(|p| base.join(p)).collect()
 }
 
 /// Builds the snapshot; `Err` lists policy problems (the caller keeps what runs).
-pub(crate) fn build_snapshot(config_path: &Path, config: &Config) -> Result<Snapshot> {
-    let (set, diags, _) = policy::load(&policy_paths(config_path, config))?;
+/// Selectors `previous` also has keep their ids.
+pub(crate) fn build_snapshot(
+    config_path: &Path,
+    config: &Config,
+    previous: &PolicySet,
+) -> Result<Snapshot> {
+    let (set, diags, _) = policy::load_after(&policy_paths(config_path, config), previous)?;
     let errors: Vec<String> = diags
         .iter()
         .filter(|d| d.is_error())
@@ -96,7 +102,7 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let snapshot = match build_snapshot(&args.config, &config) {
+    let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dnsfence: {e:#}");
@@ -110,10 +116,25 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(args.config.clone(), config, snapshot))
+    runtime.block_on(serve(
+        args.config.clone(),
+        config,
+        snapshot,
+        Arc::new(NoopSink),
+        None,
+    ))
 }
 
-async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Result<ExitCode> {
+/// Serves DNS, metrics and the API until SIGTERM or SIGINT; SIGHUP reloads policies (and
+/// reconciles `datapath` first, when there is one, so new selector sets exist before
+/// learned IPs move to them).
+pub(crate) async fn serve(
+    config_path: PathBuf,
+    config: Config,
+    snapshot: Snapshot,
+    sink: Arc<dyn IpSink>,
+    datapath: Option<Worker>,
+) -> Result<ExitCode> {
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
     let metrics_listener = match config.metrics.listen {
@@ -124,7 +145,7 @@ async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Resu
         ),
         None => None,
     };
-    let proxy = Proxy::start(config.dns.clone(), snapshot, Arc::new(NoopSink), metrics)
+    let proxy = Proxy::start(config.dns.clone(), snapshot, sink, metrics)
         .await
         .context("binding the DNS listeners")?;
     if let Some(listener) = metrics_listener {
@@ -149,7 +170,7 @@ async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Resu
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &proxy).await,
+            _ = hup.recv() => reload(&config_path, &proxy, datapath.as_ref()).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -160,11 +181,24 @@ async fn serve(config_path: PathBuf, config: Config, snapshot: Snapshot) -> Resu
 
 /// SIGHUP: re-read the configuration's policies; a set that fails validation is rejected
 /// and the running one stays in force.
-async fn reload(config_path: &Path, proxy: &Proxy) {
+async fn reload(config_path: &Path, proxy: &Proxy, datapath: Option<&Worker>) {
     let path = config_path.to_owned();
-    // Reading files and compiling policies is blocking work: keep it off the DNS thread.
+    let previous = proxy.shared().snapshot().policies().clone();
+    let datapath = datapath.cloned();
+    // Reading files, compiling policies and programming the kernel are blocking work:
+    // keep them off the DNS thread.
     let built = tokio::task::spawn_blocking(move || match read_config(&path) {
-        Ok(config) => Some(build_snapshot(&path, &config)),
+        Ok(config) => Some(
+            build_snapshot(&path, &config, &previous).and_then(|snapshot| {
+                if let Some(worker) = &datapath {
+                    let inventory = crate::run::inventory(&config, snapshot.policies())?;
+                    worker
+                        .reconcile(snapshot.policies().clone(), Arc::new(inventory))
+                        .context("programming the datapath")?;
+                }
+                Ok(snapshot)
+            }),
+        ),
         Err(_) => None,
     })
     .await

@@ -37,13 +37,21 @@ pub(crate) fn run(cmd: PolicyCommand) -> Result<ExitCode> {
 
 /// Reads every file; diagnostics in load order. Unreadable paths are an `Err`.
 pub(crate) fn load(paths: &[PathBuf]) -> Result<(PolicySet, Vec<Diagnostic>, usize)> {
+    load_after(paths, &PolicySet::default())
+}
+
+/// As [`load`], for a set replacing `previous` (selectors keep their ids).
+pub(crate) fn load_after(
+    paths: &[PathBuf],
+    previous: &PolicySet,
+) -> Result<(PolicySet, Vec<Diagnostic>, usize)> {
     let files = files::expand(paths)?;
     let mut loader = PolicyLoader::new();
     for file in &files {
         let text = files::read(file)?;
         loader.add(&file.display().to_string(), &text);
     }
-    let (set, diags) = loader.finish();
+    let (set, diags) = loader.finish_after(previous);
     Ok((set, diags, files.len()))
 }
 

@@ -1,0 +1,173 @@
+//! `dnsfence run --config FILE`: agent, proxy and nftables datapath in one process (the
+//! embedded default). The proxy's sink is the datapath, so an answer with new IPs is
+//! released only once they are in the kernel. `dnsfence cleanup` removes the table.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
+use dnsfence_fqdncache::Change;
+use dnsfence_policy::{Endpoint, Labels, PolicySet};
+use dnsfence_proxy::config::{self, Backend, Config, TransparentConfig};
+use dnsfence_proxy::{IpSink, NoopSink, SinkError};
+use tracing::{info, warn};
+
+use crate::proxy::{build_snapshot, read_config, serve};
+
+/// The transparent port `run` uses when the configuration names none.
+pub(crate) const DEFAULT_TRANSPARENT_PORT: u16 = 15053;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The configuration file (YAML).
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CleanupArgs {
+    /// The configuration file naming the table and routing rule (default names otherwise).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+/// The datapath as the proxy's sink.
+struct DatapathSink(Worker);
+
+impl IpSink for DatapathSink {
+    fn apply(&self, changes: Vec<Change>) -> dnsfence_proxy::SinkFuture {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.apply(
+            changes,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        let fut: Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>> =
+            Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(SinkError {
+                        reason: e.to_string(),
+                    }),
+                    Err(_) => Err(SinkError {
+                        reason: "the datapath thread stopped".to_owned(),
+                    }),
+                }
+            });
+        fut
+    }
+}
+
+/// The datapath options a configuration asks for.
+pub(crate) fn options(config: &Config) -> Options {
+    Options {
+        table: config.datapath.table.clone(),
+        deny_action: match config.datapath.deny_action {
+            config::DenyAction::Reject => DenyAction::Reject,
+            config::DenyAction::Drop => DenyAction::Drop,
+        },
+        fwmark: config.datapath.fwmark,
+        tproxy_port: config.dns.transparent.as_ref().map(|t| t.port),
+        route_table: config.datapath.route_table,
+    }
+}
+
+/// The configuration's endpoints with their resolved policies.
+pub(crate) fn inventory(config: &Config, policies: &PolicySet) -> Result<Inventory> {
+    let endpoints = config
+        .endpoints
+        .iter()
+        .map(|e| {
+            let labels = Labels::new(e.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))?;
+            Ok((
+                e.name.clone(),
+                Endpoint::new(e.namespace.clone(), labels),
+                e.ips.clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>, dnsfence_policy::LabelKeyError>>()?;
+    Ok(Inventory::resolve(
+        policies,
+        endpoints,
+        config.host_ips.clone(),
+    ))
+}
+
+pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
+    let mut config = match read_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    if config.datapath.backend == Backend::Nftables && config.dns.transparent.is_none() {
+        config.dns.transparent = Some(TransparentConfig {
+            port: DEFAULT_TRANSPARENT_PORT,
+        });
+    }
+    let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    crate::init_logging();
+    let (sink, worker): (Arc<dyn IpSink>, Option<Worker>) = match config.datapath.backend {
+        Backend::None => {
+            warn!("datapath.backend is none: DNS is filtered, but no packet is");
+            (Arc::new(NoopSink), None)
+        }
+        Backend::Nftables => {
+            let datapath = match Datapath::new(Box::new(RealKernel::default()), options(&config)) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("dnsfence: cannot start the nftables datapath: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
+            let inventory = inventory(&config, snapshot.policies())?;
+            let done = worker
+                .reconcile(snapshot.policies().clone(), Arc::new(inventory))
+                .context("programming the datapath")?;
+            info!(
+                table = %config.datapath.table,
+                enforced = done.enforced,
+                selectors = done.selectors,
+                "datapath ready"
+            );
+            (Arc::new(DatapathSink(worker.clone())), Some(worker))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let code = runtime.block_on(serve(args.config.clone(), config, snapshot, sink, worker))?;
+    // The table stays: enforced endpoints keep failing closed until `dnsfence cleanup`.
+    info!("stopped; the nftables table stays in force (dnsfence cleanup removes it)");
+    Ok(code)
+}
+
+pub(crate) fn cleanup(args: &CleanupArgs) -> Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => match read_config(path) {
+            Ok(c) => c,
+            Err(code) => return Ok(code),
+        },
+        None => Config::parse("defaults", "").map_err(|e| anyhow::anyhow!("{:?}", e.problems))?,
+    };
+    let mut kernel = RealKernel::default();
+    kernel.check().context("cleanup")?;
+    Datapath::cleanup(&mut kernel, &options(&config)).context("cleanup")?;
+    println!(
+        "removed table inet {} and its routing rule",
+        config.datapath.table
+    );
+    Ok(ExitCode::SUCCESS)
+}
