@@ -6,13 +6,13 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_lab::{DnsStatus, Lab, Outcome, Pod, Rec, RecordType, Transport};
 
-use crate::daemon::{Daemon, DaemonSpec};
+use dnsfence_lab::daemon::{Daemon, DaemonSpec};
 
 /// The policy the demo enforces.
 pub(crate) const POLICY: &str = include_str!("../../../examples/demo/policy.yaml");
@@ -301,7 +301,8 @@ pub(crate) fn run(args: &DemoArgs) -> Result<ExitCode> {
             policy: POLICY.to_owned(),
             config_extra: format!("endpoints:\n{endpoints}host_ips: [{host_ips}]\n"),
         },
-    )?;
+    )
+    .context("starting dnsfence run in the lab's node")?;
     eprintln!(
         "dnsfence demo: dnsfence run is enforcing in the node (ready in {} ms); running {} attempts\n",
         daemon.ready_in.as_millis(),
@@ -363,6 +364,3 @@ fn print_table(rows: &[Row]) {
         );
     }
 }
-
-/// How long the demo waits for dnsfence to come up.
-pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(15);

@@ -3,7 +3,6 @@
 //! Exit codes: 0 success, 1 a negative answer (invalid policy, denied query), 2 usage or
 //! input error.
 
-mod daemon;
 mod demo;
 mod files;
 mod fqdn;

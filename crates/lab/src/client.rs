@@ -218,6 +218,11 @@ impl Netns {
 
     /// Connects to `addr` from this namespace and reads the server's greeting line, each
     /// within `timeout`.
+    ///
+    /// Over veth an ICMP error answering the very first SYN can arrive while `connect`
+    /// still holds the socket; the kernel then drops it (`TcpExtLockDroppedIcmps`; seen with
+    /// ICMPv6 admin-prohibited) and the error is only reported for the SYN retransmitted
+    /// after 1 s: give a timeout above 1 s to tell `Unreachable` from `TimedOut` reliably.
     pub fn connect_tcp(
         &self,
         addr: SocketAddr,

@@ -10,6 +10,9 @@ use nix::errno::Errno;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LabError {
+    /// The dnsfence daemon of [`crate::daemon`] failed.
+    #[error("dnsfence daemon: {0}")]
+    Daemon(String),
     /// `ip` (iproute2) is not installed.
     #[error("`ip` not found in PATH, /usr/sbin or /sbin: the lab needs iproute2 (apt-get install iproute2)")]
     IpNotFound,

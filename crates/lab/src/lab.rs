@@ -315,6 +315,16 @@ impl Pod {
         self.netns.name()
     }
 
+    /// A command to run inside the pod (see [`Netns::command`]).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        self.netns.command(program)
+    }
+
+    /// Runs `f` on a thread inside the pod (see [`Netns::run`]).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
+        self.netns.run(f)
+    }
+
     /// A short label for tables: `pod-a`, `pod-b`, ... (`pod-26` and up past `z`).
     pub fn label(&self) -> String {
         match u8::try_from(self.index) {

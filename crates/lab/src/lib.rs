@@ -24,6 +24,7 @@
 //! root (`CAP_SYS_ADMIN`, `CAP_NET_ADMIN`) and `ip` from iproute2.
 
 mod client;
+pub mod daemon;
 pub mod dns;
 mod error;
 mod lab;

@@ -282,16 +282,15 @@ fn firewall_verdicts_on_the_node_are_told_apart() {
     let short = Duration::from_millis(300);
     for (addr, expect) in [
         ("192.0.2.20:80", Outcome::Unreachable),
+        // About 1 s: over veth the first ICMPv6 error arrives while connect() still holds
+        // the socket and is dropped (TcpExtLockDroppedIcmps); the SYN retransmission's is not.
         ("[2001:db8::20]:80", Outcome::Unreachable),
-        ("[2001:db8::20]:80", Outcome::Unreachable),
-        ("[2001:db8::20]:81", Outcome::Unreachable),
         ("192.0.2.21:80", Outcome::Refused),
         ("192.0.2.22:80", Outcome::Refused),
         ("192.0.2.24:80", Outcome::Connected),
     ] {
-        let r = pod.reach_tcp(sa(addr));
-        eprintln!("{addr}: {r}");
-        assert_eq!(r.outcome, expect, "{addr}");
+        let reach = pod.reach_tcp(sa(addr));
+        assert_eq!(reach.outcome, expect, "{addr}: {reach}");
     }
     let dropped = pod.connect_tcp(sa("192.0.2.23:80"), short);
     assert!(

@@ -1,0 +1,446 @@
+//! End-to-end tests of `dnsfence run` in the lab: real pods (network namespaces) resolve
+//! through the world's DNS server (redirected to the proxy by the datapath) and connect to
+//! the world's servers through the node's nftables table. Every assertion is about what a
+//! pod observes (answers, connections, resets), not about internal state.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use dnsfence_lab::daemon::{Daemon, DaemonSpec};
+use dnsfence_lab::{DnsStatus, Lab, Outcome, Pod, Rec, RecordType, Transport};
+use dnsfence_testsupport::skip_unless_root;
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "**.example.com"}, {matchPattern: "**.deep.example.net"}, {matchName: evil.example.org}]}
+    - toFQDNs: [{matchName: api.example.com}]
+      toPorts: [{ports: [{port: "443", protocol: TCP}, {port: "9000", protocol: UDP}]}]
+    - toFQDNs: [{matchPattern: "*.cdn.example.com"}, {matchPattern: "**.deep.example.net"}, {matchName: short.example.com}]
+    - toCIDRSet: [{cidr: 198.51.100.0/24, except: [198.51.100.128/25]}]
+  egressDeny:
+    - toCIDR: [198.51.100.66/32]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: other, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  egress:
+    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*"}]}
+    - toFQDNs: [{matchName: other.example.com}]
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn records() -> Vec<Rec> {
+    vec![
+        Rec::Addr("api.example.com", 60, ip("192.0.2.10")),
+        Rec::Addr("api.example.com", 60, ip("2001:db8::10")),
+        Rec::Addr("a.cdn.example.com", 60, ip("192.0.2.21")),
+        Rec::Cname("www.cdn.example.com", 60, "edge.provider.net"),
+        Rec::Addr("edge.provider.net", 60, ip("192.0.2.22")),
+        Rec::Addr("x.y.deep.example.net", 60, ip("192.0.2.31")),
+        Rec::Addr("deep.example.net", 60, ip("192.0.2.32")),
+        Rec::Addr("short.example.com", 2, ip("192.0.2.40")),
+        Rec::Addr("evil.example.org", 60, ip("203.0.113.66")),
+        Rec::Addr("other.example.com", 60, ip("192.0.2.50")),
+    ]
+}
+
+/// A lab with three pods (web, other, no policy) and dnsfence running in the node.
+struct Env {
+    daemon: Daemon,
+    lab: Lab,
+}
+
+fn env(extra_records: Vec<Rec>) -> Option<Env> {
+    if skip_unless_root(&["ip", "nft"]) {
+        return None;
+    }
+    let mut recs = records();
+    recs.extend(extra_records);
+    let lab = Lab::builder().pods(3).records(recs).build().unwrap();
+    let ep = |name: &str, app: &str, pod: &Pod| {
+        format!(
+            "  - {{name: {name}, labels: {{app: {app}}}, ips: [{}, \"{}\"]}}\n",
+            pod.ipv4(),
+            pod.ipv6()
+        )
+    };
+    let config = format!(
+        "endpoints:\n{}{}{}",
+        ep("web", "web", lab.pod(0)),
+        ep("other", "other", lab.pod(1)),
+        ep("plain", "plain", lab.pod(2)),
+    );
+    let daemon = Daemon::start(
+        &lab,
+        &DaemonSpec {
+            exe: env!("CARGO_BIN_EXE_dnsfence").into(),
+            policy: POLICY.to_owned(),
+            config_extra: config,
+        },
+    )
+    .unwrap();
+    Some(Env { daemon, lab })
+}
+
+impl Env {
+    fn web(&self) -> &Pod {
+        self.lab.pod(0)
+    }
+    fn other(&self) -> &Pod {
+        self.lab.pod(1)
+    }
+    fn plain(&self) -> &Pod {
+        self.lab.pod(2)
+    }
+    fn diag(&self) -> String {
+        let nft = self
+            .lab
+            .node()
+            .command("nft")
+            .args(["list", "table", "inet", "dnsfence"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!("dnsfence log:\n{}\nnode table:\n{nft}", self.daemon.log())
+    }
+}
+
+fn resolve(
+    pod: &Pod,
+    name: &str,
+    qtype: RecordType,
+    transport: Transport,
+) -> (DnsStatus, Vec<IpAddr>) {
+    let r = pod.resolve(name, qtype, transport).unwrap();
+    (r.status, r.ips)
+}
+
+fn a(pod: &Pod, name: &str) -> Vec<IpAddr> {
+    let (status, ips) = resolve(pod, name, RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::NoError, "{name}");
+    ips
+}
+
+fn reach(pod: &Pod, ip: IpAddr, port: u16) -> Outcome {
+    pod.reach_tcp(SocketAddr::new(ip, port)).outcome
+}
+
+fn blocked(o: Outcome) -> bool {
+    matches!(
+        o,
+        Outcome::Refused | Outcome::Unreachable | Outcome::TimedOut
+    )
+}
+
+#[test]
+fn allowed_name_resolves_and_connects_over_tcp_and_udp() {
+    let Some(env) = env(vec![]) else { return };
+    let ips = a(env.web(), "api.example.com");
+    assert_eq!(ips, [ip("192.0.2.10")]);
+    assert_eq!(
+        reach(env.web(), ips[0], 443),
+        Outcome::Connected,
+        "{}",
+        env.diag()
+    );
+    let echo = env
+        .web()
+        .udp_exchange(
+            SocketAddr::new(ips[0], 9000),
+            b"ping",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(echo, b"ping");
+}
+
+#[test]
+fn denied_name_is_refused_and_its_ip_and_unresolved_ips_are_unreachable() {
+    let Some(env) = env(vec![]) else { return };
+    let (status, _) = resolve(
+        env.web(),
+        "blocked.example.org",
+        RecordType::A,
+        Transport::Udp,
+    );
+    assert_eq!(status, DnsStatus::Refused);
+    // evil.example.org may be resolved (DNS rule) but no toFQDNs selects it.
+    assert_eq!(a(env.web(), "evil.example.org"), [ip("203.0.113.66")]);
+    assert!(blocked(reach(env.web(), ip("203.0.113.66"), 443)));
+    // Literal IPs never resolved, of every family and range.
+    for target in ["192.0.2.99", "203.0.113.7", "2001:db8::99"] {
+        let o = reach(env.web(), ip(target), 443);
+        assert!(blocked(o), "{target}: {o:?}");
+    }
+    // UDP to a never-resolved IP gets no echo.
+    assert!(env
+        .web()
+        .udp_exchange(
+            SocketAddr::new(ip("192.0.2.99"), 9000),
+            b"x",
+            Duration::from_millis(500)
+        )
+        .is_err());
+}
+
+#[test]
+fn an_ip_learned_for_one_pod_is_not_reachable_from_a_pod_whose_policy_does_not_select_it() {
+    let Some(env) = env(vec![]) else { return };
+    let ips = a(env.web(), "api.example.com");
+    assert_eq!(reach(env.web(), ips[0], 443), Outcome::Connected);
+    // The other pod may resolve it (its DNS rule allows all) but not reach it.
+    assert_eq!(a(env.other(), "api.example.com"), ips);
+    assert!(blocked(reach(env.other(), ips[0], 443)));
+    // Its own name works.
+    let own = a(env.other(), "other.example.com");
+    assert_eq!(reach(env.other(), own[0], 80), Outcome::Connected);
+}
+
+#[test]
+fn wildcard_and_multi_label_patterns_allow_their_names_and_cname_targets() {
+    let Some(env) = env(vec![]) else { return };
+    for (name, port) in [
+        ("a.cdn.example.com", 80),
+        ("www.cdn.example.com", 8080),
+        ("x.y.deep.example.net", 443),
+    ] {
+        let ips = a(env.web(), name);
+        assert_eq!(
+            reach(env.web(), ips[0], port),
+            Outcome::Connected,
+            "{name}\n{}",
+            env.diag()
+        );
+    }
+    // `**.deep.example.net` needs at least one label more: the apex is refused.
+    let (status, _) = resolve(env.web(), "deep.example.net", RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::Refused);
+    assert!(blocked(reach(env.web(), ip("192.0.2.32"), 443)));
+}
+
+#[test]
+fn to_ports_narrows_an_fqdn_allow() {
+    let Some(env) = env(vec![]) else { return };
+    let ips = a(env.web(), "api.example.com");
+    assert_eq!(reach(env.web(), ips[0], 443), Outcome::Connected);
+    assert!(blocked(reach(env.web(), ips[0], 80)));
+    assert!(blocked(reach(env.web(), ips[0], 8080)));
+    // 9000 is allowed over UDP only.
+    assert!(env
+        .web()
+        .udp_exchange(
+            SocketAddr::new(ips[0], 9001),
+            b"x",
+            Duration::from_millis(500)
+        )
+        .is_err());
+}
+
+#[test]
+fn cidr_allow_with_except_and_egress_deny() {
+    let Some(env) = env(vec![]) else { return };
+    assert_eq!(reach(env.web(), ip("198.51.100.7"), 80), Outcome::Connected);
+    assert!(
+        blocked(reach(env.web(), ip("198.51.100.66"), 80)),
+        "egressDeny wins"
+    );
+    assert!(
+        blocked(reach(env.web(), ip("198.51.100.200"), 80)),
+        "except"
+    );
+}
+
+#[test]
+fn ttl_expiry_blocks_new_connections_while_established_ones_continue() {
+    let Some(env) = env(vec![]) else { return };
+    let ips = a(env.web(), "short.example.com");
+    let started = Instant::now();
+    let mut conn = env
+        .web()
+        .connect_tcp(SocketAddr::new(ips[0], 80), Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(conn.exchange(b"before").unwrap(), b"before");
+    // TTL 2 s: poll until new connections are refused (bounded).
+    let mut expired = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        if blocked(reach(env.web(), ips[0], 80)) {
+            expired = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        expired,
+        "still reachable 8 s after a 2 s TTL\n{}",
+        env.diag()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "expired too early"
+    );
+    assert_eq!(
+        conn.exchange(b"after").unwrap(),
+        b"after",
+        "established connection cut"
+    );
+}
+
+#[test]
+fn dns_over_tcp_is_filtered_and_teaches_ips() {
+    let Some(env) = env(vec![]) else { return };
+    let (status, ips) = resolve(env.web(), "api.example.com", RecordType::A, Transport::Tcp);
+    assert_eq!(status, DnsStatus::NoError);
+    assert_eq!(reach(env.web(), ips[0], 443), Outcome::Connected);
+    let (status, _) = resolve(env.web(), "nope.example.org", RecordType::A, Transport::Tcp);
+    assert_eq!(status, DnsStatus::Refused);
+}
+
+#[test]
+fn ipv6_answers_and_pods() {
+    let Some(env) = env(vec![]) else { return };
+    let (status, ips) = resolve(
+        env.web(),
+        "api.example.com",
+        RecordType::AAAA,
+        Transport::Udp,
+    );
+    assert_eq!(
+        (status, ips.clone()),
+        (DnsStatus::NoError, vec![ip("2001:db8::10")])
+    );
+    assert_eq!(
+        reach(env.web(), ips[0], 443),
+        Outcome::Connected,
+        "{}",
+        env.diag()
+    );
+    assert!(blocked(reach(env.web(), ips[0], 80)));
+    // Through the IPv6 DNS server too.
+    let r = env
+        .web()
+        .netns()
+        .resolve_with(
+            dnsfence_lab::DNS_V6,
+            "a.cdn.example.com",
+            RecordType::A,
+            Transport::Udp,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(r.status, DnsStatus::NoError);
+    let r = env
+        .web()
+        .netns()
+        .resolve_with(
+            dnsfence_lab::DNS_V6,
+            "blocked.example.org",
+            RecordType::AAAA,
+            Transport::Udp,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(r.status, DnsStatus::Refused);
+}
+
+#[test]
+fn a_pod_without_policy_is_unaffected() {
+    let Some(env) = env(vec![]) else { return };
+    // Its DNS is not redirected nor filtered, and it reaches anything.
+    assert_eq!(a(env.plain(), "evil.example.org"), [ip("203.0.113.66")]);
+    for (target, port) in [
+        ("203.0.113.66", 443),
+        ("192.0.2.99", 8080),
+        ("2001:db8::99", 80),
+    ] {
+        assert_eq!(
+            reach(env.plain(), ip(target), port),
+            Outcome::Connected,
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn the_first_connection_right_after_the_answer_never_fails() {
+    // 200 names, each with an IP nobody resolved before: every answer carries a new IP
+    // and the pod connects the moment it has it.
+    let names: Vec<(&'static str, IpAddr)> = (0..200u32)
+        .map(|i| {
+            let name: &'static str = Box::leak(format!("n{i}.cdn.example.com").into_boxed_str());
+            let addr = if i < 150 {
+                ip(&format!("192.0.2.{}", 100 + i))
+            } else {
+                ip(&format!("203.0.113.{}", 100 + i - 150))
+            };
+            (name, addr)
+        })
+        .collect();
+    let recs = names.iter().map(|(n, a)| Rec::Addr(n, 60, *a)).collect();
+    let Some(env) = env(recs) else { return };
+    let mut failures = Vec::new();
+    for (name, addr) in &names {
+        let ips = a(env.web(), name);
+        assert_eq!(ips, [*addr]);
+        let o = reach(env.web(), ips[0], 443);
+        if o != Outcome::Connected {
+            failures.push(format!("{name} {addr}: {o:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}\n{}", env.diag());
+}
+
+#[test]
+fn a_policy_change_takes_effect_without_dropping_established_connections() {
+    let Some(env) = env(vec![]) else { return };
+    let api = a(env.web(), "api.example.com")[0];
+    let mut conn = env
+        .web()
+        .connect_tcp(SocketAddr::new(api, 443), Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(conn.exchange(b"1").unwrap(), b"1");
+    // api.example.com leaves the policy; a new name arrives.
+    let new_policy = POLICY
+        .replace(
+            "- toFQDNs: [{matchName: api.example.com}]",
+            "- toFQDNs: [{matchName: new.example.com}]",
+        )
+        .replace(
+            "{matchName: short.example.com}]",
+            "{matchName: short.example.com}, {matchName: other.example.com}]",
+        );
+    assert_ne!(new_policy, POLICY);
+    env.daemon.reload(&new_policy).unwrap();
+    assert_eq!(
+        conn.exchange(b"2").unwrap(),
+        b"2",
+        "established connection dropped"
+    );
+    assert!(blocked(reach(env.web(), api, 443)), "{}", env.diag());
+    let other = a(env.web(), "other.example.com")[0];
+    assert_eq!(reach(env.web(), other, 80), Outcome::Connected);
+    // A broken policy is rejected and the running one stays.
+    assert!(env.daemon.reload("kind: [").is_err());
+    assert_eq!(
+        reach(env.web(), a(env.web(), "other.example.com")[0], 80),
+        Outcome::Connected
+    );
+    assert_eq!(conn.exchange(b"3").unwrap(), b"3");
+}
