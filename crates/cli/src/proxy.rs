@@ -137,6 +137,9 @@ pub(crate) async fn serve(
 ) -> Result<ExitCode> {
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
+    if let Some(worker) = &datapath {
+        worker.stats.register(&mut registry);
+    }
     let metrics_listener = match config.metrics.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

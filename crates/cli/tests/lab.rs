@@ -444,3 +444,41 @@ fn a_policy_change_takes_effect_without_dropping_established_connections() {
     );
     assert_eq!(conn.exchange(b"3").unwrap(), b"3");
 }
+
+#[test]
+fn when_dnsfence_dies_enforced_pods_fail_closed_and_others_are_unaffected() {
+    let Some(mut env) = env(vec![]) else { return };
+    let api = a(env.web(), "api.example.com")[0];
+    let mut conn = env
+        .web()
+        .connect_tcp(SocketAddr::new(api, 443), Duration::from_secs(2))
+        .unwrap();
+    env.daemon.kill();
+    // The table stays: the enforced pod's DNS is dropped, not forwarded unfiltered...
+    let (status, _) = resolve(env.web(), "evil.example.org", RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::TimedOut, "{}", env.diag());
+    let (status, _) = resolve(env.web(), "api.example.com", RecordType::A, Transport::Tcp);
+    assert!(
+        matches!(status, DnsStatus::TimedOut | DnsStatus::ConnectionRefused),
+        "{status:?}"
+    );
+    // ...never-allowed destinations stay blocked, established and learned ones keep working.
+    assert!(blocked(reach(env.web(), ip("203.0.113.66"), 443)));
+    assert_eq!(conn.exchange(b"still").unwrap(), b"still");
+    assert_eq!(reach(env.web(), api, 443), Outcome::Connected);
+    // A pod without policy never depended on dnsfence.
+    assert_eq!(a(env.plain(), "evil.example.org"), [ip("203.0.113.66")]);
+    let counters = env
+        .lab
+        .node()
+        .command("nft")
+        .args(["list", "chain", "inet", "dnsfence", "prerouting"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&counters.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("dns proxy unavailable") && !l.contains("packets 0 ")),
+        "{text}"
+    );
+}

@@ -172,9 +172,6 @@ fn main() {
     println!(
         "sustained: {total} new IPs in {secs:.2} s = {:.0} new IPs/s ({} kernel batches)",
         f64::from(total) / secs,
-        worker
-            .stats
-            .batches
-            .load(std::sync::atomic::Ordering::Relaxed)
+        worker.stats.batches.get()
     );
 }

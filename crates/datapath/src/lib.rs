@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use dnsfence_fqdncache::Change;
 use dnsfence_policy::{PolicySet, SelectorId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tracing::{debug, info};
 
 pub use learned::{Learned, Op, MIN_TIMEOUT};
@@ -159,17 +163,79 @@ enum Request {
     ),
 }
 
-/// Statistics of the worker, for metrics.
-#[derive(Debug, Default)]
+/// Metrics of the datapath (registered by the binary in its Prometheus registry).
+#[derive(Debug, Clone)]
 pub struct Stats {
-    /// Batches written.
-    pub batches: std::sync::atomic::AtomicU64,
-    /// Elements written.
-    pub elements: std::sync::atomic::AtomicU64,
-    /// Batches that failed.
-    pub errors: std::sync::atomic::AtomicU64,
-    /// Sum of batch latencies in microseconds.
-    pub busy_us: std::sync::atomic::AtomicU64,
+    /// Netlink batches of learned IPs written.
+    pub batches: Counter,
+    /// Set elements written (adds and deletes).
+    pub elements: Counter,
+    /// Batches the kernel refused (their answers were released unenforced: fail closed).
+    pub errors: Counter,
+    /// Time to write one batch, seconds.
+    pub batch_seconds: Histogram,
+    /// Reconciles applied.
+    pub reconciles: Counter,
+    /// Reconciles that failed (the previous ruleset stays in force).
+    pub reconcile_errors: Counter,
+    /// Enforced endpoint addresses in the table.
+    pub enforced: Gauge,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            batches: Counter::default(),
+            elements: Counter::default(),
+            errors: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.000_005, 2.5, 14)),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            enforced: Gauge::default(),
+        }
+    }
+}
+
+impl Stats {
+    /// Registers every metric under `datapath_` in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("datapath");
+        r.register(
+            "batches",
+            "Batches of learned IPs written to the kernel",
+            self.batches.clone(),
+        );
+        r.register(
+            "elements",
+            "Learned-IP set elements written (adds and deletes)",
+            self.elements.clone(),
+        );
+        r.register(
+            "batch_errors",
+            "Batches the kernel refused; their IPs are not allowed (fail closed)",
+            self.errors.clone(),
+        );
+        r.register(
+            "batch_seconds",
+            "Time to write one batch of learned IPs and get the kernel's confirmation",
+            self.batch_seconds.clone(),
+        );
+        r.register(
+            "reconciles",
+            "Rulesets applied (start, policy or inventory change)",
+            self.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Rulesets the kernel refused; the previous one stays in force",
+            self.reconcile_errors.clone(),
+        );
+        r.register(
+            "enforced_addresses",
+            "Endpoint addresses whose egress the table enforces",
+            self.enforced.clone(),
+        );
+    }
 }
 
 /// A handle to the datapath thread.
@@ -213,7 +279,17 @@ impl Worker {
                             Request::Reconcile(p, inv, reply) => {
                                 // Apply what came before, in order.
                                 flush(&mut datapath, &st, &mut changes, &mut waiting);
-                                let _ = reply.send(datapath.reconcile(&p, &inv));
+                                let result = datapath.reconcile(&p, &inv);
+                                match &result {
+                                    Ok(r) => {
+                                        st.reconciles.inc();
+                                        st.enforced.set(i64::try_from(r.enforced).unwrap_or(0));
+                                    }
+                                    Err(_) => {
+                                        st.reconcile_errors.inc();
+                                    }
+                                }
+                                let _ = reply.send(result);
                             }
                         }
                     }
@@ -260,26 +336,23 @@ fn flush(
     changes: &mut Vec<Change>,
     waiting: &mut Vec<Done>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     if waiting.is_empty() {
         return;
     }
     let started = Instant::now();
     let result = datapath.apply(changes);
     changes.clear();
-    stats.busy_us.fetch_add(
-        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        Relaxed,
-    );
     let result = match result {
+        Ok(0) => Ok(()),
         Ok(n) => {
-            stats.batches.fetch_add(1, Relaxed);
-            stats.elements.fetch_add(n as u64, Relaxed);
+            stats.batch_seconds.observe(started.elapsed().as_secs_f64());
+            stats.batches.inc();
+            stats.elements.inc_by(n as u64);
             Ok(())
         }
         Err(e) => {
-            stats.errors.fetch_add(1, Relaxed);
-            tracing::error!(error = %e, "writing learned IPs to the kernel failed");
+            stats.errors.inc();
+            tracing::error!(error = %e, "writing learned IPs to the kernel failed; they stay blocked");
             Err(Arc::new(e))
         }
     };

@@ -270,6 +270,14 @@ pub fn render(
                     ),
                 );
             }
+            // No proxy socket took it (the proxy is down): fail closed, never let an
+            // enforced endpoint's DNS through unfiltered.
+            r.rule(
+                "prerouting",
+                format_args!(
+                    "meta l4proto {{ udp, tcp }} {fam} saddr . meta l4proto . th dport @{set} counter drop comment \"dns proxy unavailable\""
+                ),
+            );
         }
     }
     for hook in ["forward", "input"] {

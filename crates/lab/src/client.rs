@@ -113,6 +113,12 @@ impl TcpConn {
         Ok(back)
     }
 
+    /// Changes how long [`TcpConn::exchange`] waits (initially the connect timeout).
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
     /// The underlying stream (blocking, with the read timeout of the connect call).
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

@@ -143,6 +143,12 @@ impl Daemon {
         }
     }
 
+    /// Kills the process (as a crash would) and waits for it; files stay until drop.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Keeps the files after drop; returns the log's path.
     pub fn keep_log(mut self) -> PathBuf {
         self.keep = true;

@@ -313,6 +313,7 @@ fn firewall_verdicts_on_the_node_are_told_apart() {
         .unwrap();
     assert_eq!(dns.status, DnsStatus::TimedOut);
     // The connection opened before the rules now goes nowhere.
+    held.set_timeout(short).unwrap();
     let stalled = held.exchange(b"still there?");
     assert!(
         matches!(stalled, Err(ConnectError::TimedOut(_))),
