@@ -482,3 +482,51 @@ fn when_dnsfence_dies_enforced_pods_fail_closed_and_others_are_unaffected() {
         "{text}"
     );
 }
+
+#[test]
+fn the_demo_passes_and_cleans_up() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prefix = format!("dfl{}x", child.id());
+    let out = child.wait_with_output().unwrap();
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains(&prefix), "the demo left namespaces: {left}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict = stdout.lines().last().unwrap();
+    assert!(verdict.starts_with("PASS: 14/14"), "{verdict}");
+    for header in ["pod", "action", "target", "expected", "ms", "observed"] {
+        assert!(stdout.lines().next().unwrap().contains(header));
+    }
+}
+
+#[test]
+fn run_without_nft_fails_clearly_before_touching_anything() {
+    let tmp = dnsfence_testsupport::TempDir::new("run-no-nft");
+    std::fs::write(tmp.path().join("c.yaml"), "policies: []\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["run", "--config"])
+        .arg(tmp.path().join("c.yaml"))
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`nft` not found"), "{stderr}");
+    assert!(stderr.contains("apt install nftables"), "{stderr}");
+}

@@ -295,6 +295,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "api",
             "metrics",
             "state_dir",
+            "datapath",
         ],
     ),
     (

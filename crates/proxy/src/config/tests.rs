@@ -76,3 +76,43 @@ fn semantic_checks() {
     let err = Config::parse("c.yaml", "dns: {min_ttl: 1h, max_ttl: 1m}").unwrap_err();
     assert!(err.problems[0].contains("max_ttl"));
 }
+
+#[test]
+fn datapath_section_defaults_and_problems() {
+    let c = Config::parse("c.yaml", "").unwrap();
+    assert_eq!(c.datapath, DatapathConfig::default());
+    assert_eq!(c.datapath.table, "dnsfence");
+    assert_eq!(c.datapath.deny_action, DenyAction::Reject);
+    let c = Config::parse(
+        "c.yaml",
+        "datapath: {backend: none, deny_action: drop, fwmark: 0x10}",
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.datapath.backend,
+            c.datapath.deny_action,
+            c.datapath.fwmark
+        ),
+        (Backend::None, DenyAction::Drop, 16)
+    );
+    let err = Config::parse(
+        "c.yaml",
+        "datapath: {backend: ebpf, tabel: x, deny_action: maybe}",
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    for needle in [
+        "datapath.backend",
+        "datapath.tabel: unknown key",
+        "datapath.deny_action",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    let err = Config::parse(
+        "c.yaml",
+        "datapath: {table: \"bad name\", fwmark: 0, route_table: 254}",
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 3, "{:?}", err.problems);
+}
