@@ -75,6 +75,10 @@ pub(crate) fn options(config: &Config) -> Options {
         fwmark: config.datapath.fwmark,
         tproxy_port: config.dns.transparent.as_ref().map(|t| t.port),
         route_table: config.datapath.route_table,
+        log_group: match config.datapath.log_group {
+            0 => None,
+            g => Some(g),
+        },
     }
 }
 
@@ -130,7 +134,15 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
+            let names = datapath.names();
             let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
+            if let Some(group) = options(&config).log_group {
+                if let Err(e) =
+                    dnsfence_datapath::drops::spawn_reader(group, names, worker.stats.drops.clone())
+                {
+                    warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+                }
+            }
             let inventory = inventory(&config, snapshot.policies())?;
             let done = worker
                 .reconcile(snapshot.policies().clone(), Arc::new(inventory))

@@ -122,6 +122,7 @@ fn main() {
         fwmark: 0x4e53,
         tproxy_port: Some(15053),
         route_table: 20053,
+        log_group: Some(20053),
     };
     let dp = Datapath::new(Box::new(RealKernel::default()), options).unwrap();
     let worker = Worker::spawn(dp).unwrap();

@@ -7,11 +7,13 @@
 //! learned-IP updates into one netlink transaction, so a burst of answers costs one kernel
 //! round trip.
 
+pub mod drops;
 pub mod learned;
 pub mod ruleset;
 pub mod sys;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +24,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use learned::{Learned, Op, MIN_TIMEOUT};
-pub use ruleset::{DenyAction, EndpointState, Existing, Inventory, Options, Ruleset};
+pub use ruleset::{DenyAction, DropReason, EndpointState, Existing, Inventory, Options, Ruleset};
 pub use sys::{FakeKernel, Kernel, RealKernel, SetOp, SysError};
 
 /// What a reconcile did.
@@ -40,6 +42,7 @@ pub struct Reconciled {
 /// The datapath: owns the table and knows which learned IPs it holds.
 pub struct Datapath {
     kernel: Box<dyn Kernel>,
+    names: drops::EndpointNames,
     options: Options,
     learned: Learned,
     sets: BTreeMap<SelectorId, (String, String)>,
@@ -66,12 +69,18 @@ impl Datapath {
         }
         Ok(Self {
             kernel,
+            names: drops::EndpointNames::default(),
             options,
             learned: Learned::default(),
             sets: BTreeMap::new(),
             ops: Vec::new(),
             set_ops: Vec::new(),
         })
+    }
+
+    /// Endpoint names by address, as of the last reconcile (for naming refused packets).
+    pub fn names(&self) -> drops::EndpointNames {
+        self.names.clone()
     }
 
     /// The options.
@@ -92,11 +101,39 @@ impl Datapath {
             .list_table(&self.options.table)?
             .map(|l| Existing::parse(&l))
             .unwrap_or_default();
-        let ruleset = ruleset::render(policies, inventory, &self.options, &existing);
+        let addresses: Vec<IpAddr> = inventory
+            .endpoints
+            .iter()
+            .flat_map(|e| e.ips.iter().copied())
+            .collect();
+        let interfaces = self.kernel.attached_interfaces(&addresses)?;
+        for ep in inventory.endpoints.iter().filter(|e| e.policy.enforced) {
+            for ip in ep.ips.iter().filter(|ip| !interfaces.contains_key(*ip)) {
+                warn!(
+                    endpoint = %ep.name,
+                    %ip,
+                    "no directly attached interface for this address: its source is not validated"
+                );
+            }
+        }
+        let ruleset = ruleset::render(policies, inventory, &interfaces, &self.options, &existing);
         self.kernel.run_script(&ruleset.script)?;
         self.learned
             .retain_selectors(|s| ruleset.fqdn_sets.contains_key(&s));
         self.sets = ruleset.fqdn_sets;
+        let names = inventory
+            .endpoints
+            .iter()
+            .flat_map(|e| {
+                e.ips
+                    .iter()
+                    .map(|ip| (*ip, format!("{}/{}", e.endpoint.namespace(), e.name)))
+            })
+            .collect();
+        *self
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = names;
         info!(
             table = %self.options.table,
             enforced = ruleset.enforced,
@@ -180,6 +217,8 @@ pub struct Stats {
     pub reconcile_errors: Counter,
     /// Enforced endpoint addresses in the table.
     pub enforced: Gauge,
+    /// Refused packets the kernel logged.
+    pub drops: drops::DropMetrics,
 }
 
 impl Default for Stats {
@@ -192,6 +231,7 @@ impl Default for Stats {
             reconciles: Counter::default(),
             reconcile_errors: Counter::default(),
             enforced: Gauge::default(),
+            drops: drops::DropMetrics::default(),
         }
     }
 }
@@ -235,6 +275,7 @@ impl Stats {
             "Endpoint addresses whose egress the table enforces",
             self.enforced.clone(),
         );
+        self.drops.register(registry);
     }
 }
 

@@ -48,7 +48,52 @@ pub struct Options {
     pub tproxy_port: Option<u16>,
     /// The routing table of the local-delivery rule for `fwmark`.
     pub route_table: u32,
+    /// NFLOG group that drops and rejects of enforced endpoints are logged to (rate
+    /// limited in the kernel), for flow events; `None`: not logged.
+    pub log_group: Option<u16>,
 }
+
+/// Why the datapath refused a packet: the NFLOG prefix of its log rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// No rule of the endpoint's policy allows the destination and port.
+    PolicyDenied,
+    /// An `egressDeny` rule matched.
+    EgressDeny,
+    /// The source address is not the endpoint's own on the interface it came from.
+    ForgedSource,
+    /// DNS to be redirected but no proxy socket took it.
+    DnsProxyUnavailable,
+}
+
+impl DropReason {
+    /// Every reason.
+    pub const ALL: [DropReason; 4] = [
+        DropReason::PolicyDenied,
+        DropReason::EgressDeny,
+        DropReason::ForgedSource,
+        DropReason::DnsProxyUnavailable,
+    ];
+
+    /// The prefix (and metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::PolicyDenied => "policy-denied",
+            DropReason::EgressDeny => "egress-deny",
+            DropReason::ForgedSource => "forged-source",
+            DropReason::DnsProxyUnavailable => "dns-proxy-unavailable",
+        }
+    }
+
+    /// Parses a log prefix.
+    pub fn from_prefix(prefix: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == prefix.trim())
+    }
+}
+
+/// Log statements are limited to this many packets per second per rule, so a flood of
+/// refused packets cannot flood the log reader.
+pub const LOG_RATE_PER_SECOND: u32 = 200;
 
 /// One endpoint of the inventory with its resolved policy.
 #[derive(Debug, Clone)]
@@ -149,9 +194,15 @@ impl Existing {
 
 /// Renders the desired ruleset; `existing` (what the table holds now, if it exists) is
 /// used to delete objects that are no longer wanted, in the same transaction.
+///
+/// `interfaces` maps endpoint addresses to the node interface they are attached to:
+/// packets arriving on an interface of an enforced endpoint must carry the address of an
+/// endpoint on that interface as their source, so a pod can neither borrow another's
+/// allowances nor slip out under an address no policy knows.
 pub fn render(
     policies: &PolicySet,
     inventory: &Inventory,
+    interfaces: &BTreeMap<IpAddr, String>,
     options: &Options,
     existing: &Existing,
 ) -> Ruleset {
@@ -200,7 +251,7 @@ pub fn render(
     let mut dns6 = Vec::new();
     let mut enforced = 0;
     for ep in inventory.endpoints.iter().filter(|e| e.policy.enforced) {
-        let body = policy_chain(ep, inventory, policies, options.deny_action);
+        let body = policy_chain(ep, inventory, policies, options);
         let index = match chains.iter().position(|c| *c == body) {
             Some(i) => i,
             None => {
@@ -257,9 +308,51 @@ pub fn render(
         &dns6,
     );
 
+    // Source validation: interfaces of enforced endpoints, and the (interface, address)
+    // pairs of every endpoint on them.
+    let mut ifaces = BTreeSet::new();
+    for ep in inventory.endpoints.iter().filter(|e| e.policy.enforced) {
+        for ip in &ep.ips {
+            if let Some(dev) = interfaces.get(ip) {
+                ifaces.insert(dev.clone());
+            }
+        }
+    }
+    let mut src4 = Vec::new();
+    let mut src6 = Vec::new();
+    for ep in &inventory.endpoints {
+        for ip in &ep.ips {
+            if let Some(dev) = interfaces.get(ip).filter(|d| ifaces.contains(*d)) {
+                let element = format!("\"{dev}\" . {ip}");
+                if ip.is_ipv4() {
+                    src4.push(element);
+                } else {
+                    src6.push(element);
+                }
+            }
+        }
+    }
+    let quoted: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
+    r.map("ep_ifaces", "ifname", "", &quoted);
+    r.map("ep_src4", "ifname . ipv4_addr", "", &src4);
+    r.map("ep_src6", "ifname . ipv6_addr", "", &src6);
+
     // Base chains.
     let mark = options.fwmark;
     r.base_chain("prerouting", "filter hook prerouting priority mangle");
+    for forged in [
+        "meta nfproto ipv4 iifname . ip saddr != @ep_src4",
+        "ip6 saddr != { ::, fe80::/10 } iifname . ip6 saddr != @ep_src6",
+    ] {
+        let m = format!("iifname @ep_ifaces {forged}");
+        if let Some(l) = log(options, DropReason::ForgedSource) {
+            r.rule("prerouting", format_args!("{m} {l}"));
+        }
+        r.rule(
+            "prerouting",
+            format_args!("{m} counter drop comment \"forged source\""),
+        );
+    }
     if let Some(port) = options.tproxy_port {
         for (fam, set) in [("ip", "dns4"), ("ip6", "dns6")] {
             for proto in ["udp", "tcp"] {
@@ -272,6 +365,11 @@ pub fn render(
             }
             // No proxy socket took it (the proxy is down): fail closed, never let an
             // enforced endpoint's DNS through unfiltered.
+            let m =
+                format!("meta l4proto {{ udp, tcp }} {fam} saddr . meta l4proto . th dport @{set}");
+            if let Some(l) = log(options, DropReason::DnsProxyUnavailable) {
+                r.rule("prerouting", format_args!("{m} {l}"));
+            }
             r.rule(
                 "prerouting",
                 format_args!(
@@ -425,8 +523,9 @@ fn policy_chain(
     ep: &EndpointState,
     inventory: &Inventory,
     policies: &PolicySet,
-    deny: DenyAction,
+    options: &Options,
 ) -> Vec<String> {
+    let deny = options.deny_action;
     let mut rules = Vec::new();
     let deny_verdict = match deny {
         DenyAction::Reject => "reject with icmpx type admin-prohibited",
@@ -434,6 +533,9 @@ fn policy_chain(
     };
     for d in &ep.policy.denies {
         for m in rule_matches(&d.rule, inventory, policies) {
+            if let Some(l) = log(options, DropReason::EgressDeny) {
+                rules.push(format!("{m} {l}"));
+            }
             if deny == DenyAction::Reject && !m.contains("udp") && !m.contains("sctp") {
                 rules.push(format!("{m} meta l4proto tcp reject with tcp reset"));
             }
@@ -445,11 +547,24 @@ fn policy_chain(
             rules.push(format!("{m} accept"));
         }
     }
+    if let Some(l) = log(options, DropReason::PolicyDenied) {
+        rules.push(l);
+    }
     if deny == DenyAction::Reject {
         rules.push("meta l4proto tcp counter reject with tcp reset".to_owned());
     }
     rules.push(format!("counter {deny_verdict}"));
     rules
+}
+
+/// The rate-limited log statement for `reason`, if logging is on.
+fn log(options: &Options, reason: DropReason) -> Option<String> {
+    options.log_group.map(|group| {
+        format!(
+            "limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_RATE_PER_SECOND} packets log group {group} prefix \"{}\"",
+            reason.as_str()
+        )
+    })
 }
 
 /// The match expressions of a rule: one per (destination, port) alternative.

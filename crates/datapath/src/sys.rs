@@ -8,7 +8,9 @@
 //!   the `ip` tool at start-up.
 
 pub mod netlink;
+pub mod nflog;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -77,6 +79,50 @@ pub trait Kernel: Send {
     fn ensure_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
     /// Removes that rule and route.
     fn remove_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
+    /// The node interface each address is directly attached through (a connected route,
+    /// not via a gateway, not the interface of a default route); others are left out.
+    fn attached_interfaces(&mut self, ips: &[IpAddr])
+        -> Result<BTreeMap<IpAddr, String>, SysError>;
+}
+
+/// Parses `ip -o route get` lines into address -> device, keeping only direct routes.
+pub fn parse_route_get(output: &str, uplinks: &BTreeSet<String>) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(ip) = words.iter().find_map(|w| w.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        if words.first().is_some_and(|w| w.parse::<IpAddr>().is_err()) {
+            // local, broadcast, unreachable, ...: not an attached endpoint.
+            continue;
+        }
+        if words.contains(&"via") {
+            continue;
+        }
+        let dev = words
+            .iter()
+            .position(|w| *w == "dev")
+            .and_then(|i| words.get(i + 1));
+        if let Some(dev) = dev {
+            if *dev != "lo" && !uplinks.contains(*dev) {
+                out.insert(ip, (*dev).to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The devices of default routes in `ip -o route show default` output.
+pub fn parse_default_devices(output: &str) -> BTreeSet<String> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let i = words.iter().position(|w| *w == "dev")?;
+            words.get(i + 1).map(|d| (*d).to_owned())
+        })
+        .collect()
 }
 
 /// The real kernel: `nft`, `ip` and a netlink socket.
@@ -229,6 +275,39 @@ impl Kernel for RealKernel {
         Ok(())
     }
 
+    fn attached_interfaces(
+        &mut self,
+        ips: &[IpAddr],
+    ) -> Result<BTreeMap<IpAddr, String>, SysError> {
+        if ips.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut uplinks =
+            parse_default_devices(&run("ip", &["-o", "route", "show", "default"], None)?);
+        uplinks.extend(parse_default_devices(&run(
+            "ip",
+            &["-o", "-6", "route", "show", "default"],
+            None,
+        )?));
+        let script: String = ips.iter().map(|ip| format!("route get {ip}\n")).collect();
+        // -force: an address without a route does not stop the others.
+        let output = match run("ip", &["-o", "-force", "-batch", "-"], Some(&script)) {
+            Ok(out) => out,
+            Err(SysError::Command { .. }) => {
+                // Some lookups failed; ask one by one so the others still count.
+                let mut all = String::new();
+                for ip in ips {
+                    if let Ok(out) = run("ip", &["-o", "route", "get", &ip.to_string()], None) {
+                        all.push_str(&out);
+                    }
+                }
+                all
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(parse_route_get(&output, &uplinks))
+    }
+
     fn remove_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError> {
         let mark = format!("{fwmark:#x}");
         let table_s = table.to_string();
@@ -265,6 +344,8 @@ pub struct FakeLog {
     pub listing: Option<String>,
     /// Make the next element batch fail.
     pub fail_next_batch: bool,
+    /// What `attached_interfaces` answers.
+    pub interfaces: BTreeMap<IpAddr, String>,
 }
 
 /// A kernel that records calls, for unit tests of the logic above it.
@@ -311,5 +392,38 @@ impl Kernel for FakeKernel {
     }
     fn remove_local_route(&mut self, _fwmark: u32, _table: u32) -> Result<(), SysError> {
         Ok(())
+    }
+    fn attached_interfaces(
+        &mut self,
+        ips: &[IpAddr],
+    ) -> Result<BTreeMap<IpAddr, String>, SysError> {
+        let log = self.log();
+        Ok(ips
+            .iter()
+            .filter_map(|ip| log.interfaces.get(ip).map(|d| (*ip, d.clone())))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn only_direct_routes_off_the_uplink_count() {
+        let uplinks = parse_default_devices(
+            "default via 10.0.0.1 dev eth0 proto dhcp \ndefault via fe80::1 dev eth1 metric 1024 pref medium\n",
+        );
+        assert_eq!(uplinks.len(), 2);
+        let out = "10.200.0.2 dev pod0 src 10.200.0.1 uid 0 \\    cache \n\
+                   fd00:200:1::2 from :: dev pod1 proto kernel src fd00:200:1::1 metric 256 pref medium\n\
+                   10.9.9.9 via 10.0.0.1 dev eth0 src 10.0.0.5 uid 0 \\    cache \n\
+                   10.0.0.7 dev eth0 src 10.0.0.5 uid 0 \\    cache \n\
+                   local 10.0.0.5 dev lo table local src 10.0.0.5 uid 0 \\    cache <local> \n";
+        let m = parse_route_get(out, &uplinks);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[&"10.200.0.2".parse::<IpAddr>().unwrap()], "pod0");
+        assert_eq!(m[&"fd00:200:1::2".parse::<IpAddr>().unwrap()], "pod1");
     }
 }

@@ -38,6 +38,7 @@ fn options() -> Options {
         fwmark: 1,
         tproxy_port: Some(15053),
         route_table: 100,
+        log_group: Some(20053),
     }
 }
 

@@ -84,6 +84,7 @@ fn options(table: &str) -> Options {
         fwmark: 0x4e53,
         tproxy_port: Some(15053),
         route_table: 20053,
+        log_group: Some(20053),
     }
 }
 

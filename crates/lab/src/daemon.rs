@@ -66,7 +66,8 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(dir.join("config.yaml"))
-            .env("RUST_LOG", "info")
+            // Per-query decisions are debug events of the proxy: tests read them.
+            .env("RUST_LOG", "info,dnsfence_proxy=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -83,6 +83,10 @@ pub struct DatapathConfig {
     /// The routing table of that rule (default `20053`).
     #[serde(default = "default_route_table")]
     pub route_table: u32,
+    /// The NFLOG group refused packets are logged to, rate limited, for flow events
+    /// and logs (default `20053`; `0`: off).
+    #[serde(default = "default_log_group")]
+    pub log_group: u16,
 }
 
 impl Default for DatapathConfig {
@@ -93,6 +97,7 @@ impl Default for DatapathConfig {
             deny_action: DenyAction::default(),
             fwmark: default_fwmark(),
             route_table: default_route_table(),
+            log_group: default_log_group(),
         }
     }
 }
@@ -104,6 +109,9 @@ fn default_fwmark() -> u32 {
     0x4e53
 }
 fn default_route_table() -> u32 {
+    20053
+}
+fn default_log_group() -> u16 {
     20053
 }
 
@@ -319,7 +327,14 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("api", &["socket"]),
     (
         "datapath",
-        &["backend", "table", "deny_action", "fwmark", "route_table"],
+        &[
+            "backend",
+            "table",
+            "deny_action",
+            "fwmark",
+            "route_table",
+            "log_group",
+        ],
     ),
     ("metrics", &["listen"]),
     ("endpoints[]", &["name", "namespace", "labels", "ips"]),

@@ -119,6 +119,7 @@ impl Shared {
                 question_end,
             } => {
                 self.metrics.query(VerdictLabel::Malformed, t);
+                debug!(%client, ?rcode, "malformed query refused");
                 return match write_reply(packet, question_end, rcode, out) {
                     Some(n) => Step::Reply(n),
                     None => Step::Drop,
@@ -126,6 +127,7 @@ impl Shared {
             }
             ParsedQuery::Drop => {
                 self.metrics.query(VerdictLabel::Malformed, t);
+                debug!(%client, "unreadable query dropped");
                 return Step::Drop;
             }
         };

@@ -47,6 +47,7 @@ fn options() -> Options {
         fwmark: 0x4e53,
         tproxy_port: Some(15053),
         route_table: 20053,
+        log_group: Some(20053),
     }
 }
 
@@ -76,7 +77,13 @@ fn inventory(set: &PolicySet) -> Inventory {
 #[test]
 fn endpoints_with_the_same_rules_share_one_chain_and_unenforced_ones_are_absent() {
     let set = policies();
-    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
     assert!(
         r.script.contains(
             "add element inet dnsfence ep4 { 10.0.0.2 : jump pol_0, 10.0.0.3 : jump pol_0 }"
@@ -98,7 +105,13 @@ fn endpoints_with_the_same_rules_share_one_chain_and_unenforced_ones_are_absent(
 #[test]
 fn fqdn_selectors_get_timeout_sets_with_ports_and_deny_comes_first() {
     let set = policies();
-    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
     assert_eq!(r.fqdn_sets.len(), 2);
     let api = set
         .fqdn_selectors()
@@ -144,7 +157,13 @@ fn fqdn_selectors_get_timeout_sets_with_ports_and_deny_comes_first() {
 #[test]
 fn dns_of_enforced_endpoints_is_redirected_on_its_rule_ports() {
     let set = policies();
-    let r = render(&set, &inventory(&set), &options(), &Existing::default());
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
     assert!(r.script.contains("10.0.0.2 . udp . 53-53"), "{}", r.script);
     assert!(r.script.contains("10.0.0.2 . tcp . 53-53"));
     assert!(r.script.contains("fd00::2 . udp . 53-53"));
@@ -153,7 +172,13 @@ fn dns_of_enforced_endpoints_is_redirected_on_its_rule_ports() {
         .contains("tproxy ip to :15053 meta mark set 0x4e53 accept"));
     let mut no_redirect = options();
     no_redirect.tproxy_port = None;
-    let r = render(&set, &inventory(&set), &no_redirect, &Existing::default());
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &no_redirect,
+        &Existing::default(),
+    );
     assert!(!r.script.contains("tproxy"));
 }
 
@@ -163,7 +188,13 @@ fn objects_no_longer_wanted_are_deleted_in_the_same_transaction() {
     let existing = Existing::parse(
         "table inet dnsfence {\n\tset fq_00000000deadbeef_4 {\n\t}\n\tchain pol_7 {\n\t}\n\tchain forward {\n\t}\n}\n",
     );
-    let r = render(&set, &inventory(&set), &options(), &existing);
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &existing,
+    );
     let flush = r.script.find("flush chain inet dnsfence pol_7").unwrap();
     let del = r.script.find("delete chain inet dnsfence pol_7").unwrap();
     let del_set = r
@@ -179,7 +210,13 @@ fn drop_action_has_no_reject() {
     let set = policies();
     let mut o = options();
     o.deny_action = DenyAction::Drop;
-    let r = render(&set, &inventory(&set), &o, &Existing::default());
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &o,
+        &Existing::default(),
+    );
     assert!(!r.script.contains("reject"));
     assert!(r.script.contains("pol_0 counter drop"));
 }
@@ -199,4 +236,75 @@ fn set_names_are_stable_and_distinct_per_pattern_and_family() {
     assert!(names.iter().all(|n| n.len() <= 32));
     let again = policies();
     assert_eq!(fqdn_set_name(&again.fqdn_selectors()[0].1, false), names[0]);
+}
+
+#[test]
+fn sources_are_validated_on_interfaces_of_enforced_endpoints() {
+    let set = policies();
+    let ifaces: BTreeMap<IpAddr, String> = [
+        ("10.0.0.2", "pod0"),
+        ("fd00::2", "pod0"),
+        ("10.0.0.9", "pod9"),
+        ("10.96.0.10", "pod0"),
+    ]
+    .iter()
+    .map(|(ip, d)| (ip.parse().unwrap(), (*d).to_owned()))
+    .collect();
+    let r = render(
+        &set,
+        &inventory(&set),
+        &ifaces,
+        &options(),
+        &Existing::default(),
+    );
+    // Only interfaces of enforced endpoints are checked (other: not enforced, pod9).
+    assert!(
+        r.script
+            .contains("add element inet dnsfence ep_ifaces { \"pod0\" }"),
+        "{}",
+        r.script
+    );
+    // Every endpoint on such an interface may use its own address, enforced or not.
+    assert!(r.script.contains("\"pod0\" . 10.0.0.2"));
+    assert!(r.script.contains("\"pod0\" . 10.96.0.10"));
+    assert!(r.script.contains("\"pod0\" . fd00::2"));
+    assert!(!r.script.contains("\"pod9\""));
+    assert!(r.script.contains(
+        "iifname @ep_ifaces meta nfproto ipv4 iifname . ip saddr != @ep_src4 counter drop"
+    ));
+    // The check comes before the DNS redirect.
+    let check = r.script.find("@ep_src4 counter drop").unwrap();
+    let redirect = r.script.find("tproxy ip to").unwrap();
+    assert!(check < redirect);
+}
+
+#[test]
+fn refusals_are_logged_rate_limited_with_their_reason() {
+    let set = policies();
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
+    for reason in DropReason::ALL {
+        assert!(
+            r.script
+                .contains(&format!("log group 20053 prefix \"{}\"", reason.as_str())),
+            "{reason:?}"
+        );
+        assert_eq!(DropReason::from_prefix(reason.as_str()), Some(reason));
+    }
+    assert!(r.script.contains("limit rate 200/second"));
+    let mut quiet = options();
+    quiet.log_group = None;
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &quiet,
+        &Existing::default(),
+    );
+    assert!(!r.script.contains(" log "));
 }

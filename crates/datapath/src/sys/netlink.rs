@@ -28,10 +28,10 @@ mod tests;
 
 // <linux/netlink.h>
 const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_HDRLEN: usize = 4;
@@ -39,7 +39,7 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 // <linux/netfilter/nfnetlink.h>, <linux/netfilter/nf_tables.h>
-const NFGENMSG_LEN: usize = 4;
+pub(crate) const NFGENMSG_LEN: usize = 4;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -519,7 +519,7 @@ impl Answers {
 }
 
 /// The positive errno of an `NLMSG_ERROR` payload (0 for an acknowledgement).
-fn error_code(payload: &[u8]) -> Result<i32, NetlinkError> {
+pub(crate) fn error_code(payload: &[u8]) -> Result<i32, NetlinkError> {
     let code = payload
         .get(..4)
         .and_then(|b| b.try_into().ok())
@@ -774,24 +774,34 @@ impl Encoder {
         seq
     }
 
-    /// Writes an `nlmsghdr` with a length to fill in; returns where it starts.
     fn put_header(&mut self, ty: u16, flags: u16, seq: u32) -> usize {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-        start
+        put_header(&mut self.buf, ty, flags, seq)
     }
 
     fn finish_message(&mut self, start: usize) {
-        let len = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
-        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+        finish_message(&mut self.buf, start);
     }
 }
 
-fn put_nfgenmsg(buf: &mut Vec<u8>, family: u8, res_id: u16) {
+/// Writes an `nlmsghdr` with a length to fill in; returns where it starts.
+pub(crate) fn put_header(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    start
+}
+
+/// Fills in the length of the message [`put_header`] started at `start`.
+pub(crate) fn finish_message(buf: &mut [u8], start: usize) {
+    let len = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
+    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Writes an `nfgenmsg`: `family`, version 0, `res_id` (big-endian).
+pub(crate) fn put_nfgenmsg(buf: &mut Vec<u8>, family: u8, res_id: u16) {
     buf.extend_from_slice(&[family, 0]); // version NFNETLINK_V0
     buf.extend_from_slice(&res_id.to_be_bytes());
 }
@@ -809,7 +819,7 @@ fn pad4(buf: &mut Vec<u8>) {
     buf.resize(align4(buf.len()), 0);
 }
 
-fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+pub(crate) fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = u16::try_from(NLA_HDRLEN + payload.len()).unwrap_or(u16::MAX);
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -843,9 +853,9 @@ fn nest_end(buf: &mut [u8], start: usize) {
 /// A netlink message received from the kernel.
 #[derive(Debug)]
 pub(crate) struct Msg<'a> {
-    ty: u16,
-    seq: u32,
-    payload: &'a [u8],
+    pub(crate) ty: u16,
+    pub(crate) seq: u32,
+    pub(crate) payload: &'a [u8],
 }
 
 /// The netlink messages of a datagram; a truncated one is an error.
@@ -881,7 +891,7 @@ impl<'a> Iterator for Messages<'a> {
 }
 
 /// The attributes in `buf`: (type without flags, payload); a truncated one is an error.
-struct Attrs<'a>(&'a [u8]);
+pub(crate) struct Attrs<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Iterator for Attrs<'a> {
     type Item = Result<(u16, &'a [u8]), NetlinkError>;

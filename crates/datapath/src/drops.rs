@@ -1,0 +1,131 @@
+//! Refused packets, as the kernel reports them: the datapath's log rules send a rate-limited
+//! sample of every refusal to an NFLOG group; this reader turns each into a log line and a
+//! counter naming the reason and the endpoint.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracing::{error, warn};
+
+use crate::ruleset::DropReason;
+use crate::sys::nflog::{LoggedPacket, NflogSocket};
+
+/// Endpoint names by address, for naming who was refused.
+pub type EndpointNames = Arc<RwLock<HashMap<IpAddr, String>>>;
+
+/// The `reason` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// One of [`DropReason::as_str`], or `other`.
+    pub reason: &'static str,
+}
+
+/// Metrics of refused packets.
+#[derive(Debug, Clone, Default)]
+pub struct DropMetrics {
+    /// Refused packets the kernel logged, by reason (rate limited per rule, so a lower
+    /// bound under floods; the table's counters have the exact totals).
+    pub logged: Family<ReasonLabel, Counter>,
+    /// Times the kernel had more to report than the reader could take.
+    pub overruns: Counter,
+}
+
+impl DropMetrics {
+    /// Registers under `datapath_` in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("datapath");
+        r.register(
+            "refused_packets",
+            "Refused packets of enforced endpoints logged by the kernel, by reason",
+            self.logged.clone(),
+        );
+        r.register(
+            "refusal_log_overruns",
+            "Times refused-packet logs were lost because the reader fell behind",
+            self.overruns.clone(),
+        );
+    }
+}
+
+/// A refused packet, described for a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why.
+    pub reason: Option<DropReason>,
+    /// The endpoint's name, when its address is in the inventory.
+    pub endpoint: Option<String>,
+    /// The packet.
+    pub packet: LoggedPacket,
+}
+
+/// Names a logged packet.
+pub fn describe(packet: LoggedPacket, names: &HashMap<IpAddr, String>) -> Refusal {
+    Refusal {
+        reason: DropReason::from_prefix(&packet.prefix),
+        endpoint: names.get(&packet.src).cloned(),
+        packet,
+    }
+}
+
+fn protocol_name(p: u8) -> &'static str {
+    match p {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        58 => "icmpv6",
+        132 => "sctp",
+        _ => "other",
+    }
+}
+
+/// Reads NFLOG `group` on a thread of its own (in the caller's network namespace) until
+/// the process ends.
+pub fn spawn_reader(
+    group: u16,
+    names: EndpointNames,
+    metrics: DropMetrics,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let mut socket = NflogSocket::open(group).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("dnsfence-drops".into())
+        .spawn(move || {
+            let mut overruns = 0;
+            loop {
+                let packets = match socket.recv(Some(Duration::from_secs(1))) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        error!(error = %e, "reading refused packets failed; no more drop logs");
+                        return;
+                    }
+                };
+                let now = socket.overruns();
+                if now > overruns {
+                    metrics.overruns.inc_by(now - overruns);
+                    overruns = now;
+                }
+                let names = names.read().unwrap_or_else(PoisonError::into_inner);
+                for packet in packets {
+                    let r = describe(packet, &names);
+                    let reason = r.reason.map_or("other", DropReason::as_str);
+                    metrics.logged.get_or_create(&ReasonLabel { reason }).inc();
+                    warn!(
+                        target: "dnsfence::drop",
+                        reason,
+                        endpoint = r.endpoint.as_deref().unwrap_or("-"),
+                        src = %r.packet.src,
+                        dst = %r.packet.dst,
+                        protocol = protocol_name(r.packet.protocol),
+                        dport = r.packet.dst_port.unwrap_or(0),
+                        icmp_type = r.packet.icmp_type.map_or(-1, i16::from),
+                        "packet refused"
+                    );
+                }
+            }
+        })
+}
