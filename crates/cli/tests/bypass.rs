@@ -407,3 +407,51 @@ fn bypass_icmp_follows_the_same_rules() {
     assert!(ping(env.plain(), ip("2001:db8::99")));
     assert!(log_shows(&env, &["policy-denied", "203.0.113.66"]));
 }
+
+#[test]
+fn bypass_fragments_follow_the_same_rules() {
+    let Some(env) = env(vec![]) else { return };
+    // 4,000 bytes over a 1,500-byte MTU: the pod's kernel fragments, the node reassembles
+    // before judging, v4 and v6.
+    let big = vec![0x5a; 4000];
+    let api = a(env.web(), "api.example.com")[0];
+    let (_, api6) = resolve(
+        env.web(),
+        "api.example.com",
+        RecordType::AAAA,
+        Transport::Udp,
+    );
+    for allowed in [api, api6[0]] {
+        let echo = env
+            .web()
+            .udp_exchange(SocketAddr::new(allowed, 9000), &big, Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(echo.len(), big.len(), "{allowed}");
+    }
+    for denied in [ip("203.0.113.66"), ip("2001:db8::99")] {
+        assert!(env
+            .web()
+            .udp_exchange(
+                SocketAddr::new(denied, 9000),
+                &big,
+                Duration::from_millis(700)
+            )
+            .is_err());
+    }
+    // Port 9001 is not allowed even to the learned IP.
+    assert!(env
+        .web()
+        .udp_exchange(SocketAddr::new(api, 9001), &big, Duration::from_millis(700))
+        .is_err());
+}
+
+#[test]
+fn bypass_connecting_before_the_answer_fails_and_right_after_succeeds() {
+    let Some(env) = env(vec![]) else { return };
+    // The pod knows the IP (hard-coded, cached elsewhere) but has not resolved it here.
+    let known = ip("192.0.2.21");
+    assert!(blocked(reach(env.web(), known, 443)));
+    assert_eq!(a(env.web(), "a.cdn.example.com"), [known]);
+    assert_eq!(reach(env.web(), known, 443), Outcome::Connected);
+    assert!(log_shows(&env, &["policy-denied", "192.0.2.21"]));
+}
