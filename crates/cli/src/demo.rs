@@ -318,7 +318,7 @@ pub(crate) fn run(args: &DemoArgs) -> Result<ExitCode> {
     let all = matched == rows.len();
     if !all || args.keep_log {
         let kept = daemon.keep_log();
-        eprintln!("dnsfence log: {}", kept.display());
+        eprintln!("dnsfence logs: {}", kept.display());
     } else {
         drop(daemon);
     }

@@ -3,12 +3,17 @@
 //! Exit codes: 0 success, 1 a negative answer (invalid policy, denied query), 2 usage or
 //! input error.
 
+mod agent;
 mod demo;
 mod files;
+mod follow;
 mod fqdn;
 mod policy;
 mod proxy;
 mod run;
+mod sink;
+mod state;
+mod status;
 
 use std::process::ExitCode;
 
@@ -32,10 +37,16 @@ enum Command {
     /// Build a network-namespace lab, enforce an example policy in it, and show what pods
     /// can and cannot reach (root). Exit 0 only if every observation matches the policy.
     Demo(demo::DemoArgs),
+    /// Run the agent alone: policies, endpoints and the nftables table, serving snapshots
+    /// to `dnsfence proxy --agent` processes.
+    Agent(agent::AgentArgs),
     /// Run agent, DNS proxy and nftables datapath in one process (the embedded default).
     Run(run::RunArgs),
     /// Remove dnsfence's nftables table and routing rule (enforced endpoints regain egress).
     Cleanup(run::CleanupArgs),
+    /// Health of the agent and the proxy: snapshot versions, endpoints, learned
+    /// mappings, kernel set sizes. Exit 0 when both answer, 1 otherwise.
+    Status(status::StatusArgs),
     /// Inspect learned name-to-IP mappings.
     #[command(subcommand)]
     Fqdn(fqdn::FqdnCommand),
@@ -69,6 +80,8 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(&args),
         Command::Fqdn(cmd) => fqdn::run(&cmd),
         Command::Run(args) => run::run(&args),
+        Command::Agent(args) => agent::run(&args),
+        Command::Status(args) => status::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Cleanup(args) => run::cleanup(&args),
     };

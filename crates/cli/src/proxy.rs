@@ -1,6 +1,8 @@
-//! `dnsfence proxy --config FILE`: the DNS proxy alone, with a sink that enforces nothing
-//! (the nftables datapath comes with `dnsfence run`).
+//! `dnsfence proxy --config FILE`: the DNS proxy as a process of its own. Alone it reads
+//! the policies itself and enforces nothing in the kernel; with `--agent` it follows
+//! `dnsfence agent` and writes learned IPs into the agent's table ([`crate::follow`]).
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,20 +11,35 @@ use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_datapath::Worker;
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
-use dnsfence_policy::{Labels, PolicySet};
-use dnsfence_proxy::config::{Config, DenyRcode, UnknownClientsConfig};
+use dnsfence_policy::{Labels, PolicyLoader, PolicySet};
+use dnsfence_proxy::config::{
+    Backend, Config, DenyRcode, DnsConfig, EndpointConfig, UnknownClientsConfig,
+};
+use dnsfence_proxy::control::PolicyDoc;
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::policy;
+use crate::files;
 
 #[derive(Debug, Args)]
 pub(crate) struct ProxyArgs {
     /// The configuration file (YAML).
     #[arg(long, short = 'c')]
     config: PathBuf,
+    /// Follow `dnsfence agent` (on `api.agent_socket`): take its snapshots and write
+    /// learned IPs into its nftables table; keep going when it is down.
+    #[arg(long)]
+    agent: bool,
+}
+
+/// What a proxy following the agent needs besides the proxy.
+pub(crate) struct Follower {
+    worker: Option<Worker>,
+    version: u64,
+    reports: tokio::sync::mpsc::Receiver<Vec<dnsfence_fqdncache::Change>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Reads and checks the configuration; problems are printed and mapped to exit code 2.
@@ -48,14 +65,27 @@ pub(crate) fn policy_paths(config_path: &Path, config: &Config) -> Vec<PathBuf> 
     config.policies.iter().map(|p| base.join(p)).collect()
 }
 
-/// Builds the snapshot; `Err` lists policy problems (the caller keeps what runs).
-/// Selectors `previous` also has keep their ids.
-pub(crate) fn build_snapshot(
-    config_path: &Path,
-    config: &Config,
-    previous: &PolicySet,
-) -> Result<Snapshot> {
-    let (set, diags, _) = policy::load_after(&policy_paths(config_path, config), previous)?;
+/// Reads the configuration's policy files.
+pub(crate) fn policy_docs(config_path: &Path, config: &Config) -> Result<Vec<PolicyDoc>> {
+    files::expand(&policy_paths(config_path, config))?
+        .iter()
+        .map(|f| {
+            Ok(PolicyDoc {
+                file: f.display().to_string(),
+                text: files::read(f)?,
+            })
+        })
+        .collect()
+}
+
+/// Compiles policy documents; `Err` lists every problem. Selectors `previous` also has
+/// keep their ids.
+pub(crate) fn compile(docs: &[PolicyDoc], previous: &PolicySet) -> Result<PolicySet> {
+    let mut loader = PolicyLoader::new();
+    for d in docs {
+        loader.add(&d.file, &d.text);
+    }
+    let (set, diags) = loader.finish_after(previous);
     let errors: Vec<String> = diags
         .iter()
         .filter(|d| d.is_error())
@@ -67,8 +97,17 @@ pub(crate) fn build_snapshot(
     if !errors.is_empty() {
         anyhow::bail!("invalid policies:\n{}", errors.join("\n"));
     }
-    let endpoints: Vec<EndpointSpec> = config
-        .endpoints
+    Ok(set)
+}
+
+/// The proxy's snapshot of `set` for `endpoints`.
+pub(crate) fn snapshot_of(
+    set: PolicySet,
+    endpoints: &[EndpointConfig],
+    host_ips: &[IpAddr],
+    dns: &DnsConfig,
+) -> Result<Snapshot> {
+    let endpoints: Vec<EndpointSpec> = endpoints
         .iter()
         .map(|e| {
             Ok(EndpointSpec {
@@ -80,11 +119,11 @@ pub(crate) fn build_snapshot(
         })
         .collect::<Result<_, dnsfence_policy::LabelKeyError>>()?;
     let verdict = VerdictConfig {
-        deny_rcode: match config.dns.deny_rcode {
+        deny_rcode: match dns.deny_rcode {
             DenyRcode::Refused => Rcode::Refused,
             DenyRcode::Nxdomain => Rcode::NxDomain,
         },
-        unknown_clients: match config.dns.unknown_clients {
+        unknown_clients: match dns.unknown_clients {
             UnknownClientsConfig::Refuse => UnknownClients::Refuse,
             UnknownClientsConfig::Forward => UnknownClients::Forward,
         },
@@ -92,9 +131,21 @@ pub(crate) fn build_snapshot(
     Ok(Snapshot::new(
         Arc::new(set),
         &endpoints,
-        config.host_ips.clone(),
+        host_ips.to_vec(),
         verdict,
     ))
+}
+
+/// Builds the snapshot from the configuration's files; `Err` lists policy problems (the
+/// caller keeps what runs). Selectors `previous` also has keep their ids.
+pub(crate) fn build_snapshot(
+    config_path: &Path,
+    config: &Config,
+    previous: &PolicySet,
+) -> Result<Snapshot> {
+    let docs = policy_docs(config_path, config)?;
+    let set = compile(&docs, previous)?;
+    snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)
 }
 
 pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
@@ -102,6 +153,9 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if args.agent {
+        return run_following(args, config);
+    }
     let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
         Ok(s) => s,
         Err(e) => {
@@ -122,18 +176,76 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         snapshot,
         Arc::new(NoopSink),
         None,
+        None,
     ))
 }
 
-/// Serves DNS, metrics and the API until SIGTERM or SIGINT; SIGHUP reloads policies (and
-/// reconciles `datapath` first, when there is one, so new selector sets exist before
-/// learned IPs move to them).
+fn run_following(args: &ProxyArgs, mut config: Config) -> Result<ExitCode> {
+    if config.dns.transparent.is_none() {
+        config.dns.transparent = Some(dnsfence_proxy::config::TransparentConfig {
+            port: crate::run::DEFAULT_TRANSPARENT_PORT,
+        });
+    }
+    crate::init_logging();
+    let (version, snapshot) = match crate::follow::initial(&args.config, &config) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let (inner, worker): (Arc<dyn IpSink>, Option<Worker>) = match config.datapath.backend {
+        Backend::None => (Arc::new(NoopSink), None),
+        Backend::Nftables => {
+            let datapath = dnsfence_datapath::Datapath::elements_only(
+                Box::new(dnsfence_datapath::RealKernel::default()),
+                crate::run::options(&config),
+            );
+            let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
+            worker.use_selectors(snapshot.policies().clone());
+            (
+                Arc::new(crate::sink::DatapathSink(worker.clone())),
+                Some(worker),
+            )
+        }
+    };
+    let (tx, reports) = tokio::sync::mpsc::channel(1024);
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sink = Arc::new(crate::follow::ReportingSink {
+        inner,
+        tx,
+        dropped: dropped.clone(),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(
+        args.config.clone(),
+        config,
+        snapshot,
+        sink,
+        None,
+        Some(Follower {
+            worker,
+            version,
+            reports,
+            dropped,
+        }),
+    ))
+}
+
+/// Serves DNS, metrics and the API until SIGTERM or SIGINT, then drains the queries in
+/// flight (at most `dns.drain_timeout`). SIGHUP reloads policies (and reconciles
+/// `datapath` first, when there is one, so new selector sets exist before learned IPs move
+/// to them), except when following the agent, which owns the policies.
 pub(crate) async fn serve(
     config_path: PathBuf,
     config: Config,
     snapshot: Snapshot,
     sink: Arc<dyn IpSink>,
     datapath: Option<Worker>,
+    follower: Option<Follower>,
 ) -> Result<ExitCode> {
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
@@ -148,7 +260,7 @@ pub(crate) async fn serve(
         ),
         None => None,
     };
-    let proxy = Proxy::start(config.dns.clone(), snapshot, sink, metrics)
+    let mut proxy = Proxy::start(config.dns.clone(), snapshot, sink, metrics)
         .await
         .context("binding the DNS listeners")?;
     if let Some(listener) = metrics_listener {
@@ -168,17 +280,48 @@ pub(crate) async fn serve(
             error!(socket = %socket.display(), error = %e, "API socket unavailable");
         }
     });
+    let following = follower.is_some();
+    let config = Arc::new(config);
+    if let Some(f) = follower {
+        crate::follow::restore(proxy.shared(), &config).await;
+        tokio::spawn(crate::follow::journal(
+            proxy.shared().clone(),
+            config.clone(),
+        ));
+        tokio::spawn(crate::follow::follow(
+            proxy.shared().clone(),
+            f.worker,
+            config.clone(),
+            f.version,
+            f.reports,
+            f.dropped,
+        ));
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &proxy, datapath.as_ref()).await,
+            _ = hup.recv() => {
+                if following {
+                    info!("SIGHUP ignored: the agent owns the policies (reload the agent)");
+                } else {
+                    reload(&config_path, &proxy, datapath.as_ref()).await;
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    info!("stopping");
+    info!("stopping: no new queries; draining those in flight");
+    let left = proxy.drain(config.dns.drain_timeout).await;
+    if left > 0 {
+        warn!(left, "queries still in flight after dns.drain_timeout");
+    }
+    if following {
+        crate::follow::save_learned(proxy.shared(), &config);
+    }
+    info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -2,19 +2,16 @@
 //! embedded default). The proxy's sink is the datapath, so an answer with new IPs is
 //! released only once they are in the kernel. `dnsfence cleanup` removes the table.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
-use dnsfence_fqdncache::Change;
 use dnsfence_policy::{Endpoint, Labels, PolicySet};
 use dnsfence_proxy::config::{self, Backend, Config, TransparentConfig};
-use dnsfence_proxy::{IpSink, NoopSink, SinkError};
+use dnsfence_proxy::{IpSink, NoopSink};
 use tracing::{info, warn};
 
 use crate::proxy::{build_snapshot, read_config, serve};
@@ -34,34 +31,6 @@ pub(crate) struct CleanupArgs {
     /// The configuration file naming the table and routing rule (default names otherwise).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-}
-
-/// The datapath as the proxy's sink.
-struct DatapathSink(Worker);
-
-impl IpSink for DatapathSink {
-    fn apply(&self, changes: Vec<Change>) -> dnsfence_proxy::SinkFuture {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0.apply(
-            changes,
-            Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        );
-        let fut: Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>> =
-            Box::pin(async move {
-                match rx.await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(SinkError {
-                        reason: e.to_string(),
-                    }),
-                    Err(_) => Err(SinkError {
-                        reason: "the datapath thread stopped".to_owned(),
-                    }),
-                }
-            });
-        fut
-    }
 }
 
 /// The datapath options a configuration asks for.
@@ -153,14 +122,24 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
                 selectors = done.selectors,
                 "datapath ready"
             );
-            (Arc::new(DatapathSink(worker.clone())), Some(worker))
+            (
+                Arc::new(crate::sink::DatapathSink(worker.clone())),
+                Some(worker),
+            )
         }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let code = runtime.block_on(serve(args.config.clone(), config, snapshot, sink, worker))?;
+    let code = runtime.block_on(serve(
+        args.config.clone(),
+        config,
+        snapshot,
+        sink,
+        worker,
+        None,
+    ))?;
     // The table stays: enforced endpoints keep failing closed until `dnsfence cleanup`.
     info!("stopped; the nftables table stays in force (dnsfence cleanup removes it)");
     Ok(code)

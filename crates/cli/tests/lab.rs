@@ -317,7 +317,7 @@ fn when_dnsfence_dies_enforced_pods_fail_closed_and_others_are_unaffected() {
         .web()
         .connect_tcp(SocketAddr::new(api, 443), Duration::from_secs(2))
         .unwrap();
-    env.daemon.kill();
+    env.daemon.kill_all();
     // The table stays: the enforced pod's DNS is dropped, not forwarded unfiltered...
     let (status, _) = resolve(env.web(), "evil.example.org", RecordType::A, Transport::Udp);
     assert_eq!(status, DnsStatus::TimedOut, "{}", env.diag());

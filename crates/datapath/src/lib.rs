@@ -78,6 +78,54 @@ impl Datapath {
         })
     }
 
+    /// A datapath that only writes learned IPs into the selector sets of a table someone
+    /// else (the agent) owns: no tools checked, no routing rule, no reconcile. Selectors
+    /// come from [`Datapath::use_selectors`].
+    pub fn elements_only(kernel: Box<dyn Kernel>, options: Options) -> Self {
+        Self {
+            kernel,
+            names: drops::EndpointNames::default(),
+            options,
+            learned: Learned::default(),
+            sets: BTreeMap::new(),
+            ops: Vec::new(),
+            set_ops: Vec::new(),
+        }
+    }
+
+    /// Maps `policies`' selectors to their sets (named by pattern, as the agent names
+    /// them) and forgets learned IPs of selectors that are gone.
+    pub fn use_selectors(&mut self, policies: &PolicySet) {
+        self.sets = policies
+            .fqdn_selectors()
+            .iter()
+            .map(|(id, p)| {
+                (
+                    *id,
+                    (
+                        ruleset::fqdn_set_name(p, false),
+                        ruleset::fqdn_set_name(p, true),
+                    ),
+                )
+            })
+            .collect();
+        let sets = &self.sets;
+        self.learned.retain_selectors(|s| sets.contains_key(&s));
+    }
+
+    /// Elements per selector set, read from the kernel (sets it cannot read are left out).
+    pub fn element_counts(&mut self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (v4, v6) in self.sets.values() {
+            for set in [v4, v6] {
+                if let Ok(n) = self.kernel.count_elements(&self.options.table, set) {
+                    out.insert(set.clone(), n);
+                }
+            }
+        }
+        out
+    }
+
     /// Endpoint names by address, as of the last reconcile (for naming refused packets).
     pub fn names(&self) -> drops::EndpointNames {
         self.names.clone()
@@ -198,6 +246,8 @@ enum Request {
         Arc<Inventory>,
         mpsc::Sender<Result<Reconciled, SysError>>,
     ),
+    UseSelectors(Arc<PolicySet>, mpsc::Sender<()>),
+    Counts(mpsc::Sender<BTreeMap<String, usize>>),
 }
 
 /// Metrics of the datapath (registered by the binary in its Prometheus registry).
@@ -332,6 +382,14 @@ impl Worker {
                                 }
                                 let _ = reply.send(result);
                             }
+                            Request::Counts(reply) => {
+                                let _ = reply.send(datapath.element_counts());
+                            }
+                            Request::UseSelectors(p, reply) => {
+                                flush(&mut datapath, &st, &mut changes, &mut waiting);
+                                datapath.use_selectors(&p);
+                                let _ = reply.send(());
+                            }
                         }
                     }
                     flush(&mut datapath, &st, &mut changes, &mut waiting);
@@ -350,6 +408,24 @@ impl Worker {
                 stderr: "the datapath thread has stopped".into(),
             })));
         }
+    }
+
+    /// Switches the selector-to-set mapping (after the changes queued before it) and
+    /// waits until it is done.
+    pub fn use_selectors(&self, policies: Arc<PolicySet>) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Request::UseSelectors(policies, tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Elements per selector set, read from the kernel.
+    pub fn element_counts(&self) -> BTreeMap<String, usize> {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Request::Counts(tx)).is_ok() {
+            return rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        }
+        BTreeMap::new()
     }
 
     /// Reconciles and waits for the result.

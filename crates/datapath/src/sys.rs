@@ -79,6 +79,8 @@ pub trait Kernel: Send {
     fn ensure_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
     /// Removes that rule and route.
     fn remove_local_route(&mut self, fwmark: u32, table: u32) -> Result<(), SysError>;
+    /// How many elements `set` of `table` holds.
+    fn count_elements(&mut self, table: &str, set: &str) -> Result<usize, SysError>;
     /// The node interface each address is directly attached through (a connected route,
     /// not via a gateway, not the interface of a default route); others are left out.
     fn attached_interfaces(&mut self, ips: &[IpAddr])
@@ -275,6 +277,10 @@ impl Kernel for RealKernel {
         Ok(())
     }
 
+    fn count_elements(&mut self, table: &str, set: &str) -> Result<usize, SysError> {
+        Ok(self.socket()?.list(table, set)?.len())
+    }
+
     fn attached_interfaces(
         &mut self,
         ips: &[IpAddr],
@@ -393,6 +399,21 @@ impl Kernel for FakeKernel {
     fn remove_local_route(&mut self, _fwmark: u32, _table: u32) -> Result<(), SysError> {
         Ok(())
     }
+    fn count_elements(&mut self, _table: &str, set: &str) -> Result<usize, SysError> {
+        let log = self.log();
+        let mut n = 0;
+        for batch in &log.batches {
+            for op in batch {
+                match op {
+                    SetOp::Add { set: s, .. } if s == set => n += 1,
+                    SetOp::Delete { set: s, .. } if s == set => n -= 1,
+                    _ => {}
+                }
+            }
+        }
+        Ok(n)
+    }
+
     fn attached_interfaces(
         &mut self,
         ips: &[IpAddr],

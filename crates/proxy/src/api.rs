@@ -87,6 +87,21 @@ fn answer(shared: &Shared, line: &str) -> serde_json::Value {
     }
     match req.request.as_str() {
         "fqdn_list" => serde_json::json!({"version": API_VERSION, "fqdns": fqdn_list(shared)}),
+        "status" => {
+            let snapshot = shared.snapshot();
+            let (names, ips) = shared.with_cache(|c| (c.len(), c.mappings()));
+            serde_json::json!({"version": API_VERSION, "status": {
+                "role": "proxy",
+                "pid": std::process::id(),
+                "uptime_s": shared.uptime().as_secs(),
+                "snapshot_version": shared.snapshot_version.load(std::sync::atomic::Ordering::Relaxed),
+                "policies": snapshot.policies().policies().len(),
+                "selectors": snapshot.policies().fqdn_selectors().len(),
+                "learned_names": names,
+                "learned_ips": ips,
+                "queries_in_flight": shared.in_flight(),
+            }})
+        }
         other => {
             serde_json::json!({"version": API_VERSION, "error": format!("unknown request {other:?}")})
         }

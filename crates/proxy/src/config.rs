@@ -116,7 +116,7 @@ fn default_log_group() -> u16 {
 }
 
 /// One endpoint of the standalone inventory.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// Name (pod name).
@@ -201,6 +201,9 @@ pub struct DnsConfig {
     /// Idle TCP client connections are closed after this (default `10s`).
     #[serde(default = "default_tcp_idle", deserialize_with = "duration")]
     pub tcp_idle_timeout: Duration,
+    /// On SIGTERM, how long queries in flight may take to finish (default 5s).
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for DnsConfig {
@@ -218,6 +221,7 @@ impl Default for DnsConfig {
             upstream_timeout: default_upstream_timeout(),
             max_inflight_per_client: default_max_inflight(),
             tcp_idle_timeout: default_tcp_idle(),
+            drain_timeout: default_drain(),
         }
     }
 }
@@ -226,17 +230,26 @@ impl Default for DnsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// The Unix socket (default `/run/dnsfence/dnsfence.sock`).
+    /// The local API of `run` and `proxy` (default `/run/dnsfence/dnsfence.sock`).
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Where `dnsfence agent` serves proxies and `status` (default
+    /// `/run/dnsfence/agent.sock`).
+    #[serde(default = "default_agent_socket")]
+    pub agent_socket: PathBuf,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             socket: default_socket(),
+            agent_socket: default_agent_socket(),
         }
     }
+}
+
+fn default_agent_socket() -> PathBuf {
+    PathBuf::from("/run/dnsfence/agent.sock")
 }
 
 /// `metrics`.
@@ -271,6 +284,9 @@ fn default_upstream_timeout() -> Duration {
 }
 fn default_max_inflight() -> u32 {
     256
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_tcp_idle() -> Duration {
     Duration::from_secs(10)
@@ -321,10 +337,11 @@ const KNOWN: &[(&str, &[&str])] = &[
             "upstream_timeout",
             "max_inflight_per_client",
             "tcp_idle_timeout",
+            "drain_timeout",
         ],
     ),
     ("dns.transparent", &["port"]),
-    ("api", &["socket"]),
+    ("api", &["socket", "agent_socket"]),
     (
         "datapath",
         &[

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 mod http;
 pub mod metrics;
 mod shared;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use dnsfence_dns::Snapshot;
-use tokio::net::{TcpListener, UdpSocket};
 use tracing::error;
 
 pub use api::{serve_api, FqdnEntry, FqdnIp, API_VERSION};
@@ -36,6 +36,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     udp: Vec<SocketAddr>,
     tcp: Vec<SocketAddr>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -56,9 +57,9 @@ impl Proxy {
         let mut udp_sockets = Vec::new();
         let mut tcp_listeners = Vec::new();
         for addr in listen {
-            let udp = UdpSocket::bind(addr).await?;
+            let udp = sys::explicit_udp(addr)?;
             let bound = udp.local_addr()?;
-            let tcp = TcpListener::bind(bound).await?;
+            let tcp = sys::explicit_tcp(bound)?;
             udp_sockets.push(Arc::new(udp));
             tcp_listeners.push(tcp);
         }
@@ -81,46 +82,48 @@ impl Proxy {
             }
         }
         let pool = udp::UpstreamPool::start(shared.clone()).await?;
+        let mut listeners = Vec::new();
         for socket in transparent_udp {
             let (shared, pool) = (shared.clone(), pool.clone());
-            tokio::spawn(async move {
+            listeners.push(tokio::spawn(async move {
                 if let Err(e) = udp::serve_transparent(shared, pool, socket).await {
                     error!(error = %e, "transparent UDP listener stopped");
                 }
-            });
+            }));
         }
         for listener in transparent_tcp {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            listeners.push(tokio::spawn(async move {
                 if let Err(e) =
                     tcp::serve(shared, listener, tcp::Upstream::OriginalDestination).await
                 {
                     error!(error = %e, "transparent TCP listener stopped");
                 }
-            });
+            }));
         }
         let mut proxy = Self {
             shared: shared.clone(),
             udp: Vec::new(),
             tcp: Vec::new(),
+            listeners,
         };
         for socket in udp_sockets {
             proxy.udp.push(socket.local_addr()?);
             let (shared, pool) = (shared.clone(), pool.clone());
-            tokio::spawn(async move {
+            proxy.listeners.push(tokio::spawn(async move {
                 if let Err(e) = udp::serve(shared, pool, socket).await {
                     error!(error = %e, "UDP listener stopped");
                 }
-            });
+            }));
         }
         for listener in tcp_listeners {
             proxy.tcp.push(listener.local_addr()?);
             let shared = shared.clone();
-            tokio::spawn(async move {
+            proxy.listeners.push(tokio::spawn(async move {
                 if let Err(e) = tcp::serve(shared, listener, tcp::Upstream::Configured).await {
                     error!(error = %e, "TCP listener stopped");
                 }
-            });
+            }));
         }
         tokio::spawn(expire_loop(shared));
         Ok(proxy)
@@ -139,6 +142,24 @@ impl Proxy {
     /// The shared state: snapshot, cache, counters.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Stops taking new queries (closes every listener: a successor bound to the same
+    /// ports with `SO_REUSEPORT` gets them), then waits until the queries in flight are
+    /// answered, at most `limit`. Returns how many were still in flight at the end.
+    pub async fn drain(&mut self, limit: Duration) -> u32 {
+        for task in self.listeners.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = self.shared.in_flight();
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Shared {
     inflight: Mutex<HashMap<IpAddr, u32>>,
     /// Metrics (also read by tests).
     pub metrics: ProxyMetrics,
+    /// The version of the agent's snapshot in force (0: none, or not following an agent).
+    pub snapshot_version: std::sync::atomic::AtomicU64,
+    started: Instant,
 }
 
 /// What to do with a client's query.
@@ -70,6 +73,8 @@ impl Shared {
             refresh,
             inflight: Mutex::new(HashMap::new()),
             metrics,
+            snapshot_version: std::sync::atomic::AtomicU64::new(0),
+            started: Instant::now(),
         };
         (shared, refresh_rx)
     }
@@ -88,6 +93,38 @@ impl Shared {
                 warn!(error = %e, "applying selector changes after a policy update failed");
             }
         }
+    }
+
+    /// Puts back mappings saved before a restart (name, IP, time left), as if their
+    /// answers had just arrived, and has the sink enforce them.
+    pub async fn restore(&self, entries: &[(String, IpAddr, std::time::Duration)]) -> usize {
+        let changes = {
+            let snapshot = self.snapshot.load();
+            let mut cache = lock(&self.cache);
+            let now = Instant::now();
+            let mut changes = Vec::new();
+            for (name, ip, left) in entries {
+                let Ok(folded) = dnsfence_policy::FoldedName::new(name.as_bytes()) else {
+                    continue;
+                };
+                changes.extend(cache.learn(
+                    now,
+                    std::slice::from_ref(&folded),
+                    std::slice::from_ref(ip),
+                    *left,
+                    snapshot.policies(),
+                ));
+            }
+            self.gauge(&cache);
+            changes
+        };
+        let n = changes.len();
+        if n > 0 {
+            if let Err(e) = self.sink.apply(changes).await {
+                warn!(error = %e, "enforcing restored IPs failed");
+            }
+        }
+        n
     }
 
     /// Runs `f` on the learned mappings.
@@ -169,6 +206,16 @@ impl Shared {
         }
         self.metrics.query(VerdictLabel::Allowed, t);
         Step::Forward(query, learn, server)
+    }
+
+    /// How long ago the proxy started.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Queries forwarded upstream and not answered yet, over all clients.
+    pub fn in_flight(&self) -> u32 {
+        lock(&self.inflight).values().sum()
     }
 
     /// Counts a query in flight for `client`; false when over the bound.

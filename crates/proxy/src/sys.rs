@@ -23,6 +23,8 @@ use tokio::net::{TcpListener, UdpSocket};
 fn transparent(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     socket.set_reuse_address(true)?;
+    // A restarting or upgraded proxy binds the same ports before the old one leaves.
+    socket.set_reuse_port(true)?;
     if addr.is_ipv4() {
         socket.set_ip_transparent_v4(true)?;
     } else {
@@ -200,4 +202,31 @@ impl Batch {
             }
         }
     }
+}
+
+/// A plain (explicit) listener socket with `SO_REUSEPORT`, UDP or TCP.
+pub(crate) fn explicit_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// See [`explicit_udp`].
+pub(crate) fn explicit_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }

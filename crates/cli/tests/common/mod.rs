@@ -70,6 +70,15 @@ pub struct Env {
 }
 
 pub fn env(extra_records: Vec<Rec>) -> Option<Env> {
+    env_with(extra_records, false)
+}
+
+/// As [`env`], with `dnsfence agent` and `dnsfence proxy --agent` as two processes.
+pub fn env_split(extra_records: Vec<Rec>) -> Option<Env> {
+    env_with(extra_records, true)
+}
+
+fn env_with(extra_records: Vec<Rec>, split: bool) -> Option<Env> {
     if skip_unless_root(&["ip", "nft"]) {
         return None;
     }
@@ -94,14 +103,16 @@ pub fn env(extra_records: Vec<Rec>) -> Option<Env> {
         ep("other", "other", lab.pod(1)),
         ep("plain", "plain", lab.pod(2)),
     );
-    let daemon = Daemon::start(
-        &lab,
-        &DaemonSpec {
-            exe: env!("CARGO_BIN_EXE_dnsfence").into(),
-            policy: POLICY.to_owned(),
-            config_extra: config,
-        },
-    )
+    let spec = DaemonSpec {
+        exe: env!("CARGO_BIN_EXE_dnsfence").into(),
+        policy: POLICY.to_owned(),
+        config_extra: config,
+    };
+    let daemon = if split {
+        Daemon::start_split(&lab, &spec)
+    } else {
+        Daemon::start(&lab, &spec)
+    }
     .unwrap();
     Some(Env { daemon, lab })
 }

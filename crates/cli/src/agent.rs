@@ -1,0 +1,363 @@
+//! `dnsfence agent --config FILE`: owns policies, endpoints and the nftables table, and
+//! streams versioned snapshots to proxies (`dnsfence proxy --agent`) over the agent
+//! socket ([`dnsfence_proxy::control`]). It never writes learned IPs: proxies do, straight
+//! into the selector sets, so DNS keeps resolving and enforcing while the agent is down.
+//! On start it adopts an existing table (nothing is flushed; learned IPs stay).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dnsfence_datapath::ruleset::fqdn_set_name;
+use dnsfence_datapath::{Datapath, RealKernel, Worker};
+use dnsfence_policy::PolicySet;
+use dnsfence_proxy::config::{Backend, Config, TransparentConfig};
+use dnsfence_proxy::control::{
+    read_message, write_message, Message, Role, SelectorSets, SnapshotData, CONTROL_PROTOCOL,
+};
+use tokio::io::BufReader;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::proxy::{compile, policy_docs, read_config};
+use crate::run::{inventory, options, DEFAULT_TRANSPARENT_PORT};
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// The configuration file (YAML), shared with `dnsfence proxy --agent`.
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+}
+
+/// A snapshot with its version.
+type Versioned = Arc<(u64, SnapshotData)>;
+
+/// What `dnsfence status` shows about connected proxies.
+#[derive(Debug, Default)]
+struct ProxyState {
+    acked: u64,
+    learned_reports: u64,
+    learned_ips: u64,
+    connected: bool,
+}
+
+#[derive(Default)]
+struct Status {
+    proxies: BTreeMap<u32, ProxyState>,
+    reloads: u64,
+    rejected_reloads: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The snapshot data of `set` under `config`.
+fn data(
+    config: &Config,
+    docs: Vec<dnsfence_proxy::control::PolicyDoc>,
+    set: &PolicySet,
+) -> SnapshotData {
+    SnapshotData {
+        policies: docs,
+        endpoints: config.endpoints.clone(),
+        host_ips: config.host_ips.clone(),
+        selectors: set
+            .fqdn_selectors()
+            .iter()
+            .map(|(_, p)| SelectorSets {
+                pattern: p.as_str().to_owned(),
+                v4: fqdn_set_name(p, false),
+                v6: fqdn_set_name(p, true),
+            })
+            .collect(),
+        table: (config.datapath.backend == Backend::Nftables)
+            .then(|| config.datapath.table.clone()),
+    }
+}
+
+/// Reads everything, programs the kernel; what a start or a reload does.
+fn load(
+    config_path: &std::path::Path,
+    previous: &PolicySet,
+    worker: Option<&Worker>,
+) -> Result<(Config, PolicySet, SnapshotData)> {
+    let mut config =
+        read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
+    if config.dns.transparent.is_none() {
+        config.dns.transparent = Some(TransparentConfig {
+            port: DEFAULT_TRANSPARENT_PORT,
+        });
+    }
+    let docs = policy_docs(config_path, &config)?;
+    let set = compile(&docs, previous)?;
+    if let Some(worker) = worker {
+        let inv = inventory(&config, &set)?;
+        worker
+            .reconcile(Arc::new(set.clone()), Arc::new(inv))
+            .context("programming the datapath")?;
+    }
+    let data = data(&config, docs, &set);
+    Ok((config, set, data))
+}
+
+pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
+    let mut config = match read_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    if config.dns.transparent.is_none() {
+        config.dns.transparent = Some(TransparentConfig {
+            port: DEFAULT_TRANSPARENT_PORT,
+        });
+    }
+    // Validate before touching the kernel.
+    let set = match policy_docs(&args.config, &config)
+        .and_then(|docs| compile(&docs, &PolicySet::default()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    crate::init_logging();
+    let worker = match config.datapath.backend {
+        Backend::None => None,
+        Backend::Nftables => {
+            let datapath = match Datapath::new(Box::new(RealKernel::default()), options(&config)) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("dnsfence: cannot start the nftables datapath: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let names = datapath.names();
+            let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
+            if let Some(group) = options(&config).log_group {
+                if let Err(e) =
+                    dnsfence_datapath::drops::spawn_reader(group, names, worker.stats.drops.clone())
+                {
+                    warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+                }
+            }
+            Some(worker)
+        }
+    };
+    let (config, set, data) = load(&args.config, &set, worker.as_ref())?;
+    info!(
+        policies = set.policies().len(),
+        selectors = set.fqdn_selectors().len(),
+        endpoints = config.endpoints.len(),
+        "agent ready; the table is in force"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args.config.clone(), config, set, data, worker))
+}
+
+async fn serve(
+    config_path: PathBuf,
+    config: Config,
+    mut set: PolicySet,
+    data: SnapshotData,
+    worker: Option<Worker>,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    // Versions grow within one agent's life and across restarts (start time in the high bits).
+    let base = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        << 20;
+    let mut version = base + 1;
+    let (tx, rx) = watch::channel::<Versioned>(Arc::new((version, data)));
+    let status = Arc::new(Mutex::new(Status::default()));
+    let path = config.api.agent_socket.clone();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %path.display(), "agent socket listening");
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let (rx, status, worker) = (rx.clone(), status.clone(), worker.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, rx, status, worker, started).await {
+                        debug!(error = %e, "agent connection ended");
+                    }
+                });
+            }
+            _ = hup.recv() => {
+                let path = config_path.clone();
+                let previous = set.clone();
+                let w = worker.clone();
+                let loaded = tokio::task::spawn_blocking(move || load(&path, &previous, w.as_ref()))
+                    .await;
+                match loaded {
+                    Ok(Ok((_, new_set, data))) => {
+                        set = new_set;
+                        version += 1;
+                        let _ = tx.send(Arc::new((version, data)));
+                        lock(&status).reloads += 1;
+                        info!(version, "policies reloaded");
+                    }
+                    Ok(Err(e)) => {
+                        lock(&status).rejected_reloads += 1;
+                        error!("reload rejected, the running policy stays in force: {e:#}");
+                    }
+                    Err(e) => error!("reload failed: {e}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    info!("agent stopped; the table and the proxies keep enforcing");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connection(
+    stream: UnixStream,
+    mut rx: watch::Receiver<Versioned>,
+    status: Arc<Mutex<Status>>,
+    worker: Option<Worker>,
+    started: Instant,
+) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = String::new();
+    let Some(Message::Hello {
+        protocol,
+        role,
+        pid,
+        ..
+    }) = read_message(&mut rd, &mut line).await?
+    else {
+        return Ok(());
+    };
+    if protocol != CONTROL_PROTOCOL {
+        let message = format!("agent speaks protocol {CONTROL_PROTOCOL}, not {protocol}");
+        warn!(pid, "{message}");
+        return write_message(&mut wr, &Message::Error { message }).await;
+    }
+    let current = rx.borrow_and_update().clone();
+    write_message(
+        &mut wr,
+        &Message::Hello {
+            protocol: CONTROL_PROTOCOL,
+            role: Role::Agent,
+            pid: std::process::id(),
+            version: current.0,
+        },
+    )
+    .await?;
+    if role == Role::Cli {
+        let status = status_json(&status, &current, worker.as_ref(), started);
+        return write_message(&mut wr, &Message::Status { status }).await;
+    }
+    info!(pid, "proxy connected");
+    lock(&status).proxies.entry(pid).or_default().connected = true;
+    let send = |v: &Versioned| Message::Snapshot {
+        version: v.0,
+        snapshot: Box::new(v.1.clone()),
+    };
+    write_message(&mut wr, &send(&current)).await?;
+    let result = loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let v = rx.borrow_and_update().clone();
+                if let Err(e) = write_message(&mut wr, &send(&v)).await {
+                    break Err(e);
+                }
+            }
+            msg = read_message(&mut rd, &mut line) => match msg {
+                Ok(Some(Message::Ack { version })) => {
+                    debug!(pid, version, "snapshot acknowledged");
+                    lock(&status).proxies.entry(pid).or_default().acked = version;
+                }
+                Ok(Some(Message::Nack { version, reason })) => {
+                    error!(pid, version, %reason, "proxy refused the snapshot");
+                }
+                Ok(Some(Message::Learned { ips, dropped })) => {
+                    let mut s = lock(&status);
+                    let p = s.proxies.entry(pid).or_default();
+                    p.learned_reports += 1;
+                    p.learned_ips += ips.len() as u64 + dropped;
+                }
+                Ok(Some(other)) => debug!(pid, ?other, "unexpected message"),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
+    };
+    info!(pid, "proxy disconnected");
+    lock(&status).proxies.entry(pid).or_default().connected = false;
+    result
+}
+
+fn status_json(
+    status: &Mutex<Status>,
+    current: &Versioned,
+    worker: Option<&Worker>,
+    started: Instant,
+) -> serde_json::Value {
+    let s = lock(status);
+    let proxies: Vec<serde_json::Value> = s
+        .proxies
+        .iter()
+        .map(|(pid, p)| {
+            serde_json::json!({
+                "pid": pid,
+                "connected": p.connected,
+                "acked_version": p.acked,
+                "in_sync": p.acked == current.0,
+                "learned_reports": p.learned_reports,
+                "learned_ips_reported": p.learned_ips,
+            })
+        })
+        .collect();
+    let datapath = worker.map(|w| {
+        serde_json::json!({
+            "enforced_addresses": w.stats.enforced.get(),
+            "reconciles": w.stats.reconciles.get(),
+            "reconcile_errors": w.stats.reconcile_errors.get(),
+            "elements": w.element_counts(),
+        })
+    });
+    serde_json::json!({
+        "role": "agent",
+        "pid": std::process::id(),
+        "uptime_s": started.elapsed().as_secs(),
+        "snapshot_version": current.0,
+        "policies": current.1.policies.len(),
+        "endpoints": current.1.endpoints.len(),
+        "selectors": current.1.selectors.len(),
+        "table": current.1.table,
+        "reloads": s.reloads,
+        "rejected_reloads": s.rejected_reloads,
+        "proxies": proxies,
+        "datapath": datapath,
+    })
+}
