@@ -249,7 +249,10 @@ pub(crate) async fn serve(
 ) -> Result<ExitCode> {
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
-    if let Some(worker) = &datapath {
+    if let Some(worker) = datapath
+        .as_ref()
+        .or_else(|| follower.as_ref().and_then(|f| f.worker.as_ref()))
+    {
         worker.stats.register(&mut registry);
     }
     let metrics_listener = match config.metrics.listen {

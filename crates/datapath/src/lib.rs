@@ -222,10 +222,34 @@ impl Datapath {
         if self.set_ops.is_empty() {
             return Ok(0);
         }
-        self.kernel
-            .apply_elements(&self.options.table, &self.set_ops)?;
-        debug!(elements = self.set_ops.len(), "learned IPs applied");
-        Ok(self.set_ops.len())
+        // A set the kernel refuses (gone in a policy update another process made and this
+        // one has not seen yet) must not keep the other IPs of the batch out: retry
+        // without it, a few times.
+        for _ in 0..4 {
+            match self
+                .kernel
+                .apply_elements(&self.options.table, &self.set_ops)
+            {
+                Ok(()) => {
+                    debug!(elements = self.set_ops.len(), "learned IPs applied");
+                    return Ok(self.set_ops.len());
+                }
+                Err(SysError::Netlink(sys::netlink::NetlinkError::Rejected {
+                    set, errno, ..
+                })) if self.set_ops.iter().any(|op| op_set(op) == set) => {
+                    warn!(%set, %errno, "the kernel refused a set; applying the rest without it");
+                    self.set_ops.retain(|op| op_set(op) != set);
+                    if self.set_ops.is_empty() {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(SysError::Command {
+            command: "netlink batch".into(),
+            stderr: "refused again after dropping the sets the kernel refused".into(),
+        })
     }
 
     /// Removes the table and the routing rule (`dnsfence cleanup`): enforced endpoints
@@ -233,6 +257,12 @@ impl Datapath {
     pub fn cleanup(kernel: &mut dyn Kernel, options: &Options) -> Result<(), SysError> {
         kernel.delete_table(&options.table)?;
         kernel.remove_local_route(options.fwmark, options.route_table)
+    }
+}
+
+fn op_set(op: &SetOp) -> &str {
+    match op {
+        SetOp::Add { set, .. } | SetOp::Delete { set, .. } => set,
     }
 }
 

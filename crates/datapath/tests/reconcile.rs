@@ -183,3 +183,58 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     let routes = ns.command("ip").args(["rule", "show"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&routes.stdout).contains("0x4e53"));
 }
+
+#[test]
+fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("dpmiss");
+    let owned = Arc::new(policies(&["*.example.com"], &PolicySet::default()));
+    // The proxy's view already has a selector whose sets the agent has not created.
+    let seen = Arc::new(policies(
+        &["*.example.com", "*.missing.org"],
+        &PolicySet::default(),
+    ));
+    let (written, listing) = {
+        let (owned, seen) = (owned.clone(), seen.clone());
+        in_netns(&ns, move || {
+            let dp = Datapath::new(Box::new(RealKernel::default()), options("dnsfence")).unwrap();
+            let agent = Worker::spawn(dp).unwrap();
+            agent
+                .reconcile(owned.clone(), Arc::new(inventory(&owned)))
+                .unwrap();
+            let mut proxy =
+                Datapath::elements_only(Box::new(RealKernel::default()), options("dnsfence"));
+            proxy.use_selectors(&seen);
+            let sel = |p: &str| {
+                seen.fqdn_selectors()
+                    .iter()
+                    .find(|(_, pat)| pat.as_str() == p)
+                    .unwrap()
+                    .0
+            };
+            let change = |name: &str, ip: &str, s| Change::Upsert {
+                name: name.into(),
+                ip: ip.parse().unwrap(),
+                expires: Instant::now() + Duration::from_secs(60),
+                selectors: vec![s].into(),
+                new: true,
+            };
+            let written = proxy
+                .apply(&[
+                    change("x.missing.org", "192.0.2.77", sel("*.missing.org")),
+                    change("a.example.com", "192.0.2.78", sel("*.example.com")),
+                ])
+                .unwrap();
+            let out = std::process::Command::new("nft")
+                .args(["list", "table", "inet", "dnsfence"])
+                .output()
+                .unwrap();
+            (written, String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+    };
+    assert_eq!(written, 1);
+    assert!(listing.contains("192.0.2.78"), "{listing}");
+    assert!(!listing.contains("192.0.2.77"));
+}
