@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod dns;
 mod error;
 mod lab;
+pub mod load;
 mod netns;
 mod query;
 mod servers;
@@ -40,6 +41,7 @@ pub use client::{
 pub use dns::Rec;
 pub use error::{ConnectError, LabError};
 pub use lab::{Lab, LabBuilder, Pod, DNS_V4, DNS_V6};
+pub use load::{Load, LoadReport, LoadSpec};
 pub use netns::{in_netns, Netns};
 pub use servers::greeting;
 pub use topology::{MAX_PODS, NODE_WORLD_INTERFACE, WORLD_PREFIXES};
