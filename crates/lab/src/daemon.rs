@@ -253,6 +253,20 @@ impl Daemon {
             .join("\n")
     }
 
+    /// Replaces the policy file and sends SIGHUP to the process that owns the policies,
+    /// without waiting for the outcome.
+    pub fn signal_reload(&self, policy: &str) -> Result<(), LabError> {
+        std::fs::write(self.dir.join("policy.yaml"), policy)
+            .map_err(|e| fail(format!("writing policy.yaml: {e}")))?;
+        let owner = self
+            .children
+            .get(&Process::Run)
+            .or_else(|| self.children.get(&Process::Agent))
+            .ok_or_else(|| fail("no process owns the policies"))?;
+        let pid = i32::try_from(owner.id()).map_err(|_| fail("pid out of range"))?;
+        kill(Pid::from_raw(pid), Signal::SIGHUP).map_err(|e| fail(format!("SIGHUP: {e}")))
+    }
+
     /// Replaces the policy file and sends SIGHUP to the process that owns the policies;
     /// returns once the log says the reload was applied (`Ok`) or rejected (`Err`).
     pub fn reload(&self, policy: &str) -> Result<(), LabError> {
