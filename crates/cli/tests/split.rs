@@ -486,3 +486,52 @@ fn kills_at_random_moments_during_policy_churn_leave_exactly_the_desired_state()
         env.diag()
     );
 }
+
+#[test]
+fn a_proxy_alone_starts_from_its_saved_snapshot() {
+    let Some(mut env) = env_split(vec![]) else {
+        return;
+    };
+    wait_for(&env, "snapshot in force", 1);
+    // Break the configuration's policy file: only the saved snapshot can say what is
+    // allowed now.
+    env.daemon.kill_all();
+    std::fs::write(env.daemon.dir().join("policy.yaml"), "not: [a, policy").unwrap();
+    env.daemon.spawn(Process::Proxy).unwrap();
+    wait_for(&env, "starting from the saved snapshot", 1);
+    let api = a(env.web(), "api.example.com")[0];
+    assert_eq!(
+        reach(env.web(), api, 443),
+        Outcome::Connected,
+        "{}",
+        env.diag()
+    );
+    assert_eq!(
+        resolve(
+            env.web(),
+            "blocked.example.org",
+            RecordType::A,
+            Transport::Udp
+        )
+        .0,
+        DnsStatus::Refused
+    );
+}
+
+#[test]
+fn the_agent_refuses_a_proxy_speaking_another_protocol() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(env) = env_split(vec![]) else { return };
+    let mut s =
+        std::os::unix::net::UnixStream::connect(env.daemon.dir().join("agent.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    writeln!(
+        s,
+        "{{\"type\":\"hello\",\"protocol\":99,\"role\":\"proxy\",\"pid\":1,\"version\":0}}"
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"type\":\"error\""), "{line}");
+    assert!(line.contains("protocol 1, not 99"), "{line}");
+}
