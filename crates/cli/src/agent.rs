@@ -20,6 +20,7 @@ use dnsfence_proxy::config::{Backend, Config, TransparentConfig};
 use dnsfence_proxy::control::{
     read_message, write_message, Message, Role, SelectorSets, SnapshotData, CONTROL_PROTOCOL,
 };
+use dnsfence_proxy::flows::{Flow, FlowLog, Source};
 use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -128,7 +129,18 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    crate::init_logging();
+    crate::init_logging(&config.log);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let flows = {
+        let _guard = runtime.enter();
+        FlowLog::new(
+            &crate::proxy::flow_settings(&config),
+            dnsfence_proxy::flows::FlowMetrics::default(),
+        )
+    };
     let worker = match config.datapath.backend {
         Backend::None => None,
         Backend::Nftables => {
@@ -142,9 +154,16 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
             let names = datapath.names();
             let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
             if let Some(group) = options(&config).log_group {
-                if let Err(e) =
-                    dnsfence_datapath::drops::spawn_reader(group, names, worker.stats.drops.clone())
-                {
+                let flows = flows.clone();
+                let on_refusal = Box::new(move |r: &dnsfence_datapath::drops::Refusal| {
+                    flows.push(agent_drop_flow(r));
+                });
+                if let Err(e) = dnsfence_datapath::drops::spawn_reader(
+                    group,
+                    names,
+                    worker.stats.drops.clone(),
+                    on_refusal,
+                ) {
                     warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
                 }
             }
@@ -158,11 +177,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         endpoints = config.endpoints.len(),
         "agent ready; the table is in force"
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(serve(args.config.clone(), config, set, data, worker))
+    runtime.block_on(serve(args.config.clone(), config, set, data, worker, flows))
 }
 
 async fn serve(
@@ -171,6 +186,7 @@ async fn serve(
     mut set: PolicySet,
     data: SnapshotData,
     worker: Option<Worker>,
+    flows: Arc<FlowLog>,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     // Versions grow within one agent's life and across restarts (start time in the high bits).
@@ -199,8 +215,9 @@ async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let (rx, status, worker) = (rx.clone(), status.clone(), worker.clone());
+                let flows = flows.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, rx, status, worker, started).await {
+                    if let Err(e) = connection(stream, rx, status, worker, started, flows).await {
                         debug!(error = %e, "agent connection ended");
                     }
                 });
@@ -241,6 +258,7 @@ async fn connection(
     status: Arc<Mutex<Status>>,
     worker: Option<Worker>,
     started: Instant,
+    flows: Arc<FlowLog>,
 ) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
@@ -271,8 +289,13 @@ async fn connection(
     )
     .await?;
     if role == Role::Cli {
-        let status = status_json(&status, &current, worker.as_ref(), started);
-        return write_message(&mut wr, &Message::Status { status }).await;
+        return match read_message(&mut rd, &mut line).await? {
+            Some(Message::Observe { last, follow }) => observe(&flows, last, follow, &mut wr).await,
+            _ => {
+                let status = status_json(&status, &current, worker.as_ref(), started);
+                write_message(&mut wr, &Message::Status { status }).await
+            }
+        };
     }
     info!(pid, "proxy connected");
     lock(&status).proxies.entry(pid).or_default().connected = true;
@@ -360,4 +383,62 @@ fn status_json(
         "proxies": proxies,
         "datapath": datapath,
     })
+}
+
+/// A refused packet as a flow event (the agent knows endpoints, not learned names).
+fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
+    let (namespace, pod_name) = match r.endpoint.as_deref().and_then(|e| e.split_once('/')) {
+        Some((ns, name)) => (Some(ns.to_owned()), Some(name.to_owned())),
+        None => (None, None),
+    };
+    let mut flow = Flow::new(
+        "drop",
+        "dropped",
+        Source {
+            ip: Some(r.packet.src),
+            namespace,
+            pod_name,
+            labels: Vec::new(),
+        },
+    );
+    flow.destination = Some(dnsfence_proxy::flows::Destination {
+        ip: Some(r.packet.dst),
+        port: r.packet.dst_port,
+        protocol: Some(dnsfence_datapath::drops::protocol_name(r.packet.protocol)),
+        names: Vec::new(),
+    });
+    flow.drop_reason_desc = Some(
+        r.reason
+            .map_or("other", dnsfence_datapath::DropReason::as_str)
+            .to_owned(),
+    );
+    flow
+}
+
+/// Streams the agent's flow events (refused packets) to `dnsfence observe`.
+async fn observe<W: tokio::io::AsyncWrite + Unpin>(
+    flows: &FlowLog,
+    last: usize,
+    follow: bool,
+    wr: &mut W,
+) -> std::io::Result<()> {
+    let mut live = flows.subscribe();
+    let to_msg = |f: &Flow| Message::Flow {
+        flow: serde_json::to_value(f).unwrap_or_default(),
+    };
+    for f in flows.last(last) {
+        write_message(wr, &to_msg(&f)).await?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        match live.recv().await {
+            Ok(f) => write_message(wr, &to_msg(&f)).await?,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                flows.metrics.lost.inc_by(n);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
 }

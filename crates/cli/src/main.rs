@@ -8,6 +8,7 @@ mod demo;
 mod files;
 mod follow;
 mod fqdn;
+mod observe;
 mod policy;
 mod proxy;
 mod run;
@@ -47,20 +48,29 @@ enum Command {
     /// Health of the agent and the proxy: snapshot versions, endpoints, learned
     /// mappings, kernel set sizes. Exit 0 when both answer, 1 otherwise.
     Status(status::StatusArgs),
+    /// Flow events: DNS decisions and refused packets, with endpoint, name, rule and
+    /// reason; `--follow` streams them.
+    Observe(observe::ObserveArgs),
     /// Inspect learned name-to-IP mappings.
     #[command(subcommand)]
     Fqdn(fqdn::FqdnCommand),
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logs to stderr, as text or JSON lines; `RUST_LOG` filters, else `log.level` (default
+/// `info`).
+fn init_logging(log: &dnsfence_proxy::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(log.level.as_deref().unwrap_or("info"))
+    });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        dnsfence_proxy::config::LogFormat::Json => builder.json().try_init(),
+        dnsfence_proxy::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -82,6 +92,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Agent(args) => agent::run(&args),
         Command::Status(args) => status::run(&args),
+        Command::Observe(args) => observe::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Cleanup(args) => run::cleanup(&args),
     };

@@ -163,7 +163,7 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    crate::init_logging();
+    crate::init_logging(&config.log);
     // One thread serves every socket: on small nodes this costs less CPU per query than a
     // multi-threaded scheduler (see BENCHMARKS.md); reloads build snapshots off this thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -186,7 +186,7 @@ fn run_following(args: &ProxyArgs, mut config: Config) -> Result<ExitCode> {
             port: crate::run::DEFAULT_TRANSPARENT_PORT,
         });
     }
-    crate::init_logging();
+    crate::init_logging(&config.log);
     let (version, snapshot) = match crate::follow::initial(&args.config, &config) {
         Ok(v) => v,
         Err(e) => {
@@ -247,6 +247,8 @@ pub(crate) async fn serve(
     datapath: Option<Worker>,
     follower: Option<Follower>,
 ) -> Result<ExitCode> {
+    let flow_metrics = dnsfence_proxy::flows::FlowMetrics::default();
+    let flows = dnsfence_proxy::flows::FlowLog::new(&flow_settings(&config), flow_metrics.clone());
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
     if let Some(worker) = datapath
@@ -263,7 +265,8 @@ pub(crate) async fn serve(
         ),
         None => None,
     };
-    let mut proxy = Proxy::start(config.dns.clone(), snapshot, sink, metrics)
+    flow_metrics.register(&mut registry);
+    let mut proxy = Proxy::start(config.dns.clone(), snapshot, sink, metrics, flows.clone())
         .await
         .context("binding the DNS listeners")?;
     if let Some(listener) = metrics_listener {
@@ -283,6 +286,21 @@ pub(crate) async fn serve(
             error!(socket = %socket.display(), error = %e, "API socket unavailable");
         }
     });
+    if let (Some(worker), Some(group)) = (&datapath, crate::run::options(&config).log_group) {
+        let shared = proxy.shared().clone();
+        let names = worker.names();
+        let on_refusal = Box::new(move |r: &dnsfence_datapath::drops::Refusal| {
+            shared.flows.push(drop_flow(r, &shared))
+        });
+        if let Err(e) = dnsfence_datapath::drops::spawn_reader(
+            group,
+            names,
+            worker.stats.drops.clone(),
+            on_refusal,
+        ) {
+            warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+        }
+    }
     let following = follower.is_some();
     let config = Arc::new(config);
     if let Some(f) = follower {
@@ -364,4 +382,42 @@ async fn reload(config_path: &Path, proxy: &Proxy, datapath: Option<&Worker>) {
         }
         Err(e) => error!("reload rejected, the running policy stays in force: {e:#}"),
     }
+}
+
+/// The flow settings of a configuration.
+pub(crate) fn flow_settings(config: &Config) -> dnsfence_proxy::flows::FlowSettings {
+    dnsfence_proxy::flows::FlowSettings {
+        ring_size: config.flows.ring_size,
+        file: config.flows.file.clone(),
+        file_max_bytes: config.flows.file_max_bytes,
+    }
+}
+
+/// A refused packet as a flow event; with `shared`, the names recently learned for its
+/// destination.
+pub(crate) fn drop_flow(
+    r: &dnsfence_datapath::drops::Refusal,
+    shared: &dnsfence_proxy::Shared,
+) -> dnsfence_proxy::flows::Flow {
+    let mut flow = dnsfence_proxy::flows::Flow::new("drop", "dropped", shared.source(r.packet.src));
+    let dst = r.packet.dst;
+    let names = shared.with_cache(|c| {
+        c.iter()
+            .filter(|(_, ips, _)| ips.iter().any(|l| l.ip == dst))
+            .map(|(n, _, _)| n.to_owned())
+            .take(5)
+            .collect()
+    });
+    flow.destination = Some(dnsfence_proxy::flows::Destination {
+        ip: Some(dst),
+        port: r.packet.dst_port,
+        protocol: Some(dnsfence_datapath::drops::protocol_name(r.packet.protocol)),
+        names,
+    });
+    flow.drop_reason_desc = Some(
+        r.reason
+            .map_or("other", dnsfence_datapath::DropReason::as_str)
+            .to_owned(),
+    );
+    flow
 }

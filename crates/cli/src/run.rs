@@ -89,7 +89,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    crate::init_logging();
+    crate::init_logging(&config.log);
     let (sink, worker): (Arc<dyn IpSink>, Option<Worker>) = match config.datapath.backend {
         Backend::None => {
             warn!("datapath.backend is none: DNS is filtered, but no packet is");
@@ -103,15 +103,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
-            let names = datapath.names();
             let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
-            if let Some(group) = options(&config).log_group {
-                if let Err(e) =
-                    dnsfence_datapath::drops::spawn_reader(group, names, worker.stats.drops.clone())
-                {
-                    warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
-                }
-            }
             let inventory = inventory(&config, snapshot.policies())?;
             let done = worker
                 .reconcile(snapshot.policies().clone(), Arc::new(inventory))

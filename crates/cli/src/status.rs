@@ -39,6 +39,7 @@ fn agent_status(path: &Path) -> Result<serde_json::Value> {
         version: 0,
     };
     writeln!(s, "{}", serde_json::to_string(&hello)?)?;
+    writeln!(s, "{}", serde_json::to_string(&Message::StatusRequest {})?)?;
     let mut lines = BufReader::new(&s);
     let mut line = String::new();
     for _ in 0..2 {

@@ -73,7 +73,8 @@ pub fn describe(packet: LoggedPacket, names: &HashMap<IpAddr, String>) -> Refusa
     }
 }
 
-fn protocol_name(p: u8) -> &'static str {
+/// The name of an IP protocol number.
+pub fn protocol_name(p: u8) -> &'static str {
     match p {
         1 => "icmp",
         6 => "tcp",
@@ -90,6 +91,7 @@ pub fn spawn_reader(
     group: u16,
     names: EndpointNames,
     metrics: DropMetrics,
+    on_refusal: Box<dyn Fn(&Refusal) + Send>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let mut socket = NflogSocket::open(group).map_err(std::io::Error::other)?;
     std::thread::Builder::new()
@@ -125,6 +127,7 @@ pub fn spawn_reader(
                         icmp_type = r.packet.icmp_type.map_or(-1, i16::from),
                         "packet refused"
                     );
+                    on_refusal(&r);
                 }
             }
         })

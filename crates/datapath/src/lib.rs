@@ -363,6 +363,7 @@ impl Stats {
 #[derive(Clone)]
 pub struct Worker {
     tx: mpsc::Sender<Request>,
+    names: drops::EndpointNames,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -377,6 +378,7 @@ impl Worker {
     /// Moves `datapath` to its own thread (which inherits the caller's network namespace).
     pub fn spawn(mut datapath: Datapath) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Request>();
+        let names = datapath.names();
         let stats = Arc::new(Stats::default());
         let st = stats.clone();
         std::thread::Builder::new()
@@ -425,7 +427,12 @@ impl Worker {
                     flush(&mut datapath, &st, &mut changes, &mut waiting);
                 }
             })?;
-        Ok(Self { tx, stats })
+        Ok(Self { tx, names, stats })
+    }
+
+    /// Endpoint names by address, as of the last reconcile.
+    pub fn names(&self) -> drops::EndpointNames {
+        self.names.clone()
     }
 
     /// Queues learned-IP changes; `done` is called once they are in the kernel.

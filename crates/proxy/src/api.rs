@@ -44,6 +44,12 @@ pub struct FqdnEntry {
 struct Request {
     version: u32,
     request: String,
+    /// `observe`: how many past events (default 100).
+    #[serde(default)]
+    last: Option<usize>,
+    /// `observe`: keep streaming new events.
+    #[serde(default)]
+    follow: bool,
 }
 
 /// The learned mappings, sorted by name.
@@ -127,6 +133,14 @@ pub async fn serve_api(shared: Arc<Shared>, path: &Path) -> io::Result<()> {
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(req) = serde_json::from_str::<Request>(&line) {
+                    if req.version == API_VERSION && req.request == "observe" {
+                        if let Err(e) = observe(&shared, &req, &mut wr).await {
+                            debug!(error = %e, "observer went away");
+                        }
+                        return;
+                    }
+                }
                 let mut reply = answer(&shared, &line).to_string();
                 reply.push('\n');
                 if let Err(e) = wr.write_all(reply.as_bytes()).await {
@@ -135,5 +149,37 @@ pub async fn serve_api(shared: Arc<Shared>, path: &Path) -> io::Result<()> {
                 }
             }
         });
+    }
+}
+
+/// Streams flow events: the last `req.last`, then (with `follow`) every new one, one JSON
+/// object per line (`{"version":1,"flow":{...}}`, or `{"version":1,"lost":N}` when this
+/// observer fell behind).
+async fn observe<W: tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    req: &Request,
+    wr: &mut W,
+) -> io::Result<()> {
+    let mut live = shared.flows.subscribe();
+    for flow in shared.flows.last(req.last.unwrap_or(100)) {
+        let mut line = serde_json::json!({"version": API_VERSION, "flow": &*flow}).to_string();
+        line.push('\n');
+        wr.write_all(line.as_bytes()).await?;
+    }
+    if !req.follow {
+        return Ok(());
+    }
+    loop {
+        let line = match live.recv().await {
+            Ok(flow) => serde_json::json!({"version": API_VERSION, "flow": &*flow}),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                shared.flows.metrics.lost.inc_by(n);
+                serde_json::json!({"version": API_VERSION, "lost": n})
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        let mut line = line.to_string();
+        line.push('\n');
+        wr.write_all(line.as_bytes()).await?;
     }
 }

@@ -39,6 +39,68 @@ pub struct Config {
     /// Kernel enforcement (`dnsfence run`; `dnsfence proxy` enforces nothing).
     #[serde(default)]
     pub datapath: DatapathConfig,
+    /// Flow events.
+    #[serde(default)]
+    pub flows: FlowsConfig,
+    /// Logs.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The `flows` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowsConfig {
+    /// Events kept in memory for `dnsfence observe` (default 10000).
+    #[serde(default = "default_ring")]
+    pub ring_size: usize,
+    /// Also append them to this JSON-lines file (default: none).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Rotate the file past this many bytes, keeping one old file (default 104857600).
+    #[serde(default = "default_file_max")]
+    pub file_max_bytes: u64,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            ring_size: default_ring(),
+            file: None,
+            file_max_bytes: default_file_max(),
+        }
+    }
+}
+
+fn default_ring() -> usize {
+    10_000
+}
+fn default_file_max() -> u64 {
+    100 * 1024 * 1024
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `log` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json` (default `text`).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `info,dnsfence_proxy=debug` (default `info`;
+    /// the `RUST_LOG` environment variable wins).
+    #[serde(default)]
+    pub level: Option<String>,
 }
 
 /// `datapath.backend`.
@@ -320,6 +382,8 @@ const KNOWN: &[(&str, &[&str])] = &[
             "metrics",
             "state_dir",
             "datapath",
+            "flows",
+            "log",
         ],
     ),
     (
@@ -342,6 +406,8 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
     ("dns.transparent", &["port"]),
     ("api", &["socket", "agent_socket"]),
+    ("flows", &["ring_size", "file", "file_max_bytes"]),
+    ("log", &["format", "level"]),
     (
         "datapath",
         &[
@@ -428,6 +494,12 @@ impl Config {
                         ("datapath", Value::Mapping(inner)) => {
                             field_errors::<DatapathConfig>("datapath", inner, &mut problems)
                         }
+                        ("flows", Value::Mapping(inner)) => {
+                            field_errors::<FlowsConfig>("flows", inner, &mut problems)
+                        }
+                        ("log", Value::Mapping(inner)) => {
+                            field_errors::<LogConfig>("log", inner, &mut problems)
+                        }
                         ("endpoints", Value::Sequence(items)) => {
                             for (i, item) in items.iter().enumerate() {
                                 if let Err(e) =
@@ -497,6 +569,9 @@ impl Config {
             p.push(format!(
                 "datapath.table: {table:?} must be 1 to 32 letters, digits, '_' or '-'"
             ));
+        }
+        if self.flows.ring_size == 0 {
+            p.push("flows.ring_size: must be at least 1".to_owned());
         }
         if self.datapath.fwmark == 0 {
             p.push("datapath.fwmark: must not be 0".to_owned());

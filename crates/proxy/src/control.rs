@@ -125,10 +125,24 @@ pub enum Message {
         /// Changes not reported because the batch was full.
         dropped: u64,
     },
+    /// Asks for the agent's state, cli to agent.
+    StatusRequest {},
     /// The agent's state, for `dnsfence status`.
     Status {
         /// Free-form JSON object.
         status: serde_json::Value,
+    },
+    /// Flow events, cli to agent: the last `last`, then new ones with `follow`.
+    Observe {
+        /// How many past events.
+        last: usize,
+        /// Keep streaming.
+        follow: bool,
+    },
+    /// One flow event, agent to cli.
+    Flow {
+        /// The event (see [`crate::flows::Flow`]).
+        flow: serde_json::Value,
     },
     /// The other side cannot continue.
     Error {

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod flows;
 mod http;
 pub mod metrics;
 mod shared;
@@ -48,9 +49,10 @@ impl Proxy {
         snapshot: Snapshot,
         sink: Arc<dyn IpSink>,
         metrics: ProxyMetrics,
+        flows: Arc<flows::FlowLog>,
     ) -> io::Result<Self> {
         let listen = config.listen.clone();
-        let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics);
+        let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics, flows);
         let shared = Arc::new(shared);
         let flusher = shared.clone();
         tokio::spawn(async move { flusher.flush_refreshes(refresh_rx).await });

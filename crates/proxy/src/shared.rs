@@ -8,15 +8,66 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use dnsfence_dns::Reason;
 use dnsfence_dns::{check_answer, parse_query, write_reply, ParsedQuery, Query, Rcode, Snapshot};
 use dnsfence_fqdncache::{CacheConfig, Change, FqdnCache};
-use dnsfence_policy::Protocol;
+use dnsfence_policy::{DnsReason, Protocol};
+
+use crate::flows::{self, Dns, Flow, FlowLog, Source};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::config::DnsConfig;
 use crate::metrics::{ProxyMetrics, TransportLabel, VerdictLabel};
 use crate::sink::{IpSink, SinkFuture};
+
+/// Who asked a query that is being answered, for its flow event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    /// The client.
+    pub(crate) client: IpAddr,
+    /// The server the query went to.
+    pub(crate) server: SocketAddr,
+    /// When the query arrived.
+    pub(crate) received: Instant,
+}
+
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        other => format!("RCODE{other}"),
+    }
+}
+
+/// A decision's reason, for people.
+fn reason_text(reason: &Reason<'_>) -> String {
+    match reason {
+        Reason::UnknownClient => "unknown client: not in the endpoint inventory".into(),
+        Reason::Policy(r) => match r {
+            DnsReason::NotEnforced => "no policy enforces the endpoint".into(),
+            DnsReason::Pattern { rule, pattern } => {
+                format!("{} {}: {}", rule.policy, rule.path, pattern.as_str())
+            }
+            DnsReason::PortAllowed { rule } => {
+                format!(
+                    "{} {}: port allowed without DNS rules",
+                    rule.policy, rule.rule.path
+                )
+            }
+            DnsReason::NoPatternMatches => "no DNS rule pattern matches the name".into(),
+            DnsReason::NotCovered => "no rule allows DNS to this server and port".into(),
+            DnsReason::Denied { rule } => {
+                format!("{} {}: egressDeny", rule.policy, rule.rule.path)
+            }
+            DnsReason::InvalidName(e) => format!("not a hostname: {e}"),
+        },
+    }
+}
 
 /// Shared proxy state.
 pub struct Shared {
@@ -28,6 +79,8 @@ pub struct Shared {
     inflight: Mutex<HashMap<IpAddr, u32>>,
     /// Metrics (also read by tests).
     pub metrics: ProxyMetrics,
+    /// Flow events.
+    pub flows: Arc<FlowLog>,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -58,6 +111,7 @@ impl Shared {
         snapshot: Snapshot,
         sink: Arc<dyn IpSink>,
         metrics: ProxyMetrics,
+        flows: Arc<FlowLog>,
     ) -> (Self, mpsc::UnboundedReceiver<Vec<Change>>) {
         let cache = FqdnCache::new(CacheConfig {
             min_ttl: config.min_ttl,
@@ -73,6 +127,7 @@ impl Shared {
             refresh,
             inflight: Mutex::new(HashMap::new()),
             metrics,
+            flows,
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
         };
@@ -157,6 +212,9 @@ impl Shared {
             } => {
                 self.metrics.query(VerdictLabel::Malformed, t);
                 debug!(%client, ?rcode, "malformed query refused");
+                let mut flow = Flow::new("dns", "malformed", self.source(client.ip()));
+                flow.policy = Some(format!("malformed query, answered {rcode:?}"));
+                self.flows.push(flow);
                 return match write_reply(packet, question_end, rcode, out) {
                     Some(n) => Step::Reply(n),
                     None => Step::Drop,
@@ -165,6 +223,8 @@ impl Shared {
             ParsedQuery::Drop => {
                 self.metrics.query(VerdictLabel::Malformed, t);
                 debug!(%client, "unreadable query dropped");
+                self.flows
+                    .push(Flow::new("dns", "malformed", self.source(client.ip())));
                 return Step::Drop;
             }
         };
@@ -184,6 +244,19 @@ impl Shared {
                 Some(rcode) => {
                     if denied.is_none() {
                         debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
+                        let mut flow = Flow::new("dns", "denied", self.source(client.ip()));
+                        let (name, _) = flows::question_name(
+                            packet.get(12..query.question_end).unwrap_or_default(),
+                        );
+                        flow.dns = Some(Dns {
+                            query: name,
+                            qtypes: vec![flows::qtype_name(query.qtype)],
+                            rcode: Some(format!("{rcode:?}").to_uppercase()),
+                            server: Some(server),
+                            ..Dns::default()
+                        });
+                        flow.policy = Some(reason_text(&verdict.reason));
+                        self.flows.push(flow);
                         denied = Some(rcode);
                     }
                 }
@@ -199,6 +272,8 @@ impl Shared {
         };
         if !self.enter(client.ip()) {
             self.metrics.query(VerdictLabel::Fairness, t);
+            self.flows
+                .push(Flow::new("dns", "fairness", self.source(client.ip())));
             return match write_reply(packet, Some(query.question_end), Rcode::ServFail, out) {
                 Some(n) => Step::Reply(n),
                 None => Step::Drop,
@@ -211,6 +286,26 @@ impl Shared {
     /// How long ago the proxy started.
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
+    }
+
+    /// The flow source of `ip`: the endpoint's namespace, name and labels when known.
+    pub fn source(&self, ip: IpAddr) -> Source {
+        let snapshot = self.snapshot.load();
+        let mut source = Source {
+            ip: Some(ip),
+            ..Source::default()
+        };
+        if let Some(ep) = snapshot.endpoint(ip) {
+            source.namespace = Some(ep.endpoint.namespace().to_owned());
+            source.pod_name = Some(ep.name.clone());
+            source.labels = ep
+                .endpoint
+                .labels()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+        }
+        source
     }
 
     /// Queries forwarded upstream and not answered yet, over all clients.
@@ -250,6 +345,7 @@ impl Shared {
         question: &[u8],
         answer: &[u8],
         learn: bool,
+        asked: Asked,
     ) -> Option<Option<SinkFuture>> {
         let checked = match check_answer(question, answer) {
             Ok(a) => a,
@@ -261,6 +357,22 @@ impl Shared {
         };
         self.metrics.upstream_rcode(checked.rcode);
         let learned = checked.learned;
+        {
+            let mut flow = Flow::new("dns", "allowed", self.source(asked.client));
+            let (name, qtype) = flows::question_name(question);
+            flow.dns = Some(Dns {
+                query: name,
+                qtypes: qtype.map(flows::qtype_name).into_iter().collect(),
+                rcode: Some(rcode_name(checked.rcode)),
+                ips: learned.ips.to_vec(),
+                ttl: (!learned.ips.is_empty()).then_some(learned.ttl),
+                server: Some(asked.server),
+                latency_us: Some(
+                    u64::try_from(asked.received.elapsed().as_micros()).unwrap_or(u64::MAX),
+                ),
+            });
+            self.flows.push(flow);
+        }
         if !learn || learned.ips.is_empty() {
             return Some(None);
         }

@@ -111,7 +111,18 @@ async fn connection(
                     let rd = wire::recursion_desired(&msg);
                     let answer = tokio::time::timeout(
                         shared.config.upstream_timeout,
-                        exchange(&shared, upstream, msg, &question, learn),
+                        exchange(
+                            &shared,
+                            upstream,
+                            msg,
+                            &question,
+                            learn,
+                            crate::shared::Asked {
+                                client: client.ip(),
+                                server: upstream,
+                                received,
+                            },
+                        ),
                     )
                     .await;
                     let reply = match answer {
@@ -153,6 +164,7 @@ async fn exchange(
     mut query: Vec<u8>,
     question: &[u8],
     learn: bool,
+    asked: crate::shared::Asked,
 ) -> io::Result<Vec<u8>> {
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
@@ -169,7 +181,7 @@ async fn exchange(
             .metrics
             .latency_upstream
             .observe(sent.elapsed().as_secs_f64());
-        match shared.accept_answer(question, &answer, learn) {
+        match shared.accept_answer(question, &answer, learn, asked) {
             Some(Some(apply)) => {
                 shared.hold(apply).await;
                 return Ok(answer);

@@ -235,7 +235,12 @@ async fn answer_from_upstream(
         .metrics
         .latency_upstream
         .observe(p.sent.elapsed().as_secs_f64());
-    let hold = match shared.accept_answer(&p.question, packet, p.learn) {
+    let asked = crate::shared::Asked {
+        client: p.client.ip(),
+        server: p.upstream,
+        received: p.received,
+    };
+    let hold = match shared.accept_answer(&p.question, packet, p.learn, asked) {
         Some(hold) => hold,
         None => {
             // Not an answer to this question: keep waiting for the real one.
@@ -291,6 +296,17 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
             };
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
+                let mut flow =
+                    crate::flows::Flow::new("dns", "timeout", shared.source(p.client.ip()));
+                let (name, qtype) = crate::flows::question_name(&p.question);
+                flow.dns = Some(crate::flows::Dns {
+                    query: name,
+                    qtypes: qtype.map(crate::flows::qtype_name).into_iter().collect(),
+                    rcode: Some("SERVFAIL".into()),
+                    server: Some(p.upstream),
+                    ..crate::flows::Dns::default()
+                });
+                shared.flows.push(flow);
                 fail(&shared, &p, Rcode::ServFail).await;
             }
         }

@@ -58,6 +58,17 @@ fn snapshot(upstream: SocketAddr, verdict: VerdictConfig) -> Snapshot {
     )
 }
 
+fn flow_log() -> Arc<dnsfence_proxy::flows::FlowLog> {
+    dnsfence_proxy::flows::FlowLog::new(
+        &dnsfence_proxy::flows::FlowSettings {
+            ring_size: 1000,
+            file: None,
+            file_max_bytes: 0,
+        },
+        dnsfence_proxy::flows::FlowMetrics::default(),
+    )
+}
+
 fn dns_config(upstream: SocketAddr) -> DnsConfig {
     DnsConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
@@ -73,6 +84,7 @@ async fn start(cfg: DnsConfig, verdict: VerdictConfig, sink: Arc<dyn IpSink>) ->
         snapshot(upstream, verdict),
         sink,
         ProxyMetrics::default(),
+        flow_log(),
     )
     .await
     .unwrap()
@@ -642,6 +654,7 @@ async fn with_several_upstreams_the_policy_picks_the_one_it_allows() {
         snapshot(up.addr, VerdictConfig::default()),
         Arc::new(NoopSink),
         ProxyMetrics::default(),
+        flow_log(),
     )
     .await
     .unwrap();
