@@ -393,7 +393,7 @@ fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
     };
     let mut flow = Flow::new(
         "drop",
-        "dropped",
+        "denied",
         Source {
             ip: Some(r.packet.src),
             namespace,

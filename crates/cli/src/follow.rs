@@ -301,6 +301,10 @@ async fn session(
                             shared
                                 .snapshot_version
                                 .store(v, std::sync::atomic::Ordering::Relaxed);
+                            shared
+                                .metrics
+                                .snapshot_version
+                                .set(i64::try_from(v).unwrap_or(i64::MAX));
                             save_snapshot(config, v, *snapshot);
                             info!(version = v, "snapshot in force");
                             Message::Ack { version: v }

@@ -48,7 +48,7 @@ pub(crate) struct ObserveArgs {
     /// Only this pod.
     #[arg(long)]
     pod: Option<String>,
-    /// Only this verdict (allowed, denied, audit, malformed, fairness, timeout, dropped).
+    /// Only this verdict (allowed, denied, audit, malformed, fairness, timeout).
     #[arg(long)]
     verdict: Option<String>,
     /// Only query names (or names of refused destinations) matching this pattern
@@ -126,7 +126,7 @@ fn row(f: &Value) -> String {
     let what = if f["type"] == "dns" {
         let ips: Vec<String> = f["dns"]["ips"]
             .as_array()
-            .map(|a| a.iter().map(|v| s(v)).collect())
+            .map(|a| a.iter().map(&s).collect())
             .unwrap_or_default();
         format!(
             "{} {} {}{}",
@@ -142,7 +142,7 @@ fn row(f: &Value) -> String {
     } else {
         let names: Vec<String> = f["destination"]["names"]
             .as_array()
-            .map(|a| a.iter().map(|v| s(v)).collect())
+            .map(|a| a.iter().map(&s).collect())
             .unwrap_or_default();
         format!(
             "{} {}:{}{}",

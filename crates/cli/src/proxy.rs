@@ -399,7 +399,7 @@ pub(crate) fn drop_flow(
     r: &dnsfence_datapath::drops::Refusal,
     shared: &dnsfence_proxy::Shared,
 ) -> dnsfence_proxy::flows::Flow {
-    let mut flow = dnsfence_proxy::flows::Flow::new("drop", "dropped", shared.source(r.packet.src));
+    let mut flow = dnsfence_proxy::flows::Flow::new("drop", "denied", shared.source(r.packet.src));
     let dst = r.packet.dst;
     let names = shared.with_cache(|c| {
         c.iter()

@@ -86,8 +86,8 @@ pub struct Flow {
     /// `dns` or `drop`.
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// `allowed`, `denied`, `audit`, `malformed`, `fairness`, `timeout` (DNS), `dropped`
-    /// (packets).
+    /// `allowed`, `denied`, `audit`, `malformed`, `fairness`, `timeout` (DNS); `denied`
+    /// or `audit` (packets, with `drop_reason_desc`).
     pub verdict: &'static str,
     /// The sender.
     pub source: Source,

@@ -116,6 +116,10 @@ pub struct ProxyMetrics {
     pub learned_names: Gauge,
     /// Learned (name, IP) mappings.
     pub learned_ips: Gauge,
+    /// The agent's snapshot version in force (0 when not following an agent).
+    pub snapshot_version: Gauge,
+    /// Seconds since the snapshot in force was installed.
+    pub snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn latency() -> Histogram {
@@ -167,6 +171,8 @@ impl Default for ProxyMetrics {
             latency_hold: latency(),
             learned_names: Gauge::default(),
             learned_ips: Gauge::default(),
+            snapshot_version: Gauge::default(),
+            snapshot_age: Gauge::default(),
         }
     }
 }
@@ -176,6 +182,17 @@ impl ProxyMetrics {
     /// prefix, which callers set to `dnsfence`).
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register(
+            "snapshot_version",
+            "Version of the agent's snapshot in force (0: not following an agent)",
+            m.snapshot_version.clone(),
+        );
+        registry.register_with_unit(
+            "snapshot_age",
+            "Time since the snapshot in force was installed",
+            Unit::Seconds,
+            m.snapshot_age.clone(),
+        );
         let r = registry.sub_registry_with_prefix("dns");
         r.register(
             "queries",

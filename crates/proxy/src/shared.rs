@@ -84,6 +84,7 @@ pub struct Shared {
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
+    snapshot_at: Mutex<Instant>,
 }
 
 /// What to do with a client's query.
@@ -130,6 +131,7 @@ impl Shared {
             flows,
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
+            snapshot_at: Mutex::new(Instant::now()),
         };
         (shared, refresh_rx)
     }
@@ -143,6 +145,14 @@ impl Shared {
     pub async fn set_snapshot(&self, snapshot: Snapshot) {
         let changes = lock(&self.cache).reselect(snapshot.policies());
         self.snapshot.store(Arc::new(snapshot));
+        *lock(&self.snapshot_at) = Instant::now();
+        self.metrics.snapshot_version.set(
+            i64::try_from(
+                self.snapshot_version
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .unwrap_or(i64::MAX),
+        );
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {
                 warn!(error = %e, "applying selector changes after a policy update failed");
@@ -443,6 +453,9 @@ impl Shared {
 
     /// Removes expired mappings and tells the sink. Returns when the next one expires.
     pub(crate) async fn expire(&self) -> Option<Instant> {
+        self.metrics
+            .snapshot_age
+            .set(lock(&self.snapshot_at).elapsed().as_secs_f64());
         let (changes, next) = {
             let mut cache = lock(&self.cache);
             let changes = cache.expire(Instant::now());

@@ -70,15 +70,20 @@ pub struct Env {
 }
 
 pub fn env(extra_records: Vec<Rec>) -> Option<Env> {
-    env_with(extra_records, false)
+    env_with(extra_records, false, "")
+}
+
+/// As [`env`], with more top-level configuration.
+pub fn env_config(extra_records: Vec<Rec>, config: &str) -> Option<Env> {
+    env_with(extra_records, false, config)
 }
 
 /// As [`env`], with `dnsfence agent` and `dnsfence proxy --agent` as two processes.
 pub fn env_split(extra_records: Vec<Rec>) -> Option<Env> {
-    env_with(extra_records, true)
+    env_with(extra_records, true, "")
 }
 
-fn env_with(extra_records: Vec<Rec>, split: bool) -> Option<Env> {
+fn env_with(extra_records: Vec<Rec>, split: bool, extra_config: &str) -> Option<Env> {
     if skip_unless_root(&["ip", "nft"]) {
         return None;
     }
@@ -98,7 +103,7 @@ fn env_with(extra_records: Vec<Rec>, split: bool) -> Option<Env> {
         )
     };
     let config = format!(
-        "endpoints:\n{}{}{}",
+        "{extra_config}endpoints:\n{}{}{}",
         ep("web", "web", lab.pod(0)),
         ep("other", "other", lab.pod(1)),
         ep("plain", "plain", lab.pod(2)),

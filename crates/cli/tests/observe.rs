@@ -1,0 +1,191 @@
+//! Flow events in the lab: `dnsfence observe` shows denied queries and refused packets
+//! with the domain, the pod, the policy and the reason; `--follow` streams them within a
+//! second; a flood stays within the ring and the loss is counted.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{blocked, env, env_config, ip, reach, resolve, Env};
+use dnsfence_lab::{DnsStatus, RecordType, Transport};
+use serde_json::Value;
+
+fn observe(env: &Env, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .arg("observe")
+        .arg("--config")
+        .arg(env.daemon.config_path())
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn observe_names_the_domain_pod_policy_and_reason() {
+    let Some(env) = env(vec![]) else { return };
+    let (status, _) = resolve(
+        env.web(),
+        "blocked.example.org",
+        RecordType::A,
+        Transport::Udp,
+    );
+    assert_eq!(status, DnsStatus::Refused);
+    assert!(blocked(reach(env.web(), ip("203.0.113.66"), 443)));
+    let (status, ips) = resolve(env.web(), "api.example.com", RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::NoError);
+    // The learned IP on a port the policy does not allow: the drop names the domain.
+    assert!(blocked(reach(env.web(), ips[0], 8080)));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let denied = observe(&env, &["--verdict", "denied", "--last", "100"]);
+    let dns = denied
+        .iter()
+        .find(|f| f["type"] == "dns" && f["dns"]["query"] == "blocked.example.org")
+        .unwrap_or_else(|| panic!("{denied:#?}"));
+    assert_eq!(dns["source"]["pod_name"], "web");
+    assert_eq!(dns["source"]["namespace"], "default");
+    assert_eq!(dns["dns"]["rcode"], "REFUSED");
+    assert!(dns["policy"].as_str().unwrap().contains("pattern"), "{dns}");
+    let drop = denied
+        .iter()
+        .find(|f| f["type"] == "drop" && f["destination"]["ip"] == "203.0.113.66")
+        .unwrap_or_else(|| panic!("{denied:#?}"));
+    assert_eq!(drop["drop_reason_desc"], "policy-denied");
+    assert_eq!(drop["destination"]["port"], 443);
+    assert_eq!(drop["destination"]["protocol"], "tcp");
+    assert_eq!(drop["source"]["pod_name"], "web");
+    let named = denied
+        .iter()
+        .find(|f| f["type"] == "drop" && f["destination"]["port"] == 8080)
+        .unwrap_or_else(|| panic!("{denied:#?}"));
+    assert_eq!(named["destination"]["names"][0], "api.example.com");
+
+    // Allowed answers carry the IPs and the TTL.
+    let allowed = observe(&env, &["--verdict", "allowed", "--name", "*.example.com"]);
+    let a = allowed
+        .iter()
+        .find(|f| f["dns"]["query"] == "api.example.com")
+        .unwrap_or_else(|| panic!("{allowed:#?}"));
+    assert_eq!(a["dns"]["ips"][0], "192.0.2.10");
+    assert_eq!(a["dns"]["ttl"], 60);
+    assert_eq!(a["dns"]["qtypes"][0], "A");
+    // Filters: another pod, another type.
+    assert!(observe(&env, &["--pod", "other"]).is_empty());
+    assert!(observe(&env, &["--type", "drop", "--verdict", "allowed"]).is_empty());
+}
+
+#[test]
+fn observe_follow_shows_a_denial_within_a_second() {
+    let Some(env) = env(vec![]) else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .arg("observe")
+        .arg("--config")
+        .arg(env.daemon.config_path())
+        .args([
+            "--follow",
+            "-o",
+            "json",
+            "--verdict",
+            "denied",
+            "--last",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let (status, _) = resolve(env.web(), "nope.example.org", RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::Refused);
+    assert!(blocked(reach(env.web(), ip("203.0.113.9"), 443)));
+    let (mut dns, mut drop) = (None, None);
+    while dns.is_none() || drop.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(1).saturating_sub(started.elapsed()))
+            .unwrap_or_else(|_| panic!("not within a second: dns {dns:?} drop {drop:?}"));
+        let f: Value = serde_json::from_str(&line).unwrap();
+        if f["dns"]["query"] == "nope.example.org" {
+            dns = Some(started.elapsed());
+        }
+        if f["destination"]["ip"] == "203.0.113.9" {
+            drop = Some(started.elapsed());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `GET /metrics` from inside the node's namespace.
+fn scrape(env: &Env, port: u16) -> String {
+    env.lab
+        .node()
+        .run(move || {
+            let mut s = std::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_flood_of_denied_queries_stays_within_the_ring_and_counts_the_loss() {
+    let port = 19000 + (std::process::id() % 500) as u16;
+    let config = format!("flows: {{ring_size: 500}}\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n");
+    let Some(env) = env_config(vec![], &config) else {
+        return;
+    };
+    let mut spec = dnsfence_lab::LoadSpec::new(
+        dnsfence_lab::DNS_V4,
+        ["a.denied.org", "b.denied.org", "c.denied.org"],
+        3000,
+    );
+    spec.timeout = Duration::from_millis(500);
+    let load = env.web().start_dns_load(spec).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let report = load.stop();
+    println!("flood: {}", report.summary());
+    assert!(report.refused >= 3000, "{}", report.summary());
+    let kept = observe(&env, &["--last", "1000000"]);
+    assert!(kept.len() <= 500, "{}", kept.len());
+    let text = scrape(&env, port);
+    let recorded = metric(&text, "dnsfence_flow_events_total");
+    let lost = metric(&text, "dnsfence_flow_events_lost_total");
+    assert!(recorded >= report.refused as f64, "{recorded}\n{text}");
+    assert!(lost >= recorded - 500.0, "lost {lost} of {recorded}");
+}
