@@ -257,3 +257,70 @@ fn check_text_output_explains() {
     assert!(text.contains("matchName \"api.stripe.com\""), "{text}");
     assert!(text.contains("443/TCP"), "{text}");
 }
+
+#[test]
+fn check_audit_mode_records_denials_but_exits_1() {
+    // 13-audit-mode.yaml: the only policy selecting the autoscaler is in audit mode.
+    let autoscaler = &[
+        "--namespace",
+        "kube-system",
+        "--labels",
+        "app=cluster-autoscaler",
+    ][..];
+    let (code, j) = check(&with(&[
+        autoscaler,
+        KUBE_DNS,
+        &["--name", "ec2.eu-west-1.amazonaws.com"],
+    ]));
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(
+        (&j["mode"], &j["verdict"]),
+        (&"audit".into(), &"allow".into())
+    );
+    let (code, j) = check(&with(&[autoscaler, KUBE_DNS, &["--name", "evil.com"]]));
+    assert_eq!(code, 1, "a would-be denial still exits 1: {j}");
+    assert_eq!(j["mode"], "audit");
+    assert_eq!(j["dns"], "deny");
+    assert_eq!(j["verdict"], "audit");
+    assert_eq!(j["reason"], "no-pattern-matches");
+    // Its egressDeny would deny, and is only audited too.
+    let (code, j) = check(&with(&[
+        autoscaler,
+        &["--server", "169.254.169.254", "--name", "x.com"],
+    ]));
+    assert_eq!(code, 1, "{j}");
+    assert_eq!(
+        (&j["reason"], &j["verdict"]),
+        (&"egress-deny".into(), &"audit".into())
+    );
+    assert_eq!(j["decided_by"]["path"], "spec.egressDeny[0]");
+
+    // Other endpoints are enforced, unless --audit (the daemon's `audit: true`).
+    let (code, j) = check(&with(&[BILLING, KUBE_DNS, &["--name", "evil.com"]]));
+    assert_eq!(code, 1);
+    assert_eq!(
+        (&j["mode"], &j["verdict"]),
+        (&"enforce".into(), &"deny".into())
+    );
+    let (code, j) = check(&with(&[
+        BILLING,
+        KUBE_DNS,
+        &["--name", "evil.com", "--audit"],
+    ]));
+    assert_eq!(code, 1);
+    assert_eq!(
+        (&j["mode"], &j["verdict"]),
+        (&"audit".into(), &"audit".into())
+    );
+
+    let mut args = vec!["policy", "check", "-f", "examples/policies"];
+    args.extend(with(&[autoscaler, KUBE_DNS, &["--name", "evil.com"]]));
+    let out = dnsfence(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mode       audit (denials are recorded, not enforced)"),
+        "{text}"
+    );
+    assert!(text.contains("dns        audit: "), "{text}");
+}

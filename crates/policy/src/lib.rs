@@ -4,6 +4,9 @@
 //! ([`PolicySet::resolve`]); may it resolve a name on a given DNS server and port
 //! ([`EndpointPolicy::dns_decision`]); which `toFQDNs` selectors does a name satisfy
 //! ([`PolicySet::for_each_selector_match`], [`EndpointPolicy::for_each_fqdn_match`]).
+//! Policies in audit mode (annotation [`AUDIT_ANNOTATION`], or
+//! [`PolicySet::with_global_audit`]) allow what they allow but deny nothing: the endpoint's
+//! [`EndpointPolicy::audit`] and [`DnsDecision::audit`] say what to record instead.
 //!
 //! The input dialect is CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy
 //! (`cilium.io/v2`) plus dnsfence's own `EgressPolicy` and `ClusterEgressPolicy`
@@ -58,7 +61,7 @@ pub use load::PolicyLoader;
 pub use matcher::{NameMatcher, INLINE_ACTIVE};
 pub use model::{
     CidrRule, Destination, EgressRule, Entity, Peer, Policy, PolicyId, PolicyKind, PortProtocol,
-    PortRule, Protocol, Rule, Source,
+    PortRule, Protocol, Rule, Source, AUDIT_ANNOTATION,
 };
 pub use name::{FoldedName, NameError, MAX_NAME_LEN};
 pub use parse::parse_stream;

@@ -375,4 +375,12 @@ pub struct Policy {
     pub source: Source,
     /// Its specs. Empty for a host policy (`nodeSelector`), which dnsfence does not enforce.
     pub rules: Vec<Rule>,
+    /// Audit mode (annotation [`AUDIT_ANNOTATION`] `"true"`): the policy's allows count,
+    /// but neither its default-deny nor its `egressDeny` rules are enforced; what they
+    /// would deny is recorded instead. See [`EndpointPolicy`](crate::EndpointPolicy).
+    pub audit: bool,
 }
+
+/// The `metadata.annotations` key that puts a policy in audit mode; its value is
+/// `"true"` or `"false"` (a string, as every annotation value).
+pub const AUDIT_ANNOTATION: &str = "dnsfence.io/audit";

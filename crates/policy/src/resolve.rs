@@ -3,6 +3,12 @@
 //! [`PolicySet::resolve`] is done once per endpoint and policy change (O(policies)); the
 //! per-query questions on the result ([`EndpointPolicy::dns_decision`],
 //! [`EndpointPolicy::for_each_fqdn_match`]) cost O(name length) whatever the number of rules.
+//!
+//! Audit mode (a policy's [`Policy::audit`], or every policy with
+//! [`PolicySet::with_global_audit`]) is resolved here too: [`EndpointPolicy::audit`] says
+//! whether the endpoint's default-deny is only audited, [`EndpointPolicy::audit_denies`]
+//! holds the `egressDeny` rules that would deny, and [`DnsDecision::audit`] marks a DNS
+//! denial that is recorded but not enforced.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -30,6 +36,8 @@ pub struct PolicySet {
     selector_matcher: NameMatcher<SelectorId>,
     /// The id the next new selector gets (ids are never reused by successors).
     next_id: u32,
+    /// Every policy is in audit mode, whatever its annotation.
+    global_audit: bool,
 }
 
 impl PolicySet {
@@ -41,10 +49,13 @@ impl PolicySet {
     /// Builds the set that replaces `previous`: a selector both use keeps its id, a new
     /// one gets an id `previous` never used. Learned IPs and datapath sets keyed by
     /// [`SelectorId`] therefore stay meaningful across a policy update, and an id that
-    /// disappears is never given to another selector.
+    /// disappears is never given to another selector. The successor also keeps
+    /// `previous`'s [global audit switch](PolicySet::with_global_audit), so that a policy
+    /// reload never turns enforcement on by itself.
     pub fn succeeding(policies: impl IntoIterator<Item = Policy>, previous: &PolicySet) -> Self {
         let mut set = Self {
             next_id: previous.next_id,
+            global_audit: previous.global_audit,
             ..Self::default()
         };
         for p in policies {
@@ -81,6 +92,27 @@ impl PolicySet {
         id
     }
 
+    /// The same set with the global audit switch on or off (the daemon's `audit: true`).
+    /// When on, [`PolicySet::resolve`] treats every policy as in audit mode, whatever its
+    /// `dnsfence.io/audit` annotation; when off (the default), each policy's
+    /// [`Policy::audit`] decides. A new set starts off; a successor keeps the switch (see
+    /// [`PolicySet::succeeding`]).
+    #[must_use]
+    pub fn with_global_audit(mut self, on: bool) -> Self {
+        self.global_audit = on;
+        self
+    }
+
+    /// Whether the global audit switch is on (see [`PolicySet::with_global_audit`]).
+    pub fn global_audit(&self) -> bool {
+        self.global_audit
+    }
+
+    /// Whether `policy` is in audit mode in this set: its annotation, or the global switch.
+    pub fn is_audit(&self, policy: &Policy) -> bool {
+        self.global_audit || policy.audit
+    }
+
     /// The policies, in load order.
     pub fn policies(&self) -> &[Arc<Policy>] {
         &self.policies
@@ -114,23 +146,34 @@ impl PolicySet {
         self.selector_matcher.for_each_match(name, |id| visit(*id))
     }
 
-    /// The rules that apply to `ep`, compiled for per-query use.
+    /// The rules that apply to `ep`, compiled for per-query use, with the endpoint's mode
+    /// ([`EndpointPolicy::enforced`], [`EndpointPolicy::audit`]).
     pub fn resolve(&self, ep: &Endpoint) -> EndpointPolicy {
         let mut out = EndpointPolicy::default();
+        // Whether some policy not in audit mode puts the endpoint in default-deny.
+        let mut enforcing = false;
         for policy in &self.policies {
+            let audit = self.is_audit(policy);
             for rule in policy.rules.iter().filter(|r| r.subject.matches(ep)) {
                 out.enforced |= rule.default_deny_egress;
+                enforcing |= rule.default_deny_egress && !audit;
                 for allow in &rule.egress {
                     out.add_allow(&policy.id, allow, self);
                 }
+                let denies = if audit {
+                    &mut out.audit_denies
+                } else {
+                    &mut out.denies
+                };
                 for deny in &rule.egress_deny {
-                    out.denies.push(AppliedRule {
+                    denies.push(AppliedRule {
                         policy: policy.id.clone(),
                         rule: deny.clone(),
                     });
                 }
             }
         }
+        out.audit = out.enforced && !enforcing;
         out
     }
 }
@@ -183,14 +226,39 @@ pub struct FqdnAllow {
 }
 
 /// Everything that applies to one endpoint.
+///
+/// The endpoint's mode is `(enforced, audit)`:
+///
+/// | `enforced` | `audit` | mode |
+/// |---|---|---|
+/// | `false` | `false` | not enforced: no selecting policy makes egress default-deny |
+/// | `true` | `false` | enforced: some policy not in audit mode makes it default-deny |
+/// | `true` | `true` | audit: only audit-mode policies make it default-deny |
+///
+/// In audit mode what is not allowed is let through and recorded as `audit`: the datapath
+/// logs would-be drops and accepts the packets, the proxy forwards the queries it would
+/// refuse ([`DnsDecision::audit`]).
+///
+/// In every mode the allows of audit-mode policies count like any other allow, and
+/// [`EndpointPolicy::denies`] (`egressDeny` of policies not in audit mode) deny.
+/// [`EndpointPolicy::audit_denies`] never deny: they are recorded as would-be denials.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointPolicy {
-    /// Whether egress is default-deny (some selecting policy has egress rules).
+    /// Whether egress is default-deny: some selecting policy, in audit mode or not, has
+    /// egress or egressDeny rules (and does not set `enableDefaultDeny.egress: false`).
     pub enforced: bool,
-    /// Allow rules (all peer kinds, `toFQDNs` included).
+    /// Whether the endpoint is in audit mode: `enforced`, and every selecting policy that
+    /// puts it in default-deny is in audit mode. Always `false` when not `enforced`.
+    pub audit: bool,
+    /// Allow rules (all peer kinds, `toFQDNs` included), of audit-mode policies too.
     pub allows: Vec<AppliedRule>,
-    /// `egressDeny` rules; they win over allows.
+    /// `egressDeny` rules of policies not in audit mode; they win over allows, whatever
+    /// the endpoint's mode.
     pub denies: Vec<AppliedRule>,
+    /// `egressDeny` rules of audit-mode policies: traffic they cover and that
+    /// [`EndpointPolicy::denies`] does not deny is let through as before, and recorded as
+    /// a would-be denial (`audit`).
+    pub audit_denies: Vec<AppliedRule>,
     /// DNS rules.
     pub dns_rules: Vec<DnsRule>,
     /// `toFQDNs` selectors with their ports.
@@ -231,14 +299,31 @@ pub enum DnsReason<'a> {
 }
 
 /// The answer to "may this endpoint resolve this name on this server".
+///
+/// Three outcomes: allowed (`allowed`), denied (neither), and an audited denial
+/// (`audit`): the query would be denied if every policy were enforced, but the denial
+/// comes from audit mode, so the query is forwarded and recorded with verdict `audit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsDecision<'a> {
-    /// Whether the query may go upstream.
+    /// Whether every policy, audit-mode ones included, lets the query go upstream.
     pub allowed: bool,
-    /// Whether the query passes through the proxy (so IPs in the answer are learned).
+    /// Whether the query passes through the proxy (so IPs in the answer are learned,
+    /// when it is forwarded: see [`DnsDecision::forwarded`]).
     pub proxied: bool,
-    /// Why.
+    /// Why: for an audited denial, why it would be denied.
     pub reason: DnsReason<'a>,
+    /// The denial is not enforced (always `false` when `allowed`): the endpoint is in audit
+    /// mode ([`EndpointPolicy::audit`]) and no enforced `egressDeny` applies, or the
+    /// query is allowed except for an `egressDeny` of an audit-mode policy (the reason is
+    /// then [`DnsReason::Denied`] with a rule of [`EndpointPolicy::audit_denies`]).
+    pub audit: bool,
+}
+
+impl DnsDecision<'_> {
+    /// Whether the query goes upstream: allowed, or denied in audit mode only.
+    pub fn forwarded(&self) -> bool {
+        self.allowed || self.audit
+    }
 }
 
 impl EndpointPolicy {
@@ -307,6 +392,11 @@ impl EndpointPolicy {
 
     /// [`EndpointPolicy::dns_decision`] for a name already folded (or refused by folding),
     /// as the proxy has it from the wire.
+    ///
+    /// In order: an enforced `egressDeny` denies; otherwise the allow rules decide as if
+    /// every policy were enforced; then an allowed query that an audit-mode `egressDeny`
+    /// covers, or any denial of an endpoint in audit mode, becomes an audited denial
+    /// ([`DnsDecision::audit`]).
     pub fn dns_decision_folded(
         &self,
         name: Result<&FoldedName, &NameError>,
@@ -314,26 +404,35 @@ impl EndpointPolicy {
         port: u16,
         protocol: Protocol,
     ) -> DnsDecision<'_> {
-        let decide = |allowed, proxied, reason| DnsDecision {
-            allowed,
-            proxied,
-            reason,
-        };
-        let deny = self.denies.iter().find(|d| {
-            // Without a server, only deny rules that cover every destination apply.
-            let everywhere = match &d.rule.peer {
-                Peer::Any => true,
-                Peer::Entities(es) => es.contains(&Entity::All),
-                _ => false,
-            };
-            server.map_or(everywhere, |s| d.rule.peer.selects(s))
-                && d.rule.covers_port(port, protocol)
-        });
-        if let Some(rule) = deny {
-            return decide(false, false, DnsReason::Denied { rule });
+        if let Some(rule) = covering_deny(&self.denies, server, port, protocol) {
+            return decision(false, false, DnsReason::Denied { rule });
         }
+        let mut d = self.allow_decision(name, server, port, protocol);
+        if d.allowed || self.audit {
+            if let Some(rule) = covering_deny(&self.audit_denies, server, port, protocol) {
+                return DnsDecision {
+                    allowed: false,
+                    proxied: d.proxied,
+                    reason: DnsReason::Denied { rule },
+                    audit: true,
+                };
+            }
+        }
+        // A denial of an enforced endpoint stays enforced.
+        d.audit = !d.allowed && self.audit;
+        d
+    }
+
+    /// The decision of the allow rules alone (no `egressDeny`), every policy enforced.
+    fn allow_decision(
+        &self,
+        name: Result<&FoldedName, &NameError>,
+        server: Option<&Destination<'_>>,
+        port: u16,
+        protocol: Protocol,
+    ) -> DnsDecision<'_> {
         if !self.enforced {
-            return decide(true, false, DnsReason::NotEnforced);
+            return decision(true, false, DnsReason::NotEnforced);
         }
         let covered = self
             .dns_rules
@@ -341,13 +440,13 @@ impl EndpointPolicy {
             .any(|r| r.covers(server, port, protocol));
         if !covered {
             return match self.port_allow(server, port, protocol) {
-                Some(rule) => decide(true, false, DnsReason::PortAllowed { rule }),
-                None => decide(false, false, DnsReason::NotCovered),
+                Some(rule) => decision(true, false, DnsReason::PortAllowed { rule }),
+                None => decision(false, false, DnsReason::NotCovered),
             };
         }
         let folded = match name {
             Ok(f) => f,
-            Err(e) => return decide(false, true, DnsReason::InvalidName(*e)),
+            Err(e) => return decision(false, true, DnsReason::InvalidName(*e)),
         };
         let mut best: Option<(&DnsRule, &NamePattern)> = None;
         let _ = self.dns_matcher.for_each_match(folded, |&(r, p)| {
@@ -363,11 +462,11 @@ impl EndpointPolicy {
             ControlFlow::<()>::Continue(())
         });
         if let Some((rule, pattern)) = best {
-            return decide(true, true, DnsReason::Pattern { rule, pattern });
+            return decision(true, true, DnsReason::Pattern { rule, pattern });
         }
         match self.port_allow(server, port, protocol) {
-            Some(rule) => decide(true, true, DnsReason::PortAllowed { rule }),
-            None => decide(false, true, DnsReason::NoPatternMatches),
+            Some(rule) => decision(true, true, DnsReason::PortAllowed { rule }),
+            None => decision(false, true, DnsReason::NoPatternMatches),
         }
     }
 
@@ -383,6 +482,34 @@ impl EndpointPolicy {
                 None => ControlFlow::Continue(()),
             })
     }
+}
+
+/// A decision not (yet) audited.
+fn decision(allowed: bool, proxied: bool, reason: DnsReason<'_>) -> DnsDecision<'_> {
+    DnsDecision {
+        allowed,
+        proxied,
+        reason,
+        audit: false,
+    }
+}
+
+/// The first of `denies` covering DNS to `server` (any server when `None`) on the port.
+fn covering_deny<'a>(
+    denies: &'a [AppliedRule],
+    server: Option<&Destination<'_>>,
+    port: u16,
+    protocol: Protocol,
+) -> Option<&'a AppliedRule> {
+    denies.iter().find(|d| {
+        // Without a server, only deny rules that cover every destination apply.
+        let everywhere = match &d.rule.peer {
+            Peer::Any => true,
+            Peer::Entities(es) => es.contains(&Entity::All),
+            _ => false,
+        };
+        server.map_or(everywhere, |s| d.rule.peer.selects(s)) && d.rule.covers_port(port, protocol)
+    })
 }
 
 #[cfg(test)]

@@ -199,3 +199,89 @@ fn a_document_that_is_not_a_mapping_is_reported_on_the_document() {
         ]
     );
 }
+
+fn with_annotations(kind: &str, annotations: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: {kind}\nmetadata:\n  name: p\n  labels: {{team: platform}}\n  annotations: {annotations}\nspec: {{endpointSelector: {{}}, egress: [{{toEntities: [world]}}]}}\n"
+    )
+}
+
+#[test]
+fn the_audit_annotation_sets_audit_mode_and_other_annotations_are_ignored() {
+    for kind in ["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] {
+        for (annotations, audit) in [
+            (r#"{dnsfence.io/audit: "true"}"#, true),
+            (r#"{dnsfence.io/audit: "false", note: "x", n: 1}"#, false),
+            (
+                r#"{kubectl.kubernetes.io/last-applied-configuration: "{}"}"#,
+                false,
+            ),
+            ("{}", false),
+            ("null", false),
+        ] {
+            let (policies, diags) = parse(&with_annotations(kind, annotations));
+            assert!(diags.is_empty(), "{annotations}: {:?}", lines(&diags));
+            assert_eq!(policies[0].audit, audit, "{kind} {annotations}");
+        }
+    }
+    let yaml = "apiVersion: dnsfence.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: e, annotations: {dnsfence.io/audit: \"true\"}}\nspec: {endpointSelector: {}}\n";
+    let (policies, diags) = parse(yaml);
+    assert!(diags.is_empty(), "{:?}", lines(&diags));
+    assert!(policies[0].audit);
+}
+
+#[test]
+fn a_bad_audit_annotation_is_an_error_naming_the_field() {
+    for (annotations, message) in [
+        (
+            r#"{dnsfence.io/audit: "yes"}"#,
+            r#"expected "true" or "false", found "yes""#,
+        ),
+        (
+            r#"{dnsfence.io/audit: "True"}"#,
+            r#"expected "true" or "false", found "True""#,
+        ),
+        (
+            "{dnsfence.io/audit: true}",
+            r#"annotation values are strings: quote it, "true""#,
+        ),
+        (
+            "{dnsfence.io/audit: 1}",
+            r#"expected "true" or "false", found 1"#,
+        ),
+    ] {
+        let (policies, diags) = parse(&with_annotations("CiliumNetworkPolicy", annotations));
+        assert!(policies.is_empty(), "{annotations}: the object is rejected");
+        assert_eq!(
+            lines(&diags),
+            [format!(
+                "f.yaml:1: metadata.annotations.dnsfence.io/audit: {message}"
+            )]
+        );
+    }
+    let (_, diags) = parse(&with_annotations("CiliumNetworkPolicy", "[a]"));
+    assert_eq!(
+        lines(&diags),
+        ["f.yaml:1: metadata.annotations: expected a mapping, found a list"]
+    );
+    // The spec's problems are reported in the same run; list items carry their index.
+    let yaml = r#"
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: a, annotations: {dnsfence.io/audit: "on"}}
+    spec: {endpointSelector: {}, egress: [{toEntities: [bogus]}]}
+"#;
+    let (policies, diags) = parse(yaml);
+    assert!(policies.is_empty());
+    let paths: Vec<&str> = diags.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "items[0].metadata.annotations.dnsfence.io/audit",
+            "items[0].spec.egress[0].toEntities[0]"
+        ]
+    );
+}

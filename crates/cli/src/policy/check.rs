@@ -45,6 +45,9 @@ pub(crate) struct CheckArgs {
     /// Transport of the query.
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     protocol: Transport,
+    /// Treat every policy as in audit mode, as the daemon's `audit: true` does.
+    #[arg(long)]
+    audit: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     output: Format,
@@ -100,6 +103,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         Transport::Udp => Protocol::Udp,
         Transport::Tcp => Protocol::Tcp,
     };
+    let set = set.with_global_audit(args.audit);
     let resolved = set.resolve(&endpoint);
     let decision =
         resolved.dns_decision(args.name.as_bytes(), server.as_ref(), args.port, protocol);
@@ -143,7 +147,25 @@ fn rule_ref(policy: &PolicyId, path: &str) -> String {
     format!("{} {policy} ({path})", policy.kind.as_str())
 }
 
+/// The verdict the proxy records: `allow`, `deny`, or `audit` (denied, but only audited).
+fn verdict(d: &DnsDecision<'_>) -> &'static str {
+    match (d.allowed, d.audit) {
+        (true, _) => "allow",
+        (false, true) => "audit",
+        (false, false) => "deny",
+    }
+}
+
 fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
+    let (code, mut explanation) = policy_reason(d);
+    if d.audit {
+        explanation
+            .push_str("; not enforced (audit mode): the query is forwarded and recorded as audit");
+    }
+    (code, explanation)
+}
+
+fn policy_reason(d: &DnsDecision<'_>) -> (&'static str, String) {
     match d.reason {
         DnsReason::NotEnforced => (
             "not-enforced",
@@ -168,17 +190,25 @@ fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
         ),
         DnsReason::NoPatternMatches => (
             "no-pattern-matches",
-            "DNS rules cover this server and port but none of their patterns matches the name (answered REFUSED)".to_owned(),
+            format!(
+                "DNS rules cover this server and port but none of their patterns matches the name ({})",
+                if d.audit { "would be answered REFUSED" } else { "answered REFUSED" }
+            ),
         ),
         DnsReason::NotCovered => (
             "not-covered",
-            "no rule allows DNS from this endpoint to this server and port (dropped)".to_owned(),
+            format!(
+                "no rule allows DNS from this endpoint to this server and port ({})",
+                if d.audit { "would be dropped" } else { "dropped" }
+            ),
         ),
         DnsReason::Denied { rule } => (
             "egress-deny",
             format!(
-                "egressDeny of {} covers this server and port",
-                rule_ref(&rule.policy, &rule.rule.path)
+                "egressDeny of {}{} covers this server and port",
+                // Only a deny of an audit-mode policy gives an audited denial.
+                if d.audit { "audit-mode " } else { "" },
+                rule_ref(&rule.policy, &rule.rule.path),
             ),
         ),
         DnsReason::InvalidName(e) => ("invalid-name", format!("the name is not a valid hostname: {e}")),
@@ -227,7 +257,9 @@ fn report(
         "port": args.port,
         "protocol": match args.protocol { Transport::Udp => "UDP", Transport::Tcp => "TCP" },
         "enforced": resolved.enforced,
+        "mode": if resolved.audit { "audit" } else { "enforce" },
         "dns": if d.allowed { "allow" } else { "deny" },
+        "verdict": verdict(d),
         "proxied": d.proxied,
         "reason": code,
         "explanation": explanation,
@@ -257,13 +289,18 @@ fn print_text(r: &Value) {
             "not enforced"
         }
     );
+    if r.get("mode").and_then(Value::as_str) == Some("audit") {
+        println!("mode       audit (denials are recorded, not enforced)");
+    } else {
+        println!("mode       enforce");
+    }
     println!(
         "query      {} via {server} port {}/{}",
         s("name"),
         r.get("port").map(ToString::to_string).unwrap_or_default(),
         s("protocol")
     );
-    println!("dns        {}: {}", s("dns"), s("explanation"));
+    println!("dns        {}: {}", s("verdict"), s("explanation"));
     let selectors = r
         .get("fqdn_selectors")
         .and_then(Value::as_array)

@@ -24,7 +24,11 @@ pub(crate) enum PolicyCommand {
     },
     /// May an endpoint resolve a name, and which toFQDNs selectors would allow its IPs?
     ///
-    /// Exit 0 when the query would be allowed, 1 when denied, 2 on error.
+    /// Shows the endpoint's mode: `enforce`, or `audit` when only audit-mode policies
+    /// (annotation `dnsfence.io/audit: "true"`, or --audit) put it in default-deny.
+    ///
+    /// Exit 0 when the query would be allowed, 1 when denied, also when the denial is only
+    /// audited (verdict `audit`: the proxy forwards the query and records it), 2 on error.
     Check(check::CheckArgs),
 }
 

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::diag::{Diagnostic, Sink};
-use crate::model::{Policy, PolicyId, PolicyKind, Source};
-use value::{fields, index, join, list, string};
+use crate::model::{Policy, PolicyId, PolicyKind, Source, AUDIT_ANNOTATION};
+use value::{fields, index, join, list, show, string};
 
 /// Parses every document of the YAML stream `text`, read from `file`.
 ///
@@ -107,7 +107,11 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
             );
         }
     }
-    let (name, namespace) = parse_metadata(sink, f.get("metadata"), path, kind)?;
+    let Metadata {
+        name,
+        namespace,
+        audit,
+    } = parse_metadata(sink, f.get("metadata"), path, kind)?;
     let mut rules = Vec::new();
     let mut specs_seen = 0;
     if let Some(s) = f.get("spec") {
@@ -149,16 +153,25 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
             doc: sink.doc,
         },
         rules,
+        audit,
     })
 }
 
-/// The name and, for namespaced kinds, the namespace (`default` when not given, as kubectl).
+/// What dnsfence reads of `metadata`; every other field (`labels`, `uid`, ...) is ignored.
+struct Metadata {
+    name: String,
+    /// For namespaced kinds, `default` when not given, as kubectl.
+    namespace: Option<String>,
+    /// The [`AUDIT_ANNOTATION`].
+    audit: bool,
+}
+
 fn parse_metadata(
     sink: &mut Sink<'_>,
     v: Option<&Value>,
     path: &str,
     kind: PolicyKind,
-) -> Option<(String, Option<String>)> {
+) -> Option<Metadata> {
     let path = join(path, "metadata");
     let Some(v) = v else {
         sink.error(&path, "missing field");
@@ -198,5 +211,49 @@ fn parse_metadata(
         }
         None
     };
-    Some((name?, namespace))
+    // A bad annotation is an error, but the spec is still read so that all its problems
+    // are reported too (the object is rejected either way).
+    let audit = match m.get("annotations").filter(|v| !v.is_null()) {
+        Some(a) => audit_annotation(sink, a, &join(&path, "annotations")).unwrap_or(false),
+        None => false,
+    };
+    Some(Metadata {
+        name: name?,
+        namespace,
+        audit,
+    })
+}
+
+/// `metadata.annotations`: a string-to-string map of which only [`AUDIT_ANNOTATION`]
+/// means something; its value must be the string `"true"` or `"false"`.
+fn audit_annotation(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<bool> {
+    let Value::Mapping(m) = v else {
+        sink.error(
+            path,
+            format!("expected a mapping, found {}", value::type_name(v)),
+        );
+        return None;
+    };
+    let Some(a) = m.get(AUDIT_ANNOTATION) else {
+        return Some(false);
+    };
+    let audit_path = join(path, AUDIT_ANNOTATION);
+    match a {
+        Value::String(s) if s == "true" => Some(true),
+        Value::String(s) if s == "false" => Some(false),
+        Value::Bool(b) => {
+            sink.error(
+                &audit_path,
+                format!("annotation values are strings: quote it, \"{b}\""),
+            );
+            None
+        }
+        other => {
+            sink.error(
+                &audit_path,
+                format!("expected \"true\" or \"false\", found {}", show(other)),
+            );
+            None
+        }
+    }
 }

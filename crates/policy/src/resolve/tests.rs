@@ -244,3 +244,156 @@ fn fqdn_selectors_are_shared_across_policies_and_carry_ports() {
     assert_eq!(b.fqdn_allows.len(), 2);
     assert_eq!(b.fqdn_allows[0].ports, [PortProtocol::ANY]);
 }
+
+/// A CiliumNetworkPolicy in audit mode (or not) whose spec is `spec_body`.
+fn audit_cnp(ns: &str, name: &str, audit: bool, spec_body: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{dnsfence.io/audit: \"{audit}\", other.io/x: y}}\nspec:\n  endpointSelector: {{}}\n{spec_body}---\n"
+    )
+}
+
+fn kube_dns() -> Endpoint {
+    ep("kube-system", &[("k8s-app", "kube-dns")])
+}
+
+#[test]
+fn an_endpoint_enforced_only_by_audit_policies_is_in_audit_mode() {
+    let s = set(&audit_cnp(
+        "prod",
+        "p",
+        true,
+        &format!("  egress:{KUBE_DNS_RULE}"),
+    ));
+    assert!(s.policies()[0].audit);
+    let r = s.resolve(&ep("prod", &[]));
+    assert!(r.enforced && r.audit);
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    // What the audit policy allows is allowed, and not an audit verdict.
+    let d = r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(d.allowed && d.proxied && !d.audit && d.forwarded(), "{d:?}");
+    // What it does not allow is denied as today, but only audited.
+    let d = r.dns_decision(b"evil.org", Some(&server), 53, Protocol::Udp);
+    assert_eq!(
+        (d.allowed, d.audit, d.reason),
+        (false, true, DnsReason::NoPatternMatches)
+    );
+    assert!(d.forwarded() && d.proxied);
+    let d = r.dns_decision(b"a.example.com", Some(&server), 5353, Protocol::Udp);
+    assert_eq!(
+        (d.allowed, d.audit, d.reason),
+        (false, true, DnsReason::NotCovered)
+    );
+    // An endpoint no policy selects is not enforced, so not in audit mode either.
+    let other = s.resolve(&ep("dev", &[]));
+    assert!(!other.enforced && !other.audit);
+}
+
+#[test]
+fn one_enforcing_policy_enforces_and_audit_allows_still_count() {
+    let audit_dns = "\n    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}]\n      toPorts: [{ports: [{port: \"53\"}], rules: {dns: [{matchName: audited.org}]}}]\n";
+    let yaml = audit_cnp("prod", "a", true, &format!("  egress:{audit_dns}"))
+        + &audit_cnp("prod", "e", false, &format!("  egress:{KUBE_DNS_RULE}"));
+    let s = set(&yaml);
+    let r = s.resolve(&ep("prod", &[]));
+    assert!(r.enforced && !r.audit, "the enforcing policy wins");
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"audited.org", Some(&server), 53, Protocol::Udp);
+    assert!(
+        d.allowed,
+        "an audit policy still allows what it allows: {d:?}"
+    );
+    assert!(matches!(d.reason, DnsReason::Pattern { rule, .. } if rule.policy.name == "a"));
+    let d = r.dns_decision(b"evil.org", Some(&server), 53, Protocol::Udp);
+    assert_eq!((d.allowed, d.audit), (false, false));
+    assert!(!d.forwarded());
+}
+
+#[test]
+fn audit_mode_egress_deny_would_deny_but_does_not() {
+    let deny_dns = "  egressDeny:\n    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}]\n      toPorts: [{ports: [{port: \"53\", protocol: UDP}]}]\n";
+    let enforcing = audit_cnp("prod", "e", false, &format!("  egress:{KUBE_DNS_RULE}"));
+    let s = set(&(enforcing.clone() + &audit_cnp("prod", "d", true, deny_dns)));
+    let r = s.resolve(&ep("prod", &[]));
+    assert!(r.enforced && !r.audit);
+    assert!(r.denies.is_empty());
+    assert_eq!(r.audit_denies.len(), 1);
+    assert_eq!(r.audit_denies[0].policy.name, "d");
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    // Allowed by the enforcing policy, would be denied by the audit one: forwarded and
+    // proxied as before, recorded as audit.
+    let d = r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && d.audit && d.proxied && d.forwarded(), "{d:?}");
+    assert!(matches!(d.reason, DnsReason::Denied { rule } if rule.policy.name == "d"));
+    // Over TCP the audit deny does not apply.
+    let d = r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Tcp);
+    assert!(d.allowed && !d.audit);
+    // An enforced denial is never turned into an audit one by an audit deny.
+    let d = r.dns_decision(b"evil.org", Some(&server), 53, Protocol::Udp);
+    assert_eq!(
+        (d.allowed, d.audit, d.reason),
+        (false, false, DnsReason::NoPatternMatches)
+    );
+
+    // The same deny from an enforcing policy denies, even for an endpoint in audit mode.
+    let yaml = audit_cnp("prod", "a", true, &format!("  egress:{KUBE_DNS_RULE}"))
+        + &audit_cnp(
+            "prod",
+            "d",
+            false,
+            &format!("  enableDefaultDeny: {{egress: false}}\n{deny_dns}"),
+        );
+    let r = set(&yaml).resolve(&ep("prod", &[]));
+    assert!(
+        r.enforced && r.audit,
+        "enableDefaultDeny false does not enforce"
+    );
+    assert_eq!((r.denies.len(), r.audit_denies.len()), (1, 0));
+    let d = r.dns_decision(b"a.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && !d.audit && !d.forwarded(), "{d:?}");
+    assert!(matches!(d.reason, DnsReason::Denied { .. }));
+}
+
+#[test]
+fn an_audit_policy_with_only_egress_deny_audits_and_allows_everything_else() {
+    let deny =
+        "  egressDeny:\n    - toEntities: [all]\n      toPorts: [{ports: [{port: \"53\"}]}]\n";
+    let r = set(&audit_cnp("prod", "d", true, deny)).resolve(&ep("prod", &[]));
+    assert!(r.enforced && r.audit);
+    // No server given: a deny of every destination applies.
+    let d = r.dns_decision(b"x.org", None, 53, Protocol::Udp);
+    assert!(!d.allowed && d.audit && !d.proxied);
+    assert!(matches!(d.reason, DnsReason::Denied { .. }));
+}
+
+#[test]
+fn the_global_switch_puts_every_policy_in_audit_mode_and_survives_reloads() {
+    let deny = "  egressDeny:\n    - toCIDR: [169.254.169.254/32]\n";
+    let yaml = audit_cnp(
+        "prod",
+        "e",
+        false,
+        &format!("  egress:{KUBE_DNS_RULE}{deny}"),
+    );
+    let plain = set(&yaml);
+    assert!(!plain.global_audit());
+    let r = plain.resolve(&ep("prod", &[]));
+    assert!(r.enforced && !r.audit && r.denies.len() == 1);
+
+    let audited = plain.clone().with_global_audit(true);
+    assert!(audited.global_audit() && audited.is_audit(&audited.policies()[0]));
+    let r = audited.resolve(&ep("prod", &[]));
+    assert!(r.enforced && r.audit);
+    assert_eq!((r.denies.len(), r.audit_denies.len()), (0, 1));
+    let d = r.dns_decision(b"evil.org", None, 53, Protocol::Udp);
+    assert!(!d.allowed && d.audit, "{d:?}");
+
+    // A set built to replace it keeps the switch, until it is turned off.
+    let policies: Vec<Policy> = audited.policies().iter().map(|p| (**p).clone()).collect();
+    let next = PolicySet::succeeding(policies, &audited);
+    assert!(next.global_audit() && next.resolve(&ep("prod", &[])).audit);
+    let off = next.with_global_audit(false);
+    assert!(!off.resolve(&ep("prod", &[])).audit);
+}
