@@ -81,6 +81,7 @@ fn data(
             .collect(),
         table: (config.datapath.backend == Backend::Nftables)
             .then(|| config.datapath.table.clone()),
+        audit: config.audit,
     }
 }
 
@@ -98,7 +99,7 @@ fn load(
         });
     }
     let docs = policy_docs(config_path, &config)?;
-    let set = compile(&docs, previous)?;
+    let set = compile(&docs, previous, config.audit)?;
     if let Some(worker) = worker {
         let inv = inventory(&config, &set)?;
         worker
@@ -121,7 +122,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     }
     // Validate before touching the kernel.
     let set = match policy_docs(&args.config, &config)
-        .and_then(|docs| compile(&docs, &PolicySet::default()))
+        .and_then(|docs| compile(&docs, &PolicySet::default(), config.audit))
     {
         Ok(s) => s,
         Err(e) => {
@@ -393,7 +394,13 @@ fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
     };
     let mut flow = Flow::new(
         "drop",
-        "denied",
+        if r.reason
+            .is_some_and(dnsfence_datapath::DropReason::is_audit)
+        {
+            "audit"
+        } else {
+            "denied"
+        },
         Source {
             ip: Some(r.packet.src),
             namespace,

@@ -69,7 +69,7 @@ pub(crate) fn compile_data(
     dns: &DnsConfig,
     previous: &dnsfence_policy::PolicySet,
 ) -> Result<Snapshot> {
-    let set = compile(&data.policies, previous)?;
+    let set = compile(&data.policies, previous, data.audit)?;
     for sel in &data.selectors {
         let ours = set
             .fqdn_selectors()
@@ -109,7 +109,7 @@ pub(crate) fn initial(config_path: &Path, config: &Config) -> Result<(u64, Snaps
         "no saved snapshot: starting from the configuration's policy files until the agent answers"
     );
     let docs = policy_docs(config_path, config)?;
-    let set = compile(&docs, &Default::default())?;
+    let set = compile(&docs, &Default::default(), config.audit)?;
     Ok((
         0,
         snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)?,

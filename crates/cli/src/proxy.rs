@@ -80,12 +80,13 @@ pub(crate) fn policy_docs(config_path: &Path, config: &Config) -> Result<Vec<Pol
 
 /// Compiles policy documents; `Err` lists every problem. Selectors `previous` also has
 /// keep their ids.
-pub(crate) fn compile(docs: &[PolicyDoc], previous: &PolicySet) -> Result<PolicySet> {
+pub(crate) fn compile(docs: &[PolicyDoc], previous: &PolicySet, audit: bool) -> Result<PolicySet> {
     let mut loader = PolicyLoader::new();
     for d in docs {
         loader.add(&d.file, &d.text);
     }
     let (set, diags) = loader.finish_after(previous);
+    let set = set.with_global_audit(audit);
     let errors: Vec<String> = diags
         .iter()
         .filter(|d| d.is_error())
@@ -128,12 +129,10 @@ pub(crate) fn snapshot_of(
             UnknownClientsConfig::Forward => UnknownClients::Forward,
         },
     };
-    Ok(Snapshot::new(
-        Arc::new(set),
-        &endpoints,
-        host_ips.to_vec(),
-        verdict,
-    ))
+    Ok(
+        Snapshot::new(Arc::new(set), &endpoints, host_ips.to_vec(), verdict)
+            .with_search_suffixes(&dns.search_suffixes),
+    )
 }
 
 /// Builds the snapshot from the configuration's files; `Err` lists policy problems (the
@@ -144,7 +143,7 @@ pub(crate) fn build_snapshot(
     previous: &PolicySet,
 ) -> Result<Snapshot> {
     let docs = policy_docs(config_path, config)?;
-    let set = compile(&docs, previous)?;
+    let set = compile(&docs, previous, config.audit)?;
     snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)
 }
 
@@ -399,7 +398,17 @@ pub(crate) fn drop_flow(
     r: &dnsfence_datapath::drops::Refusal,
     shared: &dnsfence_proxy::Shared,
 ) -> dnsfence_proxy::flows::Flow {
-    let mut flow = dnsfence_proxy::flows::Flow::new("drop", "denied", shared.source(r.packet.src));
+    let mut flow = dnsfence_proxy::flows::Flow::new(
+        "drop",
+        if r.reason
+            .is_some_and(dnsfence_datapath::DropReason::is_audit)
+        {
+            "audit"
+        } else {
+            "denied"
+        },
+        shared.source(r.packet.src),
+    );
     let dst = r.packet.dst;
     let names = shared.with_cache(|c| {
         c.iter()

@@ -125,7 +125,12 @@ pub fn spawn_reader(
                         protocol = protocol_name(r.packet.protocol),
                         dport = r.packet.dst_port.unwrap_or(0),
                         icmp_type = r.packet.icmp_type.map_or(-1, i16::from),
-                        "packet refused"
+                        "{}",
+                        if r.reason.is_some_and(DropReason::is_audit) {
+                            "packet would be refused (audit mode: let through)"
+                        } else {
+                            "packet refused"
+                        }
                     );
                     on_refusal(&r);
                 }

@@ -64,15 +64,21 @@ pub enum DropReason {
     ForgedSource,
     /// DNS to be redirected but no proxy socket took it.
     DnsProxyUnavailable,
+    /// Would be refused, but the endpoint's policies are in audit mode: accepted.
+    AuditPolicyDenied,
+    /// An `egressDeny` rule of a policy in audit mode matched: accepted.
+    AuditEgressDeny,
 }
 
 impl DropReason {
     /// Every reason.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::PolicyDenied,
         DropReason::EgressDeny,
         DropReason::ForgedSource,
         DropReason::DnsProxyUnavailable,
+        DropReason::AuditPolicyDenied,
+        DropReason::AuditEgressDeny,
     ];
 
     /// The prefix (and metric label).
@@ -82,7 +88,17 @@ impl DropReason {
             DropReason::EgressDeny => "egress-deny",
             DropReason::ForgedSource => "forged-source",
             DropReason::DnsProxyUnavailable => "dns-proxy-unavailable",
+            DropReason::AuditPolicyDenied => "audit-policy-denied",
+            DropReason::AuditEgressDeny => "audit-egress-deny",
         }
+    }
+
+    /// Whether the packet was let through (audit mode).
+    pub fn is_audit(self) -> bool {
+        matches!(
+            self,
+            DropReason::AuditPolicyDenied | DropReason::AuditEgressDeny
+        )
     }
 
     /// Parses a log prefix.
@@ -542,10 +558,27 @@ fn policy_chain(
             rules.push(format!("{m} {deny_verdict}"));
         }
     }
+    // egressDeny of policies in audit mode: recorded, not enforced.
+    if let Some(l) = log(options, DropReason::AuditEgressDeny) {
+        for d in &ep.policy.audit_denies {
+            for m in rule_matches(&d.rule, inventory, policies) {
+                rules.push(format!("{m} {l}"));
+            }
+        }
+    }
     for a in &ep.policy.allows {
         for m in rule_matches(&a.rule, inventory, policies) {
             rules.push(format!("{m} accept"));
         }
+    }
+    if ep.policy.audit {
+        // Every policy putting the endpoint in default-deny is in audit mode: what would
+        // be refused is recorded and let through.
+        if let Some(l) = log(options, DropReason::AuditPolicyDenied) {
+            rules.push(l);
+        }
+        rules.push("counter accept".to_owned());
+        return rules;
     }
     if let Some(l) = log(options, DropReason::PolicyDenied) {
         rules.push(l);
@@ -653,8 +686,13 @@ fn peer_matches(peer: &Peer, inventory: &Inventory, policies: &PolicySet) -> Vec
             let mut out = Vec::new();
             for p in patterns {
                 if policies.selector_id(p).is_some() {
-                    out.push(format!("ip daddr @{}", fqdn_set_name(p, false)));
-                    out.push(format!("ip6 daddr @{}", fqdn_set_name(p, true)));
+                    let (v4, v6) = (fqdn_set_name(p, false), fqdn_set_name(p, true));
+                    out.push(format!("ip daddr @{v4}"));
+                    out.push(format!("ip6 daddr @{v6}"));
+                    // A learned service IP that the node rewrote (kube-proxy's DNAT to a
+                    // backend) is judged by the address the pod connected to.
+                    out.push(format!("ct original ip daddr @{v4}"));
+                    out.push(format!("ct original ip6 daddr @{v6}"));
                 }
             }
             out

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use dnsfence_policy::{
-    Destination, DnsReason, Endpoint, EndpointPolicy, Labels, PolicySet, Protocol,
+    Destination, DnsReason, Endpoint, EndpointPolicy, FoldedName, Labels, PolicySet, Protocol,
 };
 
 use crate::query::Query;
@@ -71,6 +71,8 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Arc<EndpointEntry>>,
     host_ips: Vec<IpAddr>,
     config: VerdictConfig,
+    /// Search domains (folded, without dots at either end), longest first.
+    search_suffixes: Vec<String>,
 }
 
 /// Why a query got its verdict.
@@ -80,6 +82,13 @@ pub enum Reason<'a> {
     UnknownClient,
     /// The policy engine's reason.
     Policy(DnsReason<'a>),
+    /// The name is an allowed name with one of the search domains appended (a stub
+    /// resolver trying its search list): forwarded so the upstream answers it (usually
+    /// NXDOMAIN, and the resolver moves on), but its answer teaches nothing.
+    SearchList {
+        /// The search domain.
+        suffix: &'a str,
+    },
 }
 
 /// The decision for one query.
@@ -95,6 +104,9 @@ pub struct Verdict<'a> {
     pub endpoint: Option<&'a EndpointEntry>,
     /// Why.
     pub reason: Reason<'a>,
+    /// The query is forwarded although a policy denies it, because that policy is in
+    /// audit mode: record it as `audit`.
+    pub audit: bool,
 }
 
 impl Verdict<'_> {
@@ -129,6 +141,7 @@ impl Snapshot {
             by_ip,
             host_ips,
             config,
+            search_suffixes: Vec::new(),
         }
     }
 
@@ -169,6 +182,7 @@ impl Snapshot {
                 learn: false,
                 endpoint: None,
                 reason: Reason::UnknownClient,
+                audit: false,
             };
         };
         let dest = self.destination(server.ip());
@@ -178,12 +192,73 @@ impl Snapshot {
             server.port(),
             protocol,
         );
+        if !d.forwarded() && !matches!(d.reason, DnsReason::Denied { .. }) {
+            if let Some(suffix) = self.search_candidate(entry, query, &dest, server, protocol) {
+                return Verdict {
+                    deny: None,
+                    learn: false,
+                    endpoint: Some(entry),
+                    reason: Reason::SearchList { suffix },
+                    audit: false,
+                };
+            }
+        }
         Verdict {
-            deny: (!d.allowed).then_some(self.config.deny_rcode),
-            learn: d.allowed && d.proxied,
+            deny: (!d.forwarded()).then_some(self.config.deny_rcode),
+            learn: d.forwarded() && d.proxied,
             endpoint: Some(entry),
             reason: Reason::Policy(d.reason),
+            audit: d.audit,
         }
+    }
+
+    /// Sets the search domains (`default.svc.cluster.local`, ...): a query for an allowed
+    /// name with one of them appended is forwarded (see [`Reason::SearchList`]).
+    pub fn with_search_suffixes(mut self, suffixes: &[String]) -> Self {
+        let mut s: Vec<String> = suffixes
+            .iter()
+            .map(|x| x.trim_matches('.').to_ascii_lowercase())
+            .filter(|x| !x.is_empty())
+            .collect();
+        s.sort_by_key(|x| std::cmp::Reverse(x.len()));
+        s.dedup();
+        self.search_suffixes = s;
+        self
+    }
+
+    /// The search domain whose removal leaves a name the endpoint may resolve.
+    fn search_candidate(
+        &self,
+        entry: &EndpointEntry,
+        query: &Query,
+        dest: &Destination<'_>,
+        server: SocketAddr,
+        protocol: Protocol,
+    ) -> Option<&str> {
+        let name = query.name.as_ref().ok()?;
+        let name = name.as_str();
+        for suffix in &self.search_suffixes {
+            let Some(base) = name
+                .strip_suffix(suffix.as_str())
+                .and_then(|b| b.strip_suffix('.'))
+            else {
+                continue;
+            };
+            if base.is_empty() {
+                continue;
+            }
+            let Ok(base) = FoldedName::new(base.as_bytes()) else {
+                continue;
+            };
+            let d =
+                entry
+                    .policy
+                    .dns_decision_folded(Ok(&base), Some(dest), server.port(), protocol);
+            if d.allowed {
+                return Some(suffix);
+            }
+        }
+        None
     }
 }
 

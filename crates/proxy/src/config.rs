@@ -42,6 +42,9 @@ pub struct Config {
     /// Flow events.
     #[serde(default)]
     pub flows: FlowsConfig,
+    /// Every policy in audit mode: denials are recorded, not enforced (default false).
+    #[serde(default)]
+    pub audit: bool,
     /// Logs.
     #[serde(default)]
     pub log: LogConfig,
@@ -266,6 +269,11 @@ pub struct DnsConfig {
     /// On SIGTERM, how long queries in flight may take to finish (default 5s).
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// The pods' DNS search domains: a query for an allowed name with one of them
+    /// appended is forwarded (the upstream answers NXDOMAIN and the stub resolver moves on)
+    /// instead of refused; its answer teaches nothing (default: none).
+    #[serde(default)]
+    pub search_suffixes: Vec<String>,
 }
 
 impl Default for DnsConfig {
@@ -284,6 +292,7 @@ impl Default for DnsConfig {
             max_inflight_per_client: default_max_inflight(),
             tcp_idle_timeout: default_tcp_idle(),
             drain_timeout: default_drain(),
+            search_suffixes: Vec::new(),
         }
     }
 }
@@ -384,6 +393,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "datapath",
             "flows",
             "log",
+            "audit",
         ],
     ),
     (
@@ -402,6 +412,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "max_inflight_per_client",
             "tcp_idle_timeout",
             "drain_timeout",
+            "search_suffixes",
         ],
     ),
     ("dns.transparent", &["port"]),

@@ -71,6 +71,9 @@ pub struct SnapshotData {
     pub selectors: Vec<SelectorSets>,
     /// The nftables table holding them; `None` when the agent enforces nothing.
     pub table: Option<String>,
+    /// Every policy in audit mode (the configuration's `audit`).
+    #[serde(default)]
+    pub audit: bool,
 }
 
 /// A learned IP reported to the agent.
@@ -205,6 +208,7 @@ mod tests {
                 host_ips: vec!["10.0.0.1".parse().unwrap()],
                 selectors: vec![],
                 table: Some("dnsfence".into()),
+                audit: false,
             }),
         };
         let text = serde_json::to_string(&s).unwrap();

@@ -23,6 +23,8 @@ pub enum VerdictLabel {
     Malformed,
     /// Over the per-client in-flight bound: SERVFAIL.
     Fairness,
+    /// Denied by a policy in audit mode, forwarded.
+    Audit,
 }
 
 /// UDP or TCP.
@@ -97,7 +99,7 @@ pub struct ProxyMetrics {
     queries: Family<QueryLabels, Counter>,
     upstream_rcodes: Family<RcodeLabels, Counter>,
     /// Resolved handles: `[verdict][transport]`.
-    query_handles: [[Counter; 2]; 4],
+    query_handles: [[Counter; 2]; 5],
     /// Resolved handles, by `RcodeLabel` order.
     rcode_handles: [Counter; 6],
     /// Upstream timeouts (answered SERVFAIL).
@@ -127,11 +129,12 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 2.5, 15))
 }
 
-const VERDICTS: [VerdictLabel; 4] = [
+const VERDICTS: [VerdictLabel; 5] = [
     VerdictLabel::Allowed,
     VerdictLabel::Denied,
     VerdictLabel::Malformed,
     VerdictLabel::Fairness,
+    VerdictLabel::Audit,
 ];
 const RCODES: [RcodeLabel; 6] = [
     RcodeLabel::Noerror,

@@ -66,6 +66,9 @@ fn reason_text(reason: &Reason<'_>) -> String {
             }
             DnsReason::InvalidName(e) => format!("not a hostname: {e}"),
         },
+        Reason::SearchList { suffix } => {
+            format!("an allowed name with search domain {suffix} appended: forwarded, not learned")
+        }
     }
 }
 
@@ -241,6 +244,7 @@ impl Shared {
         let snapshot = self.snapshot.load();
         let mut chosen = None;
         let mut denied = None;
+        let mut audited = false;
         for k in 0..servers.len() {
             let Some(&server) = servers.get(start.wrapping_add(k) % servers.len()) else {
                 continue;
@@ -248,6 +252,21 @@ impl Shared {
             let verdict = snapshot.decide(client.ip(), server, protocol, &query);
             match verdict.deny {
                 None => {
+                    if verdict.audit {
+                        let mut flow = Flow::new("dns", "audit", self.source(client.ip()));
+                        let (name, _) = flows::question_name(
+                            packet.get(12..query.question_end).unwrap_or_default(),
+                        );
+                        flow.dns = Some(Dns {
+                            query: name,
+                            qtypes: vec![flows::qtype_name(query.qtype)],
+                            server: Some(server),
+                            ..Dns::default()
+                        });
+                        flow.policy = Some(reason_text(&verdict.reason));
+                        self.flows.push(flow);
+                        audited = true;
+                    }
                     chosen = Some((server, verdict.learn));
                     break;
                 }
@@ -289,7 +308,14 @@ impl Shared {
                 None => Step::Drop,
             };
         }
-        self.metrics.query(VerdictLabel::Allowed, t);
+        self.metrics.query(
+            if audited {
+                VerdictLabel::Audit
+            } else {
+                VerdictLabel::Allowed
+            },
+            t,
+        );
         Step::Forward(query, learn, server)
     }
 

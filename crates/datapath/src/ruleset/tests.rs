@@ -288,7 +288,7 @@ fn refusals_are_logged_rate_limited_with_their_reason() {
         &options(),
         &Existing::default(),
     );
-    for reason in DropReason::ALL {
+    for reason in DropReason::ALL.into_iter().filter(|r| !r.is_audit()) {
         assert!(
             r.script
                 .contains(&format!("log group 20053 prefix \"{}\"", reason.as_str())),
@@ -307,4 +307,46 @@ fn refusals_are_logged_rate_limited_with_their_reason() {
         &Existing::default(),
     );
     assert!(!r.script.contains(" log "));
+}
+
+#[test]
+fn audit_endpoints_log_what_would_be_refused_and_let_it_through() {
+    let text = POLICY.replace(
+        "metadata: {name: web, namespace: default}",
+        "metadata: {name: web, namespace: default, annotations: {dnsfence.io/audit: \"true\"}}",
+    );
+    assert_ne!(text, POLICY);
+    let mut loader = PolicyLoader::new();
+    loader.add("p.yaml", &text);
+    assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+    let set = loader.finish().0;
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
+    let chain: Vec<&str> = r
+        .script
+        .lines()
+        .filter(|l| l.starts_with("add rule inet dnsfence pol_0 "))
+        .collect();
+    assert!(
+        chain.last().unwrap().ends_with("counter accept"),
+        "{chain:#?}"
+    );
+    assert!(r.script.contains("prefix \"audit-policy-denied\""));
+    // The audit policy's egressDeny is logged, never enforced.
+    assert!(
+        chain
+            .iter()
+            .any(|l| l.contains("198.51.100.66/32") && l.ends_with("prefix \"audit-egress-deny\"")),
+        "{chain:#?}"
+    );
+    assert!(!chain
+        .iter()
+        .any(|l| l.contains("198.51.100.66/32") && l.contains("reject")));
+    // DNS is still redirected: the proxy records what it would refuse.
+    assert!(r.script.contains("10.0.0.2 . udp . 53-53"));
 }

@@ -1,0 +1,196 @@
+//! Policy features beyond the peers, in the lab: audit mode, search lists that just work
+//! (a musl-style stub resolver), and Kubernetes service names behind a DNAT.
+
+#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{a, blocked, env_config, ip, reach, resolve, Env};
+use dnsfence_lab::{DnsStatus, Outcome, Pod, Rec, RecordType, Transport};
+use serde_json::Value;
+
+fn observe(env: &Env, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .arg("observe")
+        .arg("--config")
+        .arg(env.daemon.config_path())
+        .args(["-o", "json", "--last", "1000"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn audit_mode_lets_traffic_through_and_records_what_would_be_denied() {
+    let Some(env) = env_config(vec![], "audit: true\n") else {
+        return;
+    };
+    // A name no DNS rule allows: forwarded (the world answers), recorded as audit.
+    assert_eq!(
+        resolve(env.web(), "nope.example.org", RecordType::A, Transport::Udp).0,
+        DnsStatus::NxDomain
+    );
+    // A destination no rule allows: reached, recorded as audit with its reason.
+    assert_eq!(
+        reach(env.web(), ip("203.0.113.66"), 443),
+        Outcome::Connected
+    );
+    // egressDeny of an audit-mode policy is not enforced either.
+    assert_eq!(
+        reach(env.web(), ip("198.51.100.66"), 80),
+        Outcome::Connected
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let audit = observe(&env, &["--verdict", "audit"]);
+    assert!(
+        audit
+            .iter()
+            .any(|f| f["dns"]["query"] == "nope.example.org"),
+        "{audit:#?}"
+    );
+    assert!(audit
+        .iter()
+        .any(|f| f["destination"]["ip"] == "203.0.113.66"
+            && f["drop_reason_desc"] == "audit-policy-denied"));
+    assert!(audit
+        .iter()
+        .any(|f| f["destination"]["ip"] == "198.51.100.66"
+            && f["drop_reason_desc"] == "audit-egress-deny"));
+    assert!(observe(&env, &["--verdict", "denied"]).is_empty());
+}
+
+/// Resolves `name` as musl's `getaddrinfo` does with `ndots:5` and `search`: each
+/// candidate in turn, moving on only on NXDOMAIN (or an empty NOERROR); any other answer
+/// (REFUSED, SERVFAIL, no answer) ends the lookup with an error.
+fn musl_getaddrinfo(pod: &Pod, name: &str, search: &[&str]) -> Result<Vec<IpAddr>, String> {
+    let dots = name.matches('.').count();
+    let mut candidates: Vec<String> = Vec::new();
+    if dots < 5 {
+        candidates.extend(search.iter().map(|s| format!("{name}.{s}")));
+    }
+    candidates.push(name.to_owned());
+    for c in candidates {
+        let r = pod.resolve(&c, RecordType::A, Transport::Udp).unwrap();
+        match r.status {
+            DnsStatus::NoError if !r.ips.is_empty() => return Ok(r.ips),
+            DnsStatus::NoError | DnsStatus::NxDomain => continue,
+            other => return Err(format!("{c}: {other}")),
+        }
+    }
+    Err("not found".into())
+}
+
+#[test]
+fn search_lists_just_work_for_allowed_names_and_teach_nothing() {
+    let search = [
+        "default.svc.cluster.local",
+        "svc.cluster.local",
+        "cluster.local",
+    ];
+    let config =
+        "dns: {search_suffixes: [default.svc.cluster.local, svc.cluster.local, cluster.local]}\n";
+    // A search candidate that exists upstream: answered, but its IP must not be learned.
+    let Some(env) = env_config(
+        vec![Rec::Addr(
+            "api.example.com.cluster.local",
+            60,
+            ip("192.0.2.99"),
+        )],
+        config,
+    ) else {
+        return;
+    };
+    assert_eq!(
+        musl_getaddrinfo(env.web(), "a.cdn.example.com", &search),
+        Ok(vec![ip("192.0.2.21")])
+    );
+    assert_eq!(reach(env.web(), ip("192.0.2.21"), 443), Outcome::Connected);
+    // The candidate answered with an address: the stub stops there (as musl does), and
+    // that address stays unreachable: the candidate's name is not allowed.
+    assert_eq!(
+        musl_getaddrinfo(env.web(), "api.example.com", &search),
+        Ok(vec![ip("192.0.2.99")])
+    );
+    assert!(blocked(reach(env.web(), ip("192.0.2.99"), 443)));
+    // A denied name is refused at the first candidate, as before.
+    let denied = musl_getaddrinfo(env.web(), "blocked.example.org", &search);
+    assert!(denied.unwrap_err().contains("REFUSED"));
+}
+
+#[test]
+fn without_search_suffixes_a_musl_lookup_is_refused() {
+    let search = [
+        "default.svc.cluster.local",
+        "svc.cluster.local",
+        "cluster.local",
+    ];
+    let Some(env) = env_config(vec![], "") else {
+        return;
+    };
+    let r = musl_getaddrinfo(env.web(), "a.cdn.example.com", &search);
+    assert!(r.unwrap_err().contains("REFUSED"));
+}
+
+#[test]
+fn a_service_name_allows_exactly_its_service_behind_kube_proxy_dnat() {
+    let records = vec![
+        Rec::Addr("api.payments.svc.cluster.local", 30, ip("10.96.5.5")),
+        Rec::Addr("db.payments.svc.cluster.local", 30, ip("10.96.5.6")),
+    ];
+    let Some(env) = env_config(records, "") else {
+        return;
+    };
+    // kube-proxy's part: ClusterIPs DNATed to backends in the world.
+    let rules = "table ip kubeproxy {
+        chain pre { type nat hook prerouting priority dstnat; policy accept;
+          ip daddr 10.96.5.5 tcp dport 443 dnat to 192.0.2.80:443
+          ip daddr 10.96.5.6 tcp dport 443 dnat to 192.0.2.81:443
+        }
+      }";
+    let mut child = env
+        .lab
+        .node()
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    // The web policy allows api.payments.svc.cluster.local (see the reload below).
+    let policy = common::POLICY.replace(
+        "{matchName: short.example.com}]",
+        "{matchName: short.example.com}, {matchName: api.payments.svc.cluster.local}]",
+    );
+    let policy = policy.replace(
+        "{matchName: evil.example.org}]}",
+        "{matchName: evil.example.org}, {matchPattern: \"*.payments.svc.cluster.local\"}]}",
+    );
+    env.daemon.reload(&policy).unwrap();
+    assert_eq!(
+        a(env.web(), "api.payments.svc.cluster.local"),
+        [ip("10.96.5.5")]
+    );
+    assert_eq!(
+        reach(env.web(), ip("10.96.5.5"), 443),
+        Outcome::Connected,
+        "{}",
+        env.diag()
+    );
+    // Another service of the same namespace: resolvable, not allowed.
+    assert_eq!(
+        a(env.web(), "db.payments.svc.cluster.local"),
+        [ip("10.96.5.6")]
+    );
+    assert!(blocked(reach(env.web(), ip("10.96.5.6"), 443)));
+    // The backend itself was never resolved: not reachable directly.
+    assert!(blocked(reach(env.web(), ip("192.0.2.80"), 443)));
+}
