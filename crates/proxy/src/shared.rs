@@ -84,6 +84,7 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     /// Flow events.
     pub flows: Arc<FlowLog>,
+    pub(crate) tcp_pool: crate::tcp::Pool,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -132,6 +133,7 @@ impl Shared {
             inflight: Mutex::new(HashMap::new()),
             metrics,
             flows,
+            tcp_pool: crate::tcp::Pool::default(),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
             snapshot_at: Mutex::new(Instant::now()),

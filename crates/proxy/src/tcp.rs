@@ -156,8 +156,63 @@ async fn connection(
     }
 }
 
-/// One query over its own TCP connection to `upstream`, under a fresh ID; returns the
-/// checked answer after its IPs are enforced.
+/// Idle upstream TCP connections, reused for later queries (RFC 7766 encourages reuse):
+/// at most [`POOL_PER_UPSTREAM`] per upstream, each dropped after [`POOL_IDLE`] unused.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    idle: std::sync::Mutex<
+        std::collections::HashMap<SocketAddr, Vec<(TcpStream, std::time::Instant)>>,
+    >,
+}
+
+/// Idle connections kept per upstream.
+const POOL_PER_UPSTREAM: usize = 8;
+/// How long an idle connection is kept.
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Pool {
+    fn take(&self, upstream: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(&upstream)?;
+        while let Some((stream, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, upstream: SocketAddr, stream: TcpStream) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.entry(upstream).or_default();
+        list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        if list.len() < POOL_PER_UPSTREAM {
+            list.push((stream, std::time::Instant::now()));
+        }
+    }
+}
+
+/// Sends `query` on `up` and reads messages until one carries `id`.
+async fn ask(up: &mut TcpStream, query: &[u8], id: u16, shared: &Shared) -> io::Result<Vec<u8>> {
+    write_message(up, query).await?;
+    loop {
+        let answer = read_message(up).await?;
+        if wire::id(&answer) == Some(id) {
+            return Ok(answer);
+        }
+        shared.metrics.answers_rejected.inc();
+    }
+}
+
+/// One query to `upstream` over TCP, on an idle connection when there is one (a fresh
+/// one if that fails), under a fresh ID; returns the checked answer after its IPs are
+/// enforced.
 async fn exchange(
     shared: &Shared,
     upstream: SocketAddr,
@@ -169,25 +224,48 @@ async fn exchange(
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
     let sent = std::time::Instant::now();
-    let mut up = TcpStream::connect(upstream).await?;
-    write_message(&mut up, &query).await?;
-    loop {
-        let answer = read_message(&mut up).await?;
-        if wire::id(&answer) != Some(id) {
-            shared.metrics.answers_rejected.inc();
-            continue;
+    let (mut up, mut answer) = match shared.tcp_pool.take(upstream) {
+        Some(mut up) => match ask(&mut up, &query, id, shared).await {
+            Ok(a) => (up, a),
+            Err(_) => {
+                // The upstream closed it meanwhile.
+                let mut up = TcpStream::connect(upstream).await?;
+                let a = ask(&mut up, &query, id, shared).await?;
+                (up, a)
+            }
+        },
+        None => {
+            let mut up = TcpStream::connect(upstream).await?;
+            let a = ask(&mut up, &query, id, shared).await?;
+            (up, a)
         }
-        shared
-            .metrics
-            .latency_upstream
-            .observe(sent.elapsed().as_secs_f64());
+    };
+    shared
+        .metrics
+        .latency_upstream
+        .observe(sent.elapsed().as_secs_f64());
+    loop {
         match shared.accept_answer(question, &answer, learn, asked) {
-            Some(Some(apply)) => {
-                shared.hold(apply).await;
+            Some(hold) => {
+                shared.tcp_pool.put(upstream, up);
+                if let Some(apply) = hold {
+                    shared.hold(apply).await;
+                }
                 return Ok(answer);
             }
-            Some(None) => return Ok(answer),
-            None => {}
+            // Not an answer to this question: keep reading.
+            None => answer = ask_more(&mut up, id, shared).await?,
         }
+    }
+}
+
+/// Reads until the next message carrying `id`.
+async fn ask_more(up: &mut TcpStream, id: u16, shared: &Shared) -> io::Result<Vec<u8>> {
+    loop {
+        let answer = read_message(up).await?;
+        if wire::id(&answer) == Some(id) {
+            return Ok(answer);
+        }
+        shared.metrics.answers_rejected.inc();
     }
 }

@@ -535,11 +535,19 @@ async fn tcp_recv(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
 /// A TCP upstream that answers each query after a delay chosen by its name's first label
 /// ("slow" waits 300 ms), with one A record.
 async fn tcp_upstream() -> SocketAddr {
+    tcp_upstream_counting().await.0
+}
+
+/// A TCP upstream, and how many connections it accepted.
+async fn tcp_upstream_counting() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 while let Some(q) = tcp_recv(&mut s).await {
                     let slow = q[13..17].eq_ignore_ascii_case(b"slow");
@@ -557,7 +565,23 @@ async fn tcp_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_reuse_upstream_connections() {
+    let (up, accepted) = tcp_upstream_counting().await;
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    for id in 0..5u16 {
+        // A new client connection each time: the upstream side is still reused.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(proxy.tcp_addrs()[0]).await.unwrap();
+        tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
+        let r = tcp_recv(&mut s).await.expect("answer");
+        assert_eq!(rcode(&r), 0);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -849,4 +873,36 @@ async fn an_authoritative_upstream_with_chains_many_ips_and_aaaa() {
 
 fn ip6_bytes(s: &str) -> [u8; 16] {
     s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_upstream_connection_the_server_closed_is_replaced() {
+    // An upstream that answers one query per connection, then closes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                if let Some(q) = tcp_recv(&mut s).await {
+                    let r = msg::response(
+                        &q,
+                        0,
+                        &[msg::a("fast.example.com", 60, [192, 0, 2, 1])],
+                        &[],
+                    );
+                    tcp_send(&mut s, &r).await;
+                }
+            });
+        }
+    });
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    for id in 0..3u16 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(proxy.tcp_addrs()[0]).await.unwrap();
+        tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
+        let r = tcp_recv(&mut s).await.expect("answer");
+        assert_eq!(rcode(&r), 0, "query {id}");
+    }
 }
