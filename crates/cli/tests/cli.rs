@@ -324,3 +324,45 @@ fn check_audit_mode_records_denials_but_exits_1() {
     );
     assert!(text.contains("dns        audit: "), "{text}");
 }
+
+#[test]
+fn check_fqdn_deny_refuses_a_name_a_dns_rule_allows() {
+    // 14-fqdn-deny.yaml: `**.example.com` is allowed, tracker.example.com denied by name.
+    let site = &["--namespace", "marketing", "--labels", "app=site"][..];
+    let (code, j) = check(&with(&[
+        site,
+        KUBE_DNS,
+        &["--name", "Tracker.Example.com."],
+    ]));
+    assert_eq!(code, 1, "{j}");
+    assert_eq!(
+        (&j["dns"], &j["verdict"], &j["reason"]),
+        (&"deny".into(), &"deny".into(), &"fqdn-deny".into())
+    );
+    assert_eq!(j["decided_by"]["policy"], "marketing/site-no-tracker");
+    assert_eq!(j["decided_by"]["path"], "spec.egressDeny[0]");
+    assert_eq!(j["decided_by"]["pattern"], "tracker.example.com");
+    let denies = j["fqdn_deny_selectors"].as_array().unwrap();
+    assert_eq!(denies.len(), 1, "{j}");
+    assert_eq!(denies[0]["selector"], "tracker.example.com");
+    assert_eq!(denies[0]["ports"], serde_json::json!(["*/ANY"]));
+    // Its siblings are allowed by the DNS rule.
+    let (code, j) = check(&with(&[site, KUBE_DNS, &["--name", "cdn.example.com"]]));
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["reason"], "dns-rule");
+    assert_eq!(j["fqdn_deny_selectors"], serde_json::json!([]));
+
+    let mut args = vec!["policy", "check", "-f", "examples/policies"];
+    args.extend(with(&[site, KUBE_DNS, &["--name", "tracker.example.com"]]));
+    let out = dnsfence(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("dns        deny: matchName \"tracker.example.com\" of egressDeny spec.egressDeny[0] of EgressPolicy marketing/site-no-tracker"),
+        "{text}"
+    );
+    assert!(
+        text.contains("toFQDNs    egressDeny matchName \"tracker.example.com\""),
+        "{text}"
+    );
+}

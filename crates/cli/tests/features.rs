@@ -194,3 +194,70 @@ fn a_service_name_allows_exactly_its_service_behind_kube_proxy_dnat() {
     // The backend itself was never resolved: not reachable directly.
     assert!(blocked(reach(env.web(), ip("192.0.2.80"), 443)));
 }
+
+#[test]
+fn a_denied_name_behind_a_wildcard_dns_rule_is_refused_and_its_ip_unreachable() {
+    let Some(env) = env_config(
+        vec![
+            Rec::Addr("tracker.example.com", 60, ip("192.0.2.66")),
+            Rec::Addr("cdn.example.com", 60, ip("192.0.2.67")),
+        ],
+        "",
+    ) else {
+        return;
+    };
+    let policy = r#"
+apiVersion: dnsfence.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
+      toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+    - toEntities: [world]
+  egressDeny:
+    - toFQDNs: [{matchName: tracker.example.com}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: other, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  egress:
+    - toCIDR: [192.0.2.53/32, "2001:db8::53/128"]
+      toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+    - toFQDNs: [{matchName: other.example.com}]
+"#;
+    env.daemon.reload(policy).unwrap();
+    // Deny wins over the `*` DNS rule...
+    assert_eq!(
+        resolve(
+            env.web(),
+            "tracker.example.com",
+            RecordType::A,
+            Transport::Udp
+        )
+        .0,
+        DnsStatus::Refused
+    );
+    // ...and over the `world` entity, once the name's IP is known (another pod resolved it).
+    assert_eq!(a(env.other(), "tracker.example.com"), [ip("192.0.2.66")]);
+    assert!(
+        blocked(reach(env.web(), ip("192.0.2.66"), 443)),
+        "{}",
+        env.diag()
+    );
+    // Everything else the policy allows still works.
+    assert_eq!(a(env.web(), "cdn.example.com"), [ip("192.0.2.67")]);
+    assert_eq!(reach(env.web(), ip("192.0.2.67"), 443), Outcome::Connected);
+    std::thread::sleep(Duration::from_millis(300));
+    let denied = observe(
+        &env,
+        &["--verdict", "denied", "--name", "tracker.example.com"],
+    );
+    assert!(denied.iter().any(|f| f["type"] == "dns"), "{denied:#?}");
+    assert!(denied
+        .iter()
+        .any(|f| f["type"] == "drop" && f["drop_reason_desc"] == "egress-deny"));
+}

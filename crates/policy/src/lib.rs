@@ -4,6 +4,8 @@
 //! ([`PolicySet::resolve`]); may it resolve a name on a given DNS server and port
 //! ([`EndpointPolicy::dns_decision`]); which `toFQDNs` selectors does a name satisfy
 //! ([`PolicySet::for_each_selector_match`], [`EndpointPolicy::for_each_fqdn_match`]).
+//! `toFQDNs` in `egressDeny`, a dnsfence extension, denies names: the proxy refuses them
+//! whatever allows them ([`EndpointPolicy::fqdn_deny`]) and their learned IPs are denied.
 //! Policies in audit mode (annotation [`AUDIT_ANNOTATION`], or
 //! [`PolicySet::with_global_audit`]) allow what they allow but deny nothing: the endpoint's
 //! [`EndpointPolicy::audit`] and [`DnsDecision::audit`] say what to record instead.
@@ -67,5 +69,6 @@ pub use name::{FoldedName, NameError, MAX_NAME_LEN};
 pub use parse::parse_stream;
 pub use pattern::{NamePattern, PatternError, PatternField};
 pub use resolve::{
-    AppliedRule, DnsDecision, DnsReason, DnsRule, EndpointPolicy, FqdnAllow, PolicySet, SelectorId,
+    AppliedRule, DnsDecision, DnsReason, DnsRule, EndpointPolicy, FqdnAllow, FqdnDeny, PolicySet,
+    SelectorId,
 };

@@ -9,7 +9,13 @@
 //! whether the endpoint's default-deny is only audited, [`EndpointPolicy::audit_denies`]
 //! holds the `egressDeny` rules that would deny, and [`DnsDecision::audit`] marks a DNS
 //! denial that is recorded but not enforced.
+//!
+//! `toFQDNs` in `egressDeny` (a dnsfence extension) denies names: their selectors are
+//! interned like the allow ones (so IPs are learned and the datapath keeps a set for
+//! them), and [`EndpointPolicy::dns_decision`] refuses a name they match before any allow
+//! is looked at ([`EndpointPolicy::fqdn_deny`]).
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use crate::model::{
 use crate::name::{FoldedName, NameError};
 use crate::pattern::NamePattern;
 
-/// Index of a distinct `toFQDNs` selector in a [`PolicySet`].
+/// Index of a distinct `toFQDNs` selector (of `egress` or `egressDeny`) in a [`PolicySet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SelectorId(pub u32);
 
@@ -41,7 +47,8 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    /// Builds the set and interns every distinct `toFQDNs` selector.
+    /// Builds the set and interns every distinct `toFQDNs` selector, of `egress` and
+    /// `egressDeny` rules alike (a pattern used by both has one id).
     pub fn new(policies: impl IntoIterator<Item = Policy>) -> Self {
         Self::succeeding(policies, &Self::default())
     }
@@ -60,8 +67,8 @@ impl PolicySet {
         };
         for p in policies {
             for rule in &p.rules {
-                for allow in &rule.egress {
-                    if let Peer::Fqdns(patterns) = &allow.peer {
+                for egress in rule.egress.iter().chain(&rule.egress_deny) {
+                    if let Peer::Fqdns(patterns) = &egress.peer {
                         for pattern in patterns {
                             set.intern(pattern, previous);
                         }
@@ -118,7 +125,8 @@ impl PolicySet {
         &self.policies
     }
 
-    /// Every distinct `toFQDNs` selector with its id, in id order.
+    /// Every distinct `toFQDNs` selector with its id, in id order: those of `egress` and of
+    /// `egressDeny` rules (the datapath keeps one set of learned IPs per selector).
     pub fn fqdn_selectors(&self) -> &[(SelectorId, NamePattern)] {
         &self.selectors
     }
@@ -136,8 +144,8 @@ impl PolicySet {
         self.selector_ids.get(pattern).copied()
     }
 
-    /// Calls `visit` for each `toFQDNs` selector of any policy that `name` satisfies.
-    /// O(name length).
+    /// Calls `visit` for each `toFQDNs` selector (allow or deny) of any policy that `name`
+    /// satisfies. O(name length).
     pub fn for_each_selector_match<B>(
         &self,
         name: &FoldedName,
@@ -160,16 +168,8 @@ impl PolicySet {
                 for allow in &rule.egress {
                     out.add_allow(&policy.id, allow, self);
                 }
-                let denies = if audit {
-                    &mut out.audit_denies
-                } else {
-                    &mut out.denies
-                };
                 for deny in &rule.egress_deny {
-                    denies.push(AppliedRule {
-                        policy: policy.id.clone(),
-                        rule: deny.clone(),
-                    });
+                    out.add_deny(&policy.id, deny, audit, self);
                 }
             }
         }
@@ -225,6 +225,36 @@ pub struct FqdnAllow {
     pub ports: Vec<PortProtocol>,
 }
 
+/// A `toFQDNs` selector of an `egressDeny` rule as it applies to one endpoint: the names it
+/// matches are refused by the proxy, whatever the DNS server and port, and the IPs learned
+/// for them are denied on [`FqdnDeny::ports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FqdnDeny {
+    /// The policy.
+    pub policy: PolicyId,
+    /// Field path of the egressDeny rule.
+    pub path: String,
+    /// The selector's id in the [`PolicySet`].
+    pub selector: SelectorId,
+    /// The selector.
+    pub pattern: NamePattern,
+    /// Ports denied to the IPs learned for it (the rule's `toPorts`; they do not restrict
+    /// the name deny).
+    pub ports: Vec<PortProtocol>,
+    /// The policy is in audit mode: the rule is in [`EndpointPolicy::audit_denies`] and only
+    /// records would-be denials.
+    pub audit: bool,
+}
+
+/// Where an [`FqdnDeny`] and its rule are, in an [`EndpointPolicy`].
+#[derive(Debug, Clone, Copy)]
+struct DenyRef {
+    /// Index in `fqdn_denies`.
+    deny: u32,
+    /// Index in `denies`, or in `audit_denies` when the deny is `audit`.
+    rule: u32,
+}
+
 /// Everything that applies to one endpoint.
 ///
 /// The endpoint's mode is `(enforced, audit)`:
@@ -263,8 +293,12 @@ pub struct EndpointPolicy {
     pub dns_rules: Vec<DnsRule>,
     /// `toFQDNs` selectors with their ports.
     pub fqdn_allows: Vec<FqdnAllow>,
+    /// `toFQDNs` selectors of `egressDeny` rules, of [`EndpointPolicy::denies`] and
+    /// [`EndpointPolicy::audit_denies`] (see [`FqdnDeny::audit`]).
+    pub fqdn_denies: Vec<FqdnDeny>,
     dns_matcher: NameMatcher<(u32, u32)>,
     fqdn_matcher: NameMatcher<u32>,
+    fqdn_deny_matcher: NameMatcher<DenyRef>,
 }
 
 /// Why a DNS query is allowed or not.
@@ -289,7 +323,9 @@ pub enum DnsReason<'a> {
     NoPatternMatches,
     /// No rule allows DNS to this server and port at all.
     NotCovered,
-    /// An `egressDeny` rule covers this server and port.
+    /// An `egressDeny` rule covers this server and port, or (when the rule's peer is
+    /// [`Peer::Fqdns`]) one of its `toFQDNs` selectors matches the name, whatever the server
+    /// and port: [`EndpointPolicy::fqdn_deny`] tells which.
     Denied {
         /// The rule.
         rule: &'a AppliedRule,
@@ -314,8 +350,9 @@ pub struct DnsDecision<'a> {
     pub reason: DnsReason<'a>,
     /// The denial is not enforced (always `false` when `allowed`): the endpoint is in audit
     /// mode ([`EndpointPolicy::audit`]) and no enforced `egressDeny` applies, or the
-    /// query is allowed except for an `egressDeny` of an audit-mode policy (the reason is
-    /// then [`DnsReason::Denied`] with a rule of [`EndpointPolicy::audit_denies`]).
+    /// query is allowed except for an `egressDeny` of an audit-mode policy, covering the
+    /// server or denying the name (the reason is then [`DnsReason::Denied`] with a rule of
+    /// [`EndpointPolicy::audit_denies`]).
     pub audit: bool,
 }
 
@@ -364,6 +401,40 @@ impl EndpointPolicy {
         });
     }
 
+    fn add_deny(&mut self, policy: &PolicyId, deny: &EgressRule, audit: bool, set: &PolicySet) {
+        let denies = if audit {
+            &mut self.audit_denies
+        } else {
+            &mut self.denies
+        };
+        let rule = denies.len() as u32;
+        denies.push(AppliedRule {
+            policy: policy.clone(),
+            rule: deny.clone(),
+        });
+        if let Peer::Fqdns(patterns) = &deny.peer {
+            let ports = deny.ports();
+            for p in patterns {
+                let Some(selector) = set.selector_id(p) else {
+                    continue;
+                };
+                let at = DenyRef {
+                    deny: self.fqdn_denies.len() as u32,
+                    rule,
+                };
+                self.fqdn_deny_matcher.insert(p, at);
+                self.fqdn_denies.push(FqdnDeny {
+                    policy: policy.clone(),
+                    path: deny.path.clone(),
+                    selector,
+                    pattern: p.clone(),
+                    ports: ports.clone(),
+                    audit,
+                });
+            }
+        }
+    }
+
     /// Whether a rule without DNS rules allows `server` (any server when `None`) on the port.
     fn port_allow(
         &self,
@@ -393,10 +464,14 @@ impl EndpointPolicy {
     /// [`EndpointPolicy::dns_decision`] for a name already folded (or refused by folding),
     /// as the proxy has it from the wire.
     ///
-    /// In order: an enforced `egressDeny` denies; otherwise the allow rules decide as if
-    /// every policy were enforced; then an allowed query that an audit-mode `egressDeny`
-    /// covers, or any denial of an endpoint in audit mode, becomes an audited denial
-    /// ([`DnsDecision::audit`]).
+    /// In order: an enforced `egressDeny` covering the server and port denies; then an
+    /// enforced `egressDeny` `toFQDNs` selector matching the name denies (whatever the
+    /// server, the port and the allow rules: deny wins); otherwise the allow rules decide
+    /// as if every policy were enforced; then an allowed query that an audit-mode
+    /// `egressDeny` covers or whose name it denies, or any denial of an endpoint in audit
+    /// mode, becomes an audited denial ([`DnsDecision::audit`]). A name denial keeps the
+    /// `proxied` of the allow rules: only a proxied query can be refused by name (the
+    /// learned IPs are denied by the datapath either way).
     pub fn dns_decision_folded(
         &self,
         name: Result<&FoldedName, &NameError>,
@@ -408,8 +483,16 @@ impl EndpointPolicy {
             return decision(false, false, DnsReason::Denied { rule });
         }
         let mut d = self.allow_decision(name, server, port, protocol);
+        if let Some((rule, _)) = name.ok().and_then(|n| self.fqdn_deny(n, false)) {
+            return decision(false, d.proxied, DnsReason::Denied { rule });
+        }
         if d.allowed || self.audit {
-            if let Some(rule) = covering_deny(&self.audit_denies, server, port, protocol) {
+            let rule = covering_deny(&self.audit_denies, server, port, protocol).or_else(|| {
+                name.ok()
+                    .and_then(|n| self.fqdn_deny(n, true))
+                    .map(|(rule, _)| rule)
+            });
+            if let Some(rule) = rule {
                 return DnsDecision {
                     allowed: false,
                     proxied: d.proxied,
@@ -468,6 +551,47 @@ impl EndpointPolicy {
             Some(rule) => decision(true, true, DnsReason::PortAllowed { rule }),
             None => decision(false, true, DnsReason::NoPatternMatches),
         }
+    }
+
+    /// The `egressDeny` `toFQDNs` selector that denies `name`, with its rule: among those of
+    /// policies not in audit mode (`audit` false, rules of [`EndpointPolicy::denies`]) or
+    /// of audit-mode ones (`audit` true, [`EndpointPolicy::audit_denies`]), the most
+    /// specific pattern, then the first in load order. The rule's `toPorts` do not matter:
+    /// a name is denied on every DNS server and port. O(name length) plus the matches.
+    pub fn fqdn_deny(&self, name: &FoldedName, audit: bool) -> Option<(&AppliedRule, &FqdnDeny)> {
+        // Rank: the most specific pattern, then the lowest index (load order).
+        let rank = |at: &DenyRef, d: &FqdnDeny| (d.pattern.specificity(), Reverse(at.deny));
+        let mut best: Option<(DenyRef, &FqdnDeny)> = None;
+        let _ = self.fqdn_deny_matcher.for_each_match(name, |at| {
+            if let Some(deny) = self.fqdn_denies.get(at.deny as usize) {
+                if deny.audit == audit && best.is_none_or(|(b, bd)| rank(at, deny) > rank(&b, bd)) {
+                    best = Some((*at, deny));
+                }
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        let (at, deny) = best?;
+        let rules = if audit {
+            &self.audit_denies
+        } else {
+            &self.denies
+        };
+        rules.get(at.rule as usize).map(|r| (r, deny))
+    }
+
+    /// Calls `visit` for each `egressDeny` `toFQDNs` selector of this endpoint that `name`
+    /// satisfies, of audit-mode policies too ([`FqdnDeny::audit`]).
+    pub fn for_each_fqdn_deny_match<'a, B>(
+        &'a self,
+        name: &FoldedName,
+        mut visit: impl FnMut(&'a FqdnDeny) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
+        self.fqdn_deny_matcher.for_each_match(name, |at| {
+            match self.fqdn_denies.get(at.deny as usize) {
+                Some(d) => visit(d),
+                None => ControlFlow::Continue(()),
+            }
+        })
     }
 
     /// Calls `visit` for each `toFQDNs` selector of this endpoint that `name` satisfies.

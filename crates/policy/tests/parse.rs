@@ -285,3 +285,56 @@ items:
         ]
     );
 }
+
+/// A policy of `kind` whose one spec denies `toFQDNs` (and `extra` in the same rule).
+fn fqdn_deny_doc(api: &str, kind: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: d}}\nspec:\n  endpointSelector: {{}}\n  egressDeny:\n    - toFQDNs: [{{matchName: evil.example.com}}, {{matchPattern: \"*.tracker.example\"}}]\n{extra}"
+    )
+}
+
+#[test]
+fn to_fqdns_in_egress_deny_is_accepted_in_every_kind() {
+    let ports = "      toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n";
+    for (api, kind) in [
+        ("dnsfence.io/v1alpha1", "EgressPolicy"),
+        ("dnsfence.io/v1alpha1", "ClusterEgressPolicy"),
+        ("cilium.io/v2", "CiliumNetworkPolicy"),
+        ("cilium.io/v2", "CiliumClusterwideNetworkPolicy"),
+    ] {
+        let (policies, diags) = parse(&fqdn_deny_doc(api, kind, ports));
+        assert_eq!(policies.len(), 1, "{kind}: {:?}", lines(&diags));
+        let rule = &policies[0].rules[0];
+        assert!(rule.default_deny_egress, "{kind}");
+        let deny = &rule.egress_deny[0];
+        let Peer::Fqdns(patterns) = &deny.peer else {
+            panic!("{kind}: {:?}", deny.peer)
+        };
+        let texts: Vec<&str> = patterns.iter().map(|p| p.as_str()).collect();
+        assert_eq!(texts, ["evil.example.com", "*.tracker.example"], "{kind}");
+        assert_eq!(deny.to_ports[0].ports[0].port, 443, "{kind}");
+        if api == "cilium.io/v2" {
+            // Cilium rejects the field: a warning, never an error.
+            assert_eq!(
+                lines(&diags),
+                [format!("f.yaml:1: spec.egressDeny[0].toFQDNs: warning: toFQDNs in egressDeny is a dnsfence extension: Cilium rejects it, so this {kind} works only with dnsfence (use an EgressPolicy or ClusterEgressPolicy)")]
+            );
+        } else {
+            assert!(diags.is_empty(), "{kind}: {:?}", lines(&diags));
+        }
+    }
+}
+
+#[test]
+fn to_fqdns_in_egress_deny_takes_no_l7_rules_and_valid_patterns() {
+    let l7 = "      toPorts: [{ports: [{port: \"53\"}], rules: {dns: [{matchPattern: \"*\"}]}}]\n    - toFQDNs: [{matchName: \"a b\"}]\n";
+    let (policies, diags) = parse(&fqdn_deny_doc("dnsfence.io/v1alpha1", "EgressPolicy", l7));
+    assert!(policies.is_empty());
+    assert_eq!(
+        lines(&diags),
+        [
+            "f.yaml:1: spec.egressDeny[0].toPorts[0].rules: L7 rules are not allowed in egressDeny",
+            "f.yaml:1: spec.egressDeny[1].toFQDNs[0].matchName: \"a b\": character 0x20 at offset 1 is not allowed (only letters, digits, '-', '_' and '.')",
+        ]
+    );
+}

@@ -62,7 +62,14 @@ fn reason_text(reason: &Reason<'_>) -> String {
             DnsReason::NoPatternMatches => "no DNS rule pattern matches the name".into(),
             DnsReason::NotCovered => "no rule allows DNS to this server and port".into(),
             DnsReason::Denied { rule } => {
-                format!("{} {}: egressDeny", rule.policy, rule.rule.path)
+                if matches!(rule.rule.peer, dnsfence_policy::Peer::Fqdns(_)) {
+                    format!(
+                        "{} {}: egressDeny toFQDNs denies the name (deny wins)",
+                        rule.policy, rule.rule.path
+                    )
+                } else {
+                    format!("{} {}: egressDeny", rule.policy, rule.rule.path)
+                }
             }
             DnsReason::InvalidName(e) => format!("not a hostname: {e}"),
         },

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dnsfence_policy::{
     AppliedRule, Destination, DnsDecision, DnsReason, Endpoint, EndpointPolicy, FoldedName,
-    FqdnAllow, Labels, PolicyId, Protocol,
+    FqdnAllow, FqdnDeny, Labels, Peer, PolicyId, Protocol,
 };
 use serde_json::{json, Value};
 
@@ -108,7 +108,19 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     let decision =
         resolved.dns_decision(args.name.as_bytes(), server.as_ref(), args.port, protocol);
     let selectors = fqdn_matches(&resolved, &args.name);
-    let report = report(args, &endpoint, &resolved, &decision, &selectors);
+    let deny_selectors = fqdn_deny_matches(&resolved, &args.name);
+    let name_deny = name_deny(&resolved, &decision, &args.name);
+    let report = report(
+        args,
+        &endpoint,
+        &resolved,
+        &Decided {
+            decision: &decision,
+            name_deny,
+        },
+        &selectors,
+        &deny_selectors,
+    );
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Format::Text => print_text(&report),
@@ -134,6 +146,43 @@ fn fqdn_matches<'a>(resolved: &'a EndpointPolicy, name: &str) -> Vec<&'a FqdnAll
     out
 }
 
+fn fqdn_deny_matches<'a>(resolved: &'a EndpointPolicy, name: &str) -> Vec<&'a FqdnDeny> {
+    let mut out = Vec::new();
+    if let Ok(folded) = FoldedName::new(name.as_bytes()) {
+        let _ = resolved.for_each_fqdn_deny_match(&folded, |d| {
+            out.push(d);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    out.sort_by(|a, b| {
+        (&a.policy, &a.path, a.pattern.as_str()).cmp(&(&b.policy, &b.path, b.pattern.as_str()))
+    });
+    out
+}
+
+/// The DNS decision, with the `egressDeny` `toFQDNs` selector that decided it, if one did.
+struct Decided<'a> {
+    decision: &'a DnsDecision<'a>,
+    name_deny: Option<&'a FqdnDeny>,
+}
+
+/// The deny selector behind a [`DnsReason::Denied`] whose rule is a `toFQDNs` deny.
+fn name_deny<'a>(
+    resolved: &'a EndpointPolicy,
+    d: &DnsDecision<'_>,
+    name: &str,
+) -> Option<&'a FqdnDeny> {
+    let DnsReason::Denied { rule } = d.reason else {
+        return None;
+    };
+    if !matches!(rule.rule.peer, Peer::Fqdns(_)) {
+        return None;
+    }
+    let folded = FoldedName::new(name.as_bytes()).ok()?;
+    // The decision's audit flag says which denies it came from.
+    resolved.fqdn_deny(&folded, d.audit).map(|(_, deny)| deny)
+}
+
 fn policy_json(id: &PolicyId) -> Value {
     json!({"kind": id.kind.as_str(), "namespace": id.namespace, "name": id.name})
 }
@@ -156,13 +205,36 @@ fn verdict(d: &DnsDecision<'_>) -> &'static str {
     }
 }
 
-fn reason(d: &DnsDecision<'_>) -> (&'static str, String) {
-    let (code, mut explanation) = policy_reason(d);
+fn reason(decided: &Decided<'_>) -> (&'static str, String) {
+    let d = decided.decision;
+    let (code, mut explanation) = match decided.name_deny {
+        Some(deny) => name_deny_reason(d, deny),
+        None => policy_reason(d),
+    };
     if d.audit {
         explanation
             .push_str("; not enforced (audit mode): the query is forwarded and recorded as audit");
     }
     (code, explanation)
+}
+
+/// `matchName "x" of egressDeny spec.egressDeny[0] of EgressPolicy ns/name denies the name`.
+fn name_deny_reason(d: &DnsDecision<'_>, deny: &FqdnDeny) -> (&'static str, String) {
+    let mut text = format!(
+        "{} {:?} of egressDeny {} of {}{} {} denies the name (deny wins over every allow)",
+        deny.pattern.field().as_str(),
+        deny.pattern.as_str(),
+        deny.path,
+        if d.audit { "audit-mode " } else { "" },
+        deny.policy.kind.as_str(),
+        deny.policy,
+    );
+    if !d.proxied {
+        text.push_str(
+            "; DNS to this server and port is not proxied, the IPs learned for the name are denied all the same",
+        );
+    }
+    ("fqdn-deny", text)
 }
 
 fn policy_reason(d: &DnsDecision<'_>) -> (&'static str, String) {
@@ -219,10 +291,12 @@ fn report(
     args: &CheckArgs,
     ep: &Endpoint,
     resolved: &EndpointPolicy,
-    d: &DnsDecision<'_>,
+    decided: &Decided<'_>,
     selectors: &[&FqdnAllow],
+    deny_selectors: &[&FqdnDeny],
 ) -> Value {
-    let (code, explanation) = reason(d);
+    let d = decided.decision;
+    let (code, explanation) = reason(decided);
     let dns_rule = match d.reason {
         DnsReason::Pattern { rule, pattern } => json!({
             "policy": rule.policy.to_string(),
@@ -233,10 +307,14 @@ fn report(
         }),
         _ => Value::Null,
     };
-    let decided_by = match d.reason {
+    let mut decided_by = match d.reason {
         DnsReason::PortAllowed { rule } | DnsReason::Denied { rule } => rule_json(rule),
         _ => Value::Null,
     };
+    if let (Some(deny), Value::Object(by)) = (decided.name_deny, &mut decided_by) {
+        by.insert("field".into(), deny.pattern.field().as_str().into());
+        by.insert("pattern".into(), deny.pattern.as_str().into());
+    }
     let fqdn: Vec<Value> = selectors
         .iter()
         .map(|a| {
@@ -247,6 +325,20 @@ fn report(
                 "field": a.pattern.field().as_str(),
                 "selector": a.pattern.as_str(),
                 "ports": a.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let fqdn_deny: Vec<Value> = deny_selectors
+        .iter()
+        .map(|d| {
+            json!({
+                "policy": d.policy.to_string(),
+                "policy_ref": policy_json(&d.policy),
+                "path": d.path,
+                "field": d.pattern.field().as_str(),
+                "selector": d.pattern.as_str(),
+                "ports": d.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "audit": d.audit,
             })
         })
         .collect();
@@ -266,6 +358,7 @@ fn report(
         "dns_rule": dns_rule,
         "decided_by": decided_by,
         "fqdn_selectors": fqdn,
+        "fqdn_deny_selectors": fqdn_deny,
     })
 }
 
@@ -310,24 +403,48 @@ fn print_text(r: &Value) {
         println!("toFQDNs    no selector matches: IPs in the answer would not be allowed");
     }
     for sel in selectors {
-        let f = |k: &str| sel.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-        let ports: Vec<String> = sel
-            .get("ports")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
         println!(
-            "toFQDNs    {} {:?} of {} ({}) allows the answer's IPs on {}",
-            f("field"),
-            f("selector"),
-            f("policy"),
-            f("path"),
-            ports.join(", ")
+            "toFQDNs    {} allows the answer's IPs on {}",
+            selector_text(&sel),
+            ports_text(&sel)
         );
     }
+    let denies = r
+        .get("fqdn_deny_selectors")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for sel in denies {
+        let verb = if sel.get("audit") == Some(&Value::Bool(true)) {
+            "would deny (audit mode)"
+        } else {
+            "denies"
+        };
+        println!(
+            "toFQDNs    egressDeny {} {verb} the answer's IPs on {}, whatever allows them",
+            selector_text(&sel),
+            ports_text(&sel)
+        );
+    }
+}
+
+/// `matchName "x" of ns/name (path)`, from a selector's JSON.
+fn selector_text(sel: &Value) -> String {
+    let f = |k: &str| sel.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    format!(
+        "{} {:?} of {} ({})",
+        f("field"),
+        f("selector"),
+        f("policy"),
+        f("path")
+    )
+}
+
+fn ports_text(sel: &Value) -> String {
+    let ports: Vec<&str> = sel
+        .get("ports")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    ports.join(", ")
 }

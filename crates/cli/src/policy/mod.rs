@@ -22,7 +22,7 @@ pub(crate) enum PolicyCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// May an endpoint resolve a name, and which toFQDNs selectors would allow its IPs?
+    /// May an endpoint resolve a name, and which toFQDNs selectors would allow (or deny) its IPs?
     ///
     /// Shows the endpoint's mode: `enforce`, or `audit` when only audit-mode policies
     /// (annotation `dnsfence.io/audit: "true"`, or --audit) put it in default-deny.

@@ -90,14 +90,14 @@ pub(super) fn parse_spec(
         sink,
         f.get("egress"),
         &join(path, "egress"),
-        false,
+        None,
         namespace,
     );
     let egress_deny = rules(
         sink,
         f.get("egressDeny"),
         &join(path, "egressDeny"),
-        true,
+        Some(kind),
         namespace,
     );
     let mut default_deny = true;
@@ -165,11 +165,12 @@ struct Rules {
     written: usize,
 }
 
+/// `egress` (`deny_of: None`) or `egressDeny` (`deny_of: Some(kind of the policy)`).
 fn rules(
     sink: &mut Sink<'_>,
     v: Option<&Value>,
     path: &str,
-    deny: bool,
+    deny_of: Option<PolicyKind>,
     namespace: Option<&str>,
 ) -> Rules {
     let mut out = Rules {
@@ -181,7 +182,7 @@ fn rules(
     };
     out.written = items.len();
     for (i, item) in items.iter().enumerate() {
-        if let Some(Some(rule)) = egress_rule(sink, item, &index(path, i), deny, namespace) {
+        if let Some(Some(rule)) = egress_rule(sink, item, &index(path, i), deny_of, namespace) {
             out.rules.push(rule);
         }
     }
@@ -239,22 +240,32 @@ const PEER_FIELDS: &[&str] = &[
     "toNodes",
 ];
 
-/// One egress (or egressDeny) entry. `Some(None)`: valid but selects nothing (`{}`).
+/// One egress (or egressDeny, with the policy's kind) entry. `Some(None)`: valid but
+/// selects nothing (`{}`).
 fn egress_rule(
     sink: &mut Sink<'_>,
     v: &Value,
     path: &str,
-    deny: bool,
+    deny_of: Option<PolicyKind>,
     namespace: Option<&str>,
 ) -> Option<Option<EgressRule>> {
     let errors_before = sink.errors();
+    let deny = deny_of.is_some();
     let known = if deny { DENY_FIELDS } else { ALLOW_FIELDS };
     let f = fields(sink, v, path, known)?;
-    if deny && f.has("toFQDNs") {
-        sink.error(
-            &join(path, "toFQDNs"),
-            "toFQDNs in egressDeny is not supported yet; deny the name's DNS instead (a DNS rule that does not match it)",
-        );
+    if let Some(
+        kind @ (PolicyKind::CiliumNetworkPolicy | PolicyKind::CiliumClusterwideNetworkPolicy),
+    ) = deny_of
+    {
+        if f.has("toFQDNs") {
+            sink.warn(
+                &join(path, "toFQDNs"),
+                format!(
+                    "toFQDNs in egressDeny is a dnsfence extension: Cilium rejects it, so this {} works only with dnsfence (use an EgressPolicy or ClusterEgressPolicy)",
+                    kind.as_str()
+                ),
+            );
+        }
     }
     for (field, why) in UNSUPPORTED {
         if f.has(field) {

@@ -397,3 +397,201 @@ fn the_global_switch_puts_every_policy_in_audit_mode_and_survives_reloads() {
     let off = next.with_global_audit(false);
     assert!(!off.resolve(&ep("prod", &[])).audit);
 }
+
+/// A `dnsfence.io/v1alpha1` `EgressPolicy` selecting every endpoint of `ns`.
+fn egress_policy(ns: &str, name: &str, annotations: &str, spec_body: &str) -> String {
+    format!(
+        "apiVersion: dnsfence.io/v1alpha1\nkind: EgressPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{annotations}}}\nspec:\n  endpointSelector: {{}}\n{spec_body}---\n"
+    )
+}
+
+/// DNS to kube-dns for every name (`*`), and the world on every port.
+const ALLOW_ALL_DNS: &str = "  egress:\n    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}]\n      toPorts: [{ports: [{port: \"53\"}], rules: {dns: [{matchPattern: \"*\"}]}}]\n    - toEntities: [world]\n";
+
+#[test]
+fn a_name_deny_beats_a_star_dns_rule_on_every_port() {
+    let deny = "  egressDeny:\n    - toFQDNs: [{matchName: Evil.Example.com.}]\n      toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n";
+    let s = set(&egress_policy(
+        "prod",
+        "p",
+        "",
+        &format!("{ALLOW_ALL_DNS}{deny}"),
+    ));
+    let r = s.resolve(&ep("prod", &[]));
+    assert_eq!((r.denies.len(), r.fqdn_denies.len()), (1, 1));
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"evil.example.COM", Some(&server), 53, Protocol::Udp);
+    assert!(
+        !d.allowed && !d.audit && d.proxied && !d.forwarded(),
+        "{d:?}"
+    );
+    let DnsReason::Denied { rule } = d.reason else {
+        panic!("{d:?}")
+    };
+    assert_eq!(
+        (rule.policy.name.as_str(), rule.rule.path.as_str()),
+        ("p", "spec.egressDeny[0]")
+    );
+    // The rule's toPorts (443) restrict the IP deny only, not the name deny.
+    let name = FoldedName::new(b"evil.example.com").unwrap();
+    let (deny_rule, fqdn) = r.fqdn_deny(&name, false).unwrap();
+    assert_eq!(deny_rule, rule);
+    assert_eq!(fqdn.pattern.as_str(), "evil.example.com");
+    assert_eq!(fqdn.ports[0].port, 443);
+    assert!(r.fqdn_deny(&name, true).is_none());
+    // Any server, even one no DNS rule covers (dropped anyway, not proxied).
+    let d = r.dns_decision(b"evil.example.com", None, 53, Protocol::Tcp);
+    assert!(!d.allowed && matches!(d.reason, DnsReason::Denied { .. }));
+    let other = Destination::World(ip("192.0.2.53"));
+    let d = r.dns_decision(b"evil.example.com", Some(&other), 5353, Protocol::Udp);
+    assert!(
+        !d.allowed && matches!(d.reason, DnsReason::Denied { .. }),
+        "{d:?}"
+    );
+    // Other names, and a subdomain of the denied name, are still allowed.
+    for allowed in ["good.example.com", "a.evil.example.com", "example.com"] {
+        let d = r.dns_decision(allowed.as_bytes(), Some(&server), 53, Protocol::Udp);
+        assert!(d.allowed, "{allowed}: {d:?}");
+    }
+    // An invalid name matches no deny pattern either.
+    let d = r.dns_decision(b"evil example.com", Some(&server), 53, Protocol::Udp);
+    assert!(matches!(d.reason, DnsReason::InvalidName(_)), "{d:?}");
+}
+
+#[test]
+fn a_wildcard_name_deny_carves_out_of_a_doublestar_allow() {
+    let body = "  egress:\n    - toEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}]\n      toPorts: [{ports: [{port: \"53\"}], rules: {dns: [{matchPattern: \"**.example\"}]}}]\n    - toFQDNs: [{matchPattern: \"**.example\"}]\n  egressDeny:\n    - toFQDNs: [{matchPattern: \"*.evil.example\"}]\n";
+    let s = set(&egress_policy("prod", "p", "", body));
+    let r = s.resolve(&ep("prod", &[]));
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let decide = |n: &str| r.dns_decision(n.as_bytes(), Some(&server), 53, Protocol::Udp);
+    let d = decide("www.evil.example");
+    assert!(
+        !d.allowed && matches!(d.reason, DnsReason::Denied { .. }),
+        "{d:?}"
+    );
+    // `*` stays in one label: deeper names and the apex are not denied.
+    for n in ["evil.example", "a.b.evil.example", "good.example"] {
+        let d = decide(n);
+        assert!(
+            d.allowed && matches!(d.reason, DnsReason::Pattern { .. }),
+            "{n}: {d:?}"
+        );
+    }
+    // The selectors of the name and their matches, allow and deny.
+    let name = FoldedName::new(b"www.evil.example").unwrap();
+    let mut denies = Vec::new();
+    let _ = r.for_each_fqdn_deny_match(&name, |f| {
+        denies.push(f.pattern.as_str().to_owned());
+        ControlFlow::<()>::Continue(())
+    });
+    assert_eq!(denies, ["*.evil.example"]);
+    assert!(r.fqdn_allows.len() == 1 && r.fqdn_denies.len() == 1);
+}
+
+#[test]
+fn deny_selectors_are_interned_and_keep_their_ids() {
+    let deny = "  egressDeny:\n    - toFQDNs: [{matchPattern: \"*.evil.example\"}, {matchName: api.example.com}]\n";
+    let allow = "  egress:\n    - toFQDNs: [{matchName: api.example.com}]\n";
+    let s = set(&egress_policy("prod", "p", "", &format!("{allow}{deny}")));
+    let sels: Vec<(SelectorId, &str)> = s
+        .fqdn_selectors()
+        .iter()
+        .map(|(id, p)| (*id, p.as_str()))
+        .collect();
+    // Allows first, then denies; a pattern used by both has one id.
+    assert_eq!(
+        sels,
+        [
+            (SelectorId(0), "api.example.com"),
+            (SelectorId(1), "*.evil.example")
+        ]
+    );
+    let evil = NamePattern::match_pattern("*.evil.example").unwrap();
+    assert_eq!(s.selector_id(&evil), Some(SelectorId(1)));
+    // Learned IPs are tracked for the deny selector.
+    let mut ids = Vec::new();
+    let _ = s.for_each_selector_match(&FoldedName::new(b"x.evil.example").unwrap(), |id| {
+        ids.push(id);
+        ControlFlow::<()>::Continue(())
+    });
+    assert_eq!(ids, [SelectorId(1)]);
+    let r = s.resolve(&ep("prod", &[]));
+    assert_eq!(r.fqdn_denies[0].selector, SelectorId(1));
+    assert_eq!(r.fqdn_denies[1].selector, SelectorId(0));
+
+    // A successor keeps the deny selector's id; a new selector gets a fresh one.
+    let deny2 = "  egressDeny:\n    - toFQDNs: [{matchName: new.example}, {matchPattern: \"*.evil.example\"}]\n";
+    let mut diags = Vec::new();
+    let policies = parse_stream("t.yaml", &egress_policy("prod", "p", "", deny2), &mut diags);
+    assert!(diags.is_empty(), "{diags:?}");
+    let next = PolicySet::succeeding(policies, &s);
+    assert_eq!(next.selector_id(&evil), Some(SelectorId(1)));
+    let new = NamePattern::match_name("new.example").unwrap();
+    assert_eq!(next.selector_id(&new), Some(SelectorId(2)));
+    assert_eq!(next.fqdn_selectors().len(), 2);
+}
+
+#[test]
+fn an_audit_mode_name_deny_is_recorded_not_enforced() {
+    let deny = "  egressDeny:\n    - toFQDNs: [{matchName: tracker.example.com}]\n";
+    let yaml = egress_policy("prod", "e", "", ALLOW_ALL_DNS)
+        + &egress_policy("prod", "d", "dnsfence.io/audit: \"true\"", deny);
+    let s = set(&yaml);
+    let r = s.resolve(&ep("prod", &[]));
+    assert!(r.enforced && !r.audit);
+    assert_eq!((r.denies.len(), r.audit_denies.len()), (0, 1));
+    assert!(r.fqdn_denies[0].audit);
+    let dns = kube_dns();
+    let server = Destination::Endpoint(ip("10.96.0.10"), &dns);
+    let d = r.dns_decision(b"tracker.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && d.audit && d.proxied && d.forwarded(), "{d:?}");
+    assert!(matches!(d.reason, DnsReason::Denied { rule } if rule.policy.name == "d"));
+    let name = FoldedName::new(b"tracker.example.com").unwrap();
+    assert!(r.fqdn_deny(&name, false).is_none());
+    assert_eq!(r.fqdn_deny(&name, true).unwrap().0.policy.name, "d");
+    assert!(
+        r.dns_decision(b"other.example.com", Some(&server), 53, Protocol::Udp)
+            .allowed
+    );
+
+    // The same deny in an enforcing policy denies, also for an endpoint in audit mode.
+    let yaml = egress_policy("prod", "e", "dnsfence.io/audit: \"true\"", ALLOW_ALL_DNS)
+        + &egress_policy(
+            "prod",
+            "d",
+            "",
+            &format!("  enableDefaultDeny: {{egress: false}}\n{deny}"),
+        );
+    let r = set(&yaml).resolve(&ep("prod", &[]));
+    assert!(r.enforced && r.audit);
+    let d = r.dns_decision(b"tracker.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && !d.audit && !d.forwarded(), "{d:?}");
+    assert!(matches!(d.reason, DnsReason::Denied { rule } if rule.policy.name == "d"));
+    // Under the global switch every deny only audits.
+    let d = set(&yaml).with_global_audit(true).resolve(&ep("prod", &[]));
+    let d = d.dns_decision(b"tracker.example.com", Some(&server), 53, Protocol::Udp);
+    assert!(!d.allowed && d.audit && d.forwarded(), "{d:?}");
+}
+
+#[test]
+fn the_most_specific_name_deny_decides() {
+    let deny = "  egressDeny:\n    - toFQDNs: [{matchPattern: \"*\"}]\n    - toFQDNs: [{matchPattern: \"**.example.com\"}]\n    - toFQDNs: [{matchName: a.example.com}]\n";
+    let r = set(&egress_policy(
+        "prod",
+        "p",
+        "",
+        &format!("{ALLOW_ALL_DNS}{deny}"),
+    ))
+    .resolve(&ep("prod", &[]));
+    let path = |n: &str| {
+        let name = FoldedName::new(n.as_bytes()).unwrap();
+        r.fqdn_deny(&name, false)
+            .map(|(rule, _)| rule.rule.path.clone())
+    };
+    assert_eq!(path("a.example.com").as_deref(), Some("spec.egressDeny[2]"));
+    assert_eq!(path("b.example.com").as_deref(), Some("spec.egressDeny[1]"));
+    assert_eq!(path("example.org").as_deref(), Some("spec.egressDeny[0]"));
+}
