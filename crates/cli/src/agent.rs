@@ -198,6 +198,30 @@ async fn serve(
         << 20;
     let mut version = base + 1;
     let (tx, rx) = watch::channel::<Versioned>(Arc::new((version, data)));
+    let version_gauge: prometheus_client::metrics::gauge::Gauge = Default::default();
+    version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
+    if let Some(addr) = config.metrics.agent_listen {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("dnsfence");
+        registry.register(
+            "agent_snapshot_version",
+            "Version of the snapshot the agent serves (compare with the proxy's dnsfence_snapshot_version)",
+            version_gauge.clone(),
+        );
+        if let Some(w) = &worker {
+            w.stats.register(&mut registry);
+        }
+        flows.metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics.agent_listen {addr}"))?;
+        info!(%addr, "agent metrics listening");
+        let registry = Arc::new(registry);
+        tokio::spawn(async move {
+            if let Err(e) = dnsfence_proxy::serve_metrics(listener, registry).await {
+                error!(error = %e, "agent metrics listener stopped");
+            }
+        });
+    }
     let status = Arc::new(Mutex::new(Status::default()));
     let path = config.api.agent_socket.clone();
     if let Some(dir) = path.parent() {
@@ -233,6 +257,7 @@ async fn serve(
                     Ok(Ok((_, new_set, data))) => {
                         set = new_set;
                         version += 1;
+                        version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
                         let _ = tx.send(Arc::new((version, data)));
                         lock(&status).reloads += 1;
                         info!(version, "policies reloaded");
@@ -443,7 +468,7 @@ async fn observe<W: tokio::io::AsyncWrite + Unpin>(
         match live.recv().await {
             Ok(f) => write_message(wr, &to_msg(&f)).await?,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                flows.metrics.lost.inc_by(n);
+                flows.metrics.lose("follower", n);
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{blocked, env, env_config, ip, reach, resolve, Env};
+use common::{blocked, env, env_config, ip, metrics_port, reach, resolve, scrape, Env};
 use dnsfence_lab::{DnsStatus, RecordType, Transport};
 use serde_json::Value;
 
@@ -141,21 +140,6 @@ fn observe_follow_shows_a_denial_within_a_second() {
     let _ = child.wait();
 }
 
-/// `GET /metrics` from inside the node's namespace.
-fn scrape(env: &Env, port: u16) -> String {
-    env.lab
-        .node()
-        .run(move || {
-            let mut s = std::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok::<_, std::io::Error>(body)
-        })
-        .unwrap()
-        .unwrap()
-}
-
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name))
@@ -165,7 +149,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[test]
 fn a_flood_of_denied_queries_stays_within_the_ring_and_counts_the_loss() {
-    let port = 19000 + (std::process::id() % 500) as u16;
+    let port = metrics_port(1);
     let config = format!("flows: {{ring_size: 500}}\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n");
     let Some(env) = env_config(vec![], &config) else {
         return;
@@ -188,4 +172,39 @@ fn a_flood_of_denied_queries_stays_within_the_ring_and_counts_the_loss() {
     let lost = metric(&text, "dnsfence_flow_events_lost_total");
     assert!(recorded >= report.refused as f64, "{recorded}\n{text}");
     assert!(lost >= recorded - 500.0, "lost {lost} of {recorded}");
+}
+
+#[test]
+fn metrics_are_served_with_their_documented_names() {
+    let port = metrics_port(2);
+    let Some(env) = env_config(
+        vec![],
+        &format!("metrics: {{listen: \"127.0.0.1:{port}\"}}\n"),
+    ) else {
+        return;
+    };
+    let api = common::a(env.web(), "api.example.com")[0];
+    assert_eq!(reach(env.web(), api, 443), dnsfence_lab::Outcome::Connected);
+    assert!(blocked(reach(env.web(), ip("203.0.113.66"), 443)));
+    let _ = resolve(env.web(), "nope.example.org", RecordType::A, Transport::Udp);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = scrape(&env, port);
+    for name in [
+        "dnsfence_dns_queries_total{verdict=\"allowed\",transport=\"udp\"}",
+        "dnsfence_dns_queries_total{verdict=\"denied\",transport=\"udp\"}",
+        "dnsfence_dns_upstream_responses_total",
+        "dnsfence_dns_latency_seconds_bucket",
+        "dnsfence_dns_hold_seconds_bucket",
+        "dnsfence_dns_learned_names",
+        "dnsfence_datapath_batches_total",
+        "dnsfence_datapath_batch_seconds_bucket",
+        "dnsfence_datapath_enforced_addresses",
+        "dnsfence_datapath_refused_packets_total{reason=\"policy-denied\"}",
+        "dnsfence_flow_events_total",
+        "dnsfence_snapshot_age_seconds",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    // No domain name ever becomes a label value.
+    assert!(!text.contains("example"), "{text}");
 }

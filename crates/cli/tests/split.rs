@@ -8,7 +8,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{a, blocked, env_split, ip, reach, resolve, Env};
+use common::{
+    a, blocked, env_split, env_split_config, ip, metrics_port, reach, resolve, scrape, Env,
+};
 use dnsfence_lab::daemon::Process;
 use dnsfence_lab::{DnsStatus, Outcome, Rec, RecordType, Transport};
 
@@ -534,4 +536,28 @@ fn the_agent_refuses_a_proxy_speaking_another_protocol() {
     BufReader::new(&s).read_line(&mut line).unwrap();
     assert!(line.contains("\"type\":\"error\""), "{line}");
     assert!(line.contains("protocol 1, not 99"), "{line}");
+}
+
+#[test]
+fn the_agent_serves_its_own_metrics() {
+    let port = metrics_port(3);
+    let Some(env) = env_split_config(
+        vec![],
+        &format!("metrics: {{agent_listen: \"127.0.0.1:{port}\"}}\n"),
+    ) else {
+        return;
+    };
+    wait_for(&env, "snapshot in force", 1);
+    assert!(blocked(reach(env.web(), ip("203.0.113.66"), 443)));
+    std::thread::sleep(Duration::from_millis(300));
+    let text = scrape(&env, port);
+    for name in [
+        "dnsfence_agent_snapshot_version",
+        "dnsfence_datapath_reconciles_total 1",
+        "dnsfence_datapath_enforced_addresses 4",
+        "dnsfence_datapath_refused_packets_total{reason=\"policy-denied\"}",
+        "dnsfence_flow_events_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
 }

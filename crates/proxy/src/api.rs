@@ -173,7 +173,7 @@ async fn observe<W: tokio::io::AsyncWrite + Unpin>(
         let line = match live.recv().await {
             Ok(flow) => serde_json::json!({"version": API_VERSION, "flow": &*flow}),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                shared.flows.metrics.lost.inc_by(n);
+                shared.flows.metrics.lose("follower", n);
                 serde_json::json!({"version": API_VERSION, "lost": n})
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),

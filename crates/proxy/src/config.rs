@@ -327,9 +327,13 @@ fn default_agent_socket() -> PathBuf {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// `/metrics` and `/healthz` address (default: off).
+    /// `/metrics` and `/healthz` address of `run` and `proxy` (default: off).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// The same for `dnsfence agent` (default: off): datapath, refused packets, its
+    /// snapshot version.
+    #[serde(default)]
+    pub agent_listen: Option<SocketAddr>,
 }
 
 fn default_namespace() -> String {
@@ -430,7 +434,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "log_group",
         ],
     ),
-    ("metrics", &["listen"]),
+    ("metrics", &["listen", "agent_listen"]),
     ("endpoints[]", &["name", "namespace", "labels", "ips"]),
 ];
 

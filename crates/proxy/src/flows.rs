@@ -141,14 +141,21 @@ pub struct FlowLabels {
     pub verdict: &'static str,
 }
 
+/// Labels of the lost-event counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LostLabels {
+    /// `ring` (pushed out of the in-memory ring: normal once it is full), `follower` (a
+    /// slow `observe --follow` missed it) or `file` (the file writer fell behind).
+    pub stage: &'static str,
+}
+
 /// Metrics of the flow log.
 #[derive(Debug, Clone, Default)]
 pub struct FlowMetrics {
     /// Events recorded.
     pub events: Family<FlowLabels, Counter>,
-    /// Events not kept: pushed out of the ring, missed by a slow follower, or not
-    /// written because the file writer fell behind.
-    pub lost: Counter,
+    /// Events not kept, by where they were lost.
+    pub lost: Family<LostLabels, Counter>,
 }
 
 impl FlowMetrics {
@@ -161,9 +168,19 @@ impl FlowMetrics {
         );
         registry.register(
             "flow_events_lost",
-            "Flow events not kept: out of the ring, missed by a follower or the file",
+            "Flow events not kept, by stage: ring (pushed out, normal once full), follower or file",
             self.lost.clone(),
         );
+    }
+
+    /// Counts `n` events lost at `stage` (`ring`, `follower`, `file`).
+    pub fn lose(&self, stage: &'static str, n: u64) {
+        self.lost.get_or_create(&LostLabels { stage }).inc_by(n);
+    }
+
+    /// Events lost at `stage` so far.
+    pub fn lost_at(&self, stage: &'static str) -> u64 {
+        self.lost.get_or_create(&LostLabels { stage }).get()
     }
 }
 
@@ -211,13 +228,13 @@ impl FlowLog {
             let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
             if ring.len() >= self.cap {
                 ring.pop_front();
-                self.metrics.lost.inc();
+                self.metrics.lose("ring", 1);
             }
             ring.push_back(flow.clone());
         }
         if let Some(file) = &self.file {
             if file.try_send(flow.clone()).is_err() {
-                self.metrics.lost.inc();
+                self.metrics.lose("file", 1);
             }
         }
         let _ = self.live.send(flow);
@@ -364,7 +381,7 @@ mod tests {
             log.push(Flow::new("dns", "denied", Source::default()));
         }
         assert_eq!(log.len(), 100);
-        assert_eq!(log.metrics.lost.get(), 1900);
+        assert_eq!(log.metrics.lost_at("ring"), 1900);
         assert_eq!(log.last(10).len(), 10);
         // A follower that fell behind learns how many it missed.
         assert!(matches!(

@@ -78,6 +78,11 @@ pub fn env_config(extra_records: Vec<Rec>, config: &str) -> Option<Env> {
     env_with(extra_records, false, config)
 }
 
+/// As [`env_split`], with more top-level configuration.
+pub fn env_split_config(extra_records: Vec<Rec>, config: &str) -> Option<Env> {
+    env_with(extra_records, true, config)
+}
+
 /// As [`env`], with `dnsfence agent` and `dnsfence proxy --agent` as two processes.
 pub fn env_split(extra_records: Vec<Rec>) -> Option<Env> {
     env_with(extra_records, true, "")
@@ -170,4 +175,27 @@ pub fn blocked(o: Outcome) -> bool {
         o,
         Outcome::Refused | Outcome::Unreachable | Outcome::TimedOut
     )
+}
+
+/// `GET /metrics` on `port` of the node's loopback.
+pub fn scrape(env: &Env, port: u16) -> String {
+    env.lab
+        .node()
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap()
+}
+
+/// A port for a test's metrics listener (each lab has its own node namespace, so ports
+/// only need to differ between the listeners of one test).
+pub fn metrics_port(n: u16) -> u16 {
+    19_900 + n
 }
