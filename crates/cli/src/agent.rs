@@ -426,12 +426,12 @@ fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
         } else {
             "denied"
         },
-        Source {
+        Arc::new(Source {
             ip: Some(r.packet.src),
             namespace,
             pod_name,
             labels: Vec::new(),
-        },
+        }),
     );
     flow.destination = Some(dnsfence_proxy::flows::Destination {
         ip: Some(r.packet.dst),

@@ -150,6 +150,11 @@ impl Snapshot {
         &self.policies
     }
 
+    /// Every endpoint address with its endpoint.
+    pub fn endpoints(&self) -> impl Iterator<Item = (IpAddr, &EndpointEntry)> + '_ {
+        self.by_ip.iter().map(|(ip, e)| (*ip, &**e))
+    }
+
     /// The endpoint owning `ip`, if any.
     pub fn endpoint(&self, ip: IpAddr) -> Option<&Arc<EndpointEntry>> {
         self.by_ip.get(&ip)

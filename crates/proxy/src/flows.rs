@@ -81,16 +81,17 @@ pub struct Dns {
 /// One event.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Flow {
-    /// RFC 3339, milliseconds.
-    pub time: String,
+    /// When (RFC 3339 with milliseconds in JSON).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     /// `dns` or `drop`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// `allowed`, `denied`, `audit`, `malformed`, `fairness`, `timeout` (DNS); `denied`
     /// or `audit` (packets, with `drop_reason_desc`).
     pub verdict: &'static str,
-    /// The sender.
-    pub source: Source,
+    /// The sender (shared by the events of one endpoint).
+    pub source: Arc<Source>,
     /// DNS details.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
@@ -107,9 +108,9 @@ pub struct Flow {
 
 impl Flow {
     /// A flow of `kind` with `verdict`, now.
-    pub fn new(kind: &'static str, verdict: &'static str, source: Source) -> Self {
+    pub fn new(kind: &'static str, verdict: &'static str, source: Arc<Source>) -> Self {
         Self {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: SystemTime::now(),
             kind,
             verdict,
             source,
@@ -119,6 +120,10 @@ impl Flow {
             drop_reason_desc: None,
         }
     }
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 /// Flow settings.
@@ -378,7 +383,7 @@ mod tests {
         let mut live = log.subscribe();
         // More than the followers' queue (1,024) and the ring (100).
         for _ in 0..2000 {
-            log.push(Flow::new("dns", "denied", Source::default()));
+            log.push(Flow::new("dns", "denied", Arc::default()));
         }
         assert_eq!(log.len(), 100);
         assert_eq!(log.metrics.lost_at("ring"), 1900);
@@ -404,7 +409,7 @@ mod tests {
             FlowMetrics::default(),
         );
         for _ in 0..50 {
-            log.push(Flow::new("dns", "allowed", Source::default()));
+            log.push(Flow::new("dns", "allowed", Arc::default()));
         }
         drop(log);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

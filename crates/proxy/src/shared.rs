@@ -92,6 +92,7 @@ pub struct Shared {
     /// Flow events.
     pub flows: Arc<FlowLog>,
     pub(crate) tcp_pool: crate::tcp::Pool,
+    sources: ArcSwap<HashMap<IpAddr, Arc<Source>>>,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -131,6 +132,7 @@ impl Shared {
             max_ips_per_name: config.max_ips_per_name,
         });
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
+        let sources = Self::prepare_sources(&snapshot);
         let shared = Self {
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -141,6 +143,7 @@ impl Shared {
             metrics,
             flows,
             tcp_pool: crate::tcp::Pool::default(),
+            sources: ArcSwap::from_pointee(sources),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
             snapshot_at: Mutex::new(Instant::now()),
@@ -156,6 +159,8 @@ impl Shared {
     /// Swaps in a new snapshot and moves learned IPs to the selectors it defines.
     pub async fn set_snapshot(&self, snapshot: Snapshot) {
         let changes = lock(&self.cache).reselect(snapshot.policies());
+        self.sources
+            .store(Arc::new(Self::prepare_sources(&snapshot)));
         self.snapshot.store(Arc::new(snapshot));
         *lock(&self.snapshot_at) = Instant::now();
         self.metrics.snapshot_version.set(
@@ -333,24 +338,38 @@ impl Shared {
         self.started.elapsed()
     }
 
-    /// The flow source of `ip`: the endpoint's namespace, name and labels when known.
-    pub fn source(&self, ip: IpAddr) -> Source {
-        let snapshot = self.snapshot.load();
-        let mut source = Source {
+    /// The flow source of `ip`: the endpoint's namespace, name and labels when known
+    /// (prepared once per snapshot, so an event costs no formatting).
+    pub fn source(&self, ip: IpAddr) -> Arc<Source> {
+        if let Some(s) = self.sources.load().get(&ip) {
+            return s.clone();
+        }
+        Arc::new(Source {
             ip: Some(ip),
             ..Source::default()
-        };
-        if let Some(ep) = snapshot.endpoint(ip) {
-            source.namespace = Some(ep.endpoint.namespace().to_owned());
-            source.pod_name = Some(ep.name.clone());
-            source.labels = ep
-                .endpoint
-                .labels()
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-        }
-        source
+        })
+    }
+
+    fn prepare_sources(snapshot: &Snapshot) -> HashMap<IpAddr, Arc<Source>> {
+        snapshot
+            .endpoints()
+            .map(|(ip, ep)| {
+                (
+                    ip,
+                    Arc::new(Source {
+                        ip: Some(ip),
+                        namespace: Some(ep.endpoint.namespace().to_owned()),
+                        pod_name: Some(ep.name.clone()),
+                        labels: ep
+                            .endpoint
+                            .labels()
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect(),
+                    }),
+                )
+            })
+            .collect()
     }
 
     /// Queries forwarded upstream and not answered yet, over all clients.
