@@ -16,7 +16,7 @@ use clap::Args;
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::{Datapath, RealKernel, Worker};
 use dnsfence_policy::PolicySet;
-use dnsfence_proxy::config::{Backend, Config, TransparentConfig};
+use dnsfence_proxy::config::{Backend, Config};
 use dnsfence_proxy::control::{
     read_message, write_message, Message, Role, SelectorSets, SnapshotData, CONTROL_PROTOCOL,
 };
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::proxy::{compile, policy_docs, read_config};
-use crate::run::{inventory, options, DEFAULT_TRANSPARENT_PORT};
+use crate::run::{inventory, options};
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
@@ -93,11 +93,7 @@ fn load(
 ) -> Result<(Config, PolicySet, SnapshotData)> {
     let mut config =
         read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
-    if config.dns.transparent.is_none() {
-        config.dns.transparent = Some(TransparentConfig {
-            port: DEFAULT_TRANSPARENT_PORT,
-        });
-    }
+    crate::run::default_transparent(&mut config);
     let docs = policy_docs(config_path, &config)?;
     let set = compile(&docs, previous, config.audit)?;
     if let Some(worker) = worker {
@@ -115,11 +111,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    if config.dns.transparent.is_none() {
-        config.dns.transparent = Some(TransparentConfig {
-            port: DEFAULT_TRANSPARENT_PORT,
-        });
-    }
+    crate::run::default_transparent(&mut config);
     // Validate before touching the kernel.
     let set = match policy_docs(&args.config, &config)
         .and_then(|docs| compile(&docs, &PolicySet::default(), config.audit))
@@ -131,10 +123,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         }
     };
     crate::init_logging(&config.log);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = crate::runtime()?;
     let flows = {
         let _guard = runtime.enter();
         FlowLog::new(

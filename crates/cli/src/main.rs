@@ -73,6 +73,16 @@ fn init_logging(log: &dnsfence_proxy::config::LogConfig) {
     };
 }
 
+/// One thread serves every socket: on small nodes this costs less CPU per query than a
+/// multi-threaded scheduler (see BENCHMARKS.md); blocking work goes to `spawn_blocking`.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

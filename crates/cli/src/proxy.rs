@@ -163,12 +163,7 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
         }
     };
     crate::init_logging(&config.log);
-    // One thread serves every socket: on small nodes this costs less CPU per query than a
-    // multi-threaded scheduler (see BENCHMARKS.md); reloads build snapshots off this thread.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = crate::runtime()?;
     runtime.block_on(serve(
         args.config.clone(),
         config,
@@ -180,11 +175,7 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
 }
 
 fn run_following(args: &ProxyArgs, mut config: Config) -> Result<ExitCode> {
-    if config.dns.transparent.is_none() {
-        config.dns.transparent = Some(dnsfence_proxy::config::TransparentConfig {
-            port: crate::run::DEFAULT_TRANSPARENT_PORT,
-        });
-    }
+    crate::run::default_transparent(&mut config);
     crate::init_logging(&config.log);
     let (version, snapshot) = match crate::follow::initial(&args.config, &config) {
         Ok(v) => v,
@@ -215,10 +206,7 @@ fn run_following(args: &ProxyArgs, mut config: Config) -> Result<ExitCode> {
         tx,
         dropped: dropped.clone(),
     });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = crate::runtime()?;
     runtime.block_on(serve(
         args.config.clone(),
         config,

@@ -19,6 +19,16 @@ use crate::proxy::{build_snapshot, read_config, serve};
 /// The transparent port `run` uses when the configuration names none.
 pub(crate) const DEFAULT_TRANSPARENT_PORT: u16 = 15053;
 
+/// Enforcing means intercepting pods' DNS: give the transparent listener its default port
+/// when the configuration names none.
+pub(crate) fn default_transparent(config: &mut Config) {
+    if config.dns.transparent.is_none() {
+        config.dns.transparent = Some(TransparentConfig {
+            port: DEFAULT_TRANSPARENT_PORT,
+        });
+    }
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
     /// The configuration file (YAML).
@@ -77,10 +87,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    if config.datapath.backend == Backend::Nftables && config.dns.transparent.is_none() {
-        config.dns.transparent = Some(TransparentConfig {
-            port: DEFAULT_TRANSPARENT_PORT,
-        });
+    if config.datapath.backend == Backend::Nftables {
+        default_transparent(&mut config);
     }
     let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
         Ok(s) => s,
@@ -120,10 +128,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
             )
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = crate::runtime()?;
     let code = runtime.block_on(serve(
         args.config.clone(),
         config,

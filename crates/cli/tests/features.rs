@@ -6,27 +6,11 @@
 mod common;
 
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{a, blocked, env_config, ip, reach, resolve, Env};
+use common::{a, blocked, env_config, ip, observe, reach, resolve};
 use dnsfence_lab::{DnsStatus, Outcome, Pod, Rec, RecordType, Transport};
-use serde_json::Value;
-
-fn observe(env: &Env, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
-        .arg("observe")
-        .arg("--config")
-        .arg(env.daemon.config_path())
-        .args(["-o", "json", "--last", "1000"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn audit_mode_lets_traffic_through_and_records_what_would_be_denied() {

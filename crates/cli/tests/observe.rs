@@ -10,29 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{blocked, env, env_config, ip, metrics_port, reach, resolve, scrape, Env};
+use common::{blocked, env, env_config, ip, metrics_port, observe, reach, resolve, scrape};
 use dnsfence_lab::{DnsStatus, RecordType, Transport};
 use serde_json::Value;
-
-fn observe(env: &Env, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
-        .arg("observe")
-        .arg("--config")
-        .arg(env.daemon.config_path())
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn observe_names_the_domain_pod_policy_and_reason() {

@@ -199,3 +199,29 @@ pub fn scrape(env: &Env, port: u16) -> String {
 pub fn metrics_port(n: u16) -> u16 {
     19_900 + n
 }
+
+/// `dnsfence observe -o json ARGS` (`--last 1000` unless given) against the lab's daemon, parsed.
+pub fn observe(env: &Env, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .arg("observe")
+        .arg("--config")
+        .arg(env.daemon.config_path())
+        .args(["-o", "json"])
+        .args(if args.contains(&"--last") {
+            &[][..]
+        } else {
+            &["--last", "1000"][..]
+        })
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
