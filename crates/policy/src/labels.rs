@@ -209,6 +209,91 @@ impl EndpointSelector {
             .is_none_or(|ns| ns == ep.namespace())
             && self.selector.matches(ep.labels())
     }
+
+    /// Whether some endpoint could be selected by both `self` and `other`. Conservative:
+    /// `false` only when one label key (the namespace included) is constrained to values
+    /// the other selector rules out; `true` when unsure.
+    pub(crate) fn may_overlap(&self, other: &EndpointSelector) -> bool {
+        let mut keys: BTreeSet<&str> = BTreeSet::new();
+        for sel in [&self.selector, &other.selector] {
+            keys.extend(sel.match_labels.keys().map(String::as_str));
+            keys.extend(sel.match_expressions.iter().map(|r| r.key.as_str()));
+        }
+        if self.namespace.is_some() || other.namespace.is_some() {
+            keys.insert(NAMESPACE_LABEL);
+        }
+        !keys
+            .into_iter()
+            .any(|key| KeyConstraint::of(self, key).excludes(&KeyConstraint::of(other, key)))
+    }
+}
+
+/// What a selector says about one label key.
+struct KeyConstraint<'a> {
+    /// The values it allows; `None`: any value (or none at all).
+    allowed: Option<BTreeSet<&'a str>>,
+    /// Values it rules out (`NotIn`).
+    excluded: BTreeSet<&'a str>,
+    /// The label must be present.
+    present: bool,
+    /// The label must be absent (`DoesNotExist`).
+    absent: bool,
+}
+
+impl<'a> KeyConstraint<'a> {
+    fn of(sel: &'a EndpointSelector, key: &str) -> Self {
+        let mut c = KeyConstraint {
+            allowed: None,
+            excluded: BTreeSet::new(),
+            present: false,
+            absent: false,
+        };
+        let allow = |values: BTreeSet<&'a str>, c: &mut KeyConstraint<'a>| {
+            c.allowed = Some(match c.allowed.take() {
+                Some(prev) => prev.intersection(&values).copied().collect(),
+                None => values,
+            });
+        };
+        if key == NAMESPACE_LABEL {
+            if let Some(ns) = &sel.namespace {
+                allow(BTreeSet::from([ns.as_str()]), &mut c);
+            }
+        }
+        if let Some(v) = sel.selector.match_labels.get(key) {
+            allow(BTreeSet::from([v.as_str()]), &mut c);
+        }
+        for r in sel
+            .selector
+            .match_expressions
+            .iter()
+            .filter(|r| r.key == key)
+        {
+            let values = r.values.iter().map(String::as_str).collect();
+            match r.operator {
+                Operator::In => allow(values, &mut c),
+                Operator::NotIn => c.excluded.extend(values),
+                Operator::Exists => c.present = true,
+                Operator::DoesNotExist => c.absent = true,
+            }
+        }
+        c.present |= c.allowed.is_some();
+        c
+    }
+
+    /// Whether no value (or absence) of the key satisfies both.
+    fn excludes(&self, other: &KeyConstraint<'_>) -> bool {
+        let ruled_out = |a: &KeyConstraint<'_>, b: &KeyConstraint<'_>| {
+            (a.absent && b.present)
+                || a.allowed
+                    .as_ref()
+                    .is_some_and(|vs| vs.iter().all(|v| b.excluded.contains(v)))
+        };
+        let disjoint_values = match (&self.allowed, &other.allowed) {
+            (Some(a), Some(b)) => a.is_disjoint(b),
+            _ => false,
+        };
+        disjoint_values || ruled_out(self, other) || ruled_out(other, self)
+    }
 }
 
 impl fmt::Display for LabelSelector {
@@ -314,6 +399,40 @@ mod tests {
         assert!(any.matches(&ep));
         assert!(prod.matches(&ep));
         assert!(!dev.matches(&ep));
+    }
+
+    #[test]
+    fn overlap_is_ruled_out_only_by_contradicting_constraints() {
+        let sel =
+            |ns: Option<&str>, pairs: &[(&str, &str)], exprs: Vec<Requirement>| EndpointSelector {
+                selector: LabelSelector {
+                    match_labels: pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    match_expressions: exprs,
+                },
+                namespace: ns.map(str::to_owned),
+            };
+        let ns_in = |vs: &[&str]| req(NAMESPACE_LABEL, Operator::In, vs);
+        let a = sel(None, &[], vec![ns_in(&["a", "b"])]);
+        let b = sel(None, &[(NAMESPACE_LABEL, "b")], vec![]);
+        let c = sel(Some("c"), &[], vec![]);
+        let not_c = sel(
+            None,
+            &[],
+            vec![req(NAMESPACE_LABEL, Operator::NotIn, &["c"])],
+        );
+        let web = sel(None, &[("app", "web")], vec![]);
+        let no_app = sel(None, &[], vec![req("app", Operator::DoesNotExist, &[])]);
+        let all = sel(None, &[], vec![]);
+        assert!(a.may_overlap(&b));
+        assert!(!a.may_overlap(&c));
+        assert!(!c.may_overlap(&not_c));
+        assert!(a.may_overlap(&not_c));
+        assert!(!web.may_overlap(&no_app));
+        assert!(all.may_overlap(&c) && all.may_overlap(&web));
+        assert!(web.may_overlap(&c));
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! The input dialect is CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy
 //! (`cilium.io/v2`) plus dnsfence's own `EgressPolicy` and `ClusterEgressPolicy`
 //! (`dnsfence.io/v1alpha1`, same `spec`), with Cilium's validation rules and name semantics.
+//! Kubernetes' `ClusterNetworkPolicy` (`policy.networking.k8s.io`, with `domainNames`
+//! egress peers) is compiled onto the same model, and combinations of priorities the model
+//! cannot express are rejected (`docs/policy.md` lists the mapping and its limits).
 //!
 //! This crate is pure: no I/O besides the bytes it is given, no async, no clock. Per-query
 //! matching costs O(name length) and does not allocate.
@@ -50,6 +53,7 @@ mod load;
 mod matcher;
 mod model;
 mod name;
+mod order;
 mod parse;
 mod pattern;
 mod resolve;
@@ -63,7 +67,7 @@ pub use load::PolicyLoader;
 pub use matcher::{NameMatcher, INLINE_ACTIVE};
 pub use model::{
     CidrRule, Destination, EgressRule, Entity, Peer, Policy, PolicyId, PolicyKind, PortProtocol,
-    PortRule, Protocol, Rule, Source, AUDIT_ANNOTATION,
+    PortRule, Precedence, Protocol, Rule, Source, Tier, AUDIT_ANNOTATION,
 };
 pub use name::{FoldedName, NameError, MAX_NAME_LEN};
 pub use parse::parse_stream;

@@ -1,9 +1,15 @@
 //! Loading many files into one [`PolicySet`], with every problem of every file reported.
+//!
+//! Besides each object's own problems, the loader checks `ClusterNetworkPolicy` objects
+//! against each other (see [`crate::order`]): a policy whose rules dnsfence would enforce
+//! differently from the specification, because one of higher precedence shadows them, is
+//! rejected like an invalid one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::diag::{Diagnostic, Severity};
 use crate::model::{Policy, PolicyId, Source};
+use crate::order;
 use crate::parse::parse_stream;
 use crate::resolve::PolicySet;
 
@@ -12,7 +18,12 @@ use crate::resolve::PolicySet;
 pub struct PolicyLoader {
     policies: Vec<Policy>,
     seen: HashMap<PolicyId, Source>,
+    /// Every problem: those of the objects themselves first (`own` of them), then those
+    /// between `ClusterNetworkPolicy` objects, recomputed after each file.
     diagnostics: Vec<Diagnostic>,
+    own: usize,
+    /// Indices in `policies` of those rejected by the checks between policies.
+    rejected: BTreeSet<usize>,
 }
 
 impl PolicyLoader {
@@ -23,6 +34,7 @@ impl PolicyLoader {
 
     /// Parses the YAML stream `text` read from `file`.
     pub fn add(&mut self, file: &str, text: &str) {
+        self.diagnostics.truncate(self.own);
         for policy in parse_stream(file, text, &mut self.diagnostics) {
             if let Some(first) = self.seen.get(&policy.id) {
                 self.diagnostics.push(Diagnostic {
@@ -42,6 +54,16 @@ impl PolicyLoader {
             }
             self.seen.insert(policy.id.clone(), policy.source.clone());
             self.policies.push(policy);
+        }
+        self.own = self.diagnostics.len();
+        self.rejected.clear();
+        if self.policies.iter().any(|p| p.precedence.is_some()) {
+            for (i, d) in order::check(&self.policies) {
+                if d.is_error() {
+                    self.rejected.insert(i);
+                }
+                self.diagnostics.push(d);
+            }
         }
     }
 
@@ -64,9 +86,13 @@ impl PolicyLoader {
     /// As [`PolicyLoader::finish`], for a set that replaces `previous`: selectors both use
     /// keep their ids (see [`PolicySet::succeeding`]).
     pub fn finish_after(self, previous: &PolicySet) -> (PolicySet, Vec<Diagnostic>) {
-        (
-            PolicySet::succeeding(self.policies, previous),
-            self.diagnostics,
-        )
+        let rejected = self.rejected;
+        let policies = self
+            .policies
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !rejected.contains(i))
+            .map(|(_, p)| p);
+        (PolicySet::succeeding(policies, previous), self.diagnostics)
     }
 }

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use crate::labels::{Endpoint, EndpointSelector};
 use crate::pattern::NamePattern;
 
-/// The four policy kinds dnsfence reads.
+/// The five policy kinds dnsfence reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PolicyKind {
     /// `cilium.io/v2` `CiliumNetworkPolicy` (namespaced).
@@ -20,7 +20,17 @@ pub enum PolicyKind {
     EgressPolicy,
     /// `dnsfence.io/v1alpha1` `ClusterEgressPolicy`.
     ClusterEgressPolicy,
+    /// `policy.networking.k8s.io` `ClusterNetworkPolicy` (sig-network's network-policy-api,
+    /// cluster-scoped, tiered and prioritised; see [`Precedence`]).
+    ClusterNetworkPolicy,
 }
+
+/// The `apiVersion`s accepted for `ClusterNetworkPolicy`, preferred first: the released
+/// `v1alpha2` and its successor `v1beta1` have the same shape for what dnsfence reads.
+const CLUSTER_NETWORK_POLICY_VERSIONS: &[&str] = &[
+    "policy.networking.k8s.io/v1alpha2",
+    "policy.networking.k8s.io/v1beta1",
+];
 
 impl PolicyKind {
     /// Looks a kind up by `apiVersion` group and `kind`; `None` if not a policy kind.
@@ -30,17 +40,27 @@ impl PolicyKind {
             "CiliumClusterwideNetworkPolicy" => PolicyKind::CiliumClusterwideNetworkPolicy,
             "EgressPolicy" => PolicyKind::EgressPolicy,
             "ClusterEgressPolicy" => PolicyKind::ClusterEgressPolicy,
+            "ClusterNetworkPolicy" => PolicyKind::ClusterNetworkPolicy,
             _ => return None,
         })
     }
 
-    /// The `apiVersion` this kind must carry.
+    /// The preferred `apiVersion` of this kind (the first of [`PolicyKind::api_versions`]).
     pub fn api_version(self) -> &'static str {
+        match self.api_versions() {
+            [first, ..] => first,
+            [] => "",
+        }
+    }
+
+    /// Every `apiVersion` accepted for this kind, preferred first.
+    pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             PolicyKind::CiliumNetworkPolicy | PolicyKind::CiliumClusterwideNetworkPolicy => {
-                "cilium.io/v2"
+                &["cilium.io/v2"]
             }
-            PolicyKind::EgressPolicy | PolicyKind::ClusterEgressPolicy => "dnsfence.io/v1alpha1",
+            PolicyKind::EgressPolicy | PolicyKind::ClusterEgressPolicy => &["dnsfence.io/v1alpha1"],
+            PolicyKind::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_VERSIONS,
         }
     }
 
@@ -59,7 +79,52 @@ impl PolicyKind {
             PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
             PolicyKind::EgressPolicy => "EgressPolicy",
             PolicyKind::ClusterEgressPolicy => "ClusterEgressPolicy",
+            PolicyKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
+    }
+}
+
+/// A `ClusterNetworkPolicy` tier, in evaluation order (`Admin` before `Baseline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// `Admin`: evaluated before every other policy.
+    Admin,
+    /// `Baseline`: evaluated last (after namespaced NetworkPolicies in Kubernetes).
+    Baseline,
+}
+
+impl Tier {
+    /// Parses the YAML spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Admin" => Tier::Admin,
+            "Baseline" => Tier::Baseline,
+            _ => return None,
+        })
+    }
+
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        }
+    }
+}
+
+/// Where a `ClusterNetworkPolicy` stands in the evaluation order: lower sorts first and
+/// takes precedence (tier, then `priority` 0-1000, lower value first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Precedence {
+    /// `spec.tier`.
+    pub tier: Tier,
+    /// `spec.priority`, 0-1000.
+    pub priority: u16,
+}
+
+impl fmt::Display for Precedence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tier {} priority {}", self.tier.as_str(), self.priority)
     }
 }
 
@@ -379,6 +444,10 @@ pub struct Policy {
     /// but neither its default-deny nor its `egressDeny` rules are enforced; what they
     /// would deny is recorded instead. See [`EndpointPolicy`](crate::EndpointPolicy).
     pub audit: bool,
+    /// For a `ClusterNetworkPolicy`, its tier and priority; `None` for the other kinds,
+    /// which are not ordered. The loader uses it to reject combinations of policies that
+    /// dnsfence's "deny wins, allows add up" cannot express (see `docs/policy.md`).
+    pub precedence: Option<Precedence>,
 }
 
 /// The `metadata.annotations` key that puts a policy in audit mode; its value is

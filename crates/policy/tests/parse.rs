@@ -2,7 +2,7 @@
 
 use dnsfence_policy::{
     parse_stream, Diagnostic, Endpoint, Labels, Peer, PolicyKind, PolicyLoader, PortProtocol,
-    Protocol, Severity,
+    Protocol, Severity, Tier,
 };
 
 fn parse(yaml: &str) -> (Vec<dnsfence_policy::Policy>, Vec<Diagnostic>) {
@@ -337,4 +337,113 @@ fn to_fqdns_in_egress_deny_takes_no_l7_rules_and_valid_patterns() {
             "f.yaml:1: spec.egressDeny[1].toFQDNs[0].matchName: \"a b\": character 0x20 at offset 1 is not allowed (only letters, digits, '-', '_' and '.')",
         ]
     );
+}
+
+fn cluster_network_policy(name: &str, priority: u16, subject: &str, egress: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: {priority}\n  subject: {subject}\n  egress:\n{egress}"
+    )
+}
+
+const DENY_ALL: &str = "    - {action: Deny, to: [{networks: [\"0.0.0.0/0\", \"::/0\"]}]}\n";
+const CI: &str = "{namespaces: {matchLabels: {kubernetes.io/metadata.name: ci}}}";
+
+#[test]
+fn cluster_network_policy_compiles_onto_the_model() {
+    let egress = format!(
+        "    - action: Accept\n      to: [{{pods: {{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: kube-system}}}}, podSelector: {{matchLabels: {{k8s-app: kube-dns}}}}}}}}]\n      protocols: [{{udp: {{destinationPort: {{number: 53}}}}}}]\n    - action: Accept\n      to: [{{domainNames: [\"*.example.com\"]}}]\n{DENY_ALL}"
+    );
+    let (policies, diags) = parse(&cluster_network_policy("ci", 10, CI, &egress));
+    assert!(diags.is_empty(), "{:?}", lines(&diags));
+    let policy = &policies[0];
+    assert_eq!(policy.id.kind, PolicyKind::ClusterNetworkPolicy);
+    assert_eq!(policy.id.namespace, None);
+    let precedence = policy.precedence.unwrap();
+    assert_eq!((precedence.tier, precedence.priority), (Tier::Admin, 10));
+    let rule = &policy.rules[0];
+    assert!(rule.default_deny_egress, "the deny-all is the default-deny");
+    assert!(rule.egress_deny.is_empty());
+    let paths: Vec<&str> = rule.egress.iter().map(|e| e.path.as_str()).collect();
+    // The DNS accept, its unfiltered DNS rule (so that answers are learned), the names.
+    assert_eq!(
+        paths,
+        [
+            "spec.egress[0].to[0]",
+            "spec.egress[0].to[0]",
+            "spec.egress[1].to[0]"
+        ]
+    );
+    let dns = rule.egress[1].to_ports[0].dns.as_ref().unwrap();
+    assert!(dns[0].matches_all());
+    let Peer::Fqdns(names) = &rule.egress[2].peer else {
+        panic!("{:?}", rule.egress[2].peer)
+    };
+    assert_eq!(names[0].as_str(), "**.example.com");
+    let ci = Endpoint::new("ci", Labels::new([("app", "x")]).unwrap());
+    let other = Endpoint::new("prod", Labels::new([("app", "x")]).unwrap());
+    assert!(rule.subject.matches(&ci) && !rule.subject.matches(&other));
+}
+
+#[test]
+fn cluster_network_policy_api_versions() {
+    let yaml = cluster_network_policy("v", 1, CI, DENY_ALL).replace(
+        "policy.networking.k8s.io/v1alpha2",
+        "policy.networking.k8s.io/v1",
+    );
+    let (_, diags) = parse(&yaml);
+    assert_eq!(
+        lines(&diags),
+        ["f.yaml:1: apiVersion: ClusterNetworkPolicy needs apiVersion policy.networking.k8s.io/v1alpha2 or policy.networking.k8s.io/v1beta1, found \"policy.networking.k8s.io/v1\""]
+    );
+    let yaml = cluster_network_policy("v", 1, CI, DENY_ALL).replace("v1alpha2", "v1beta1");
+    assert!(parse(&yaml).1.is_empty());
+}
+
+#[test]
+fn cluster_network_policy_order_is_checked_across_files() {
+    // Loaded first, but of lower precedence: its Deny of kube-system would win over the
+    // Accept of `first`, which the specification evaluates before it.
+    let late = cluster_network_policy(
+        "late",
+        50,
+        "{namespaces: {}}",
+        "    - {action: Deny, to: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}]}\n",
+    );
+    let first = cluster_network_policy(
+        "first",
+        5,
+        CI,
+        "    - {action: Accept, to: [{namespaces: {}}]}\n",
+    );
+    let mut loader = PolicyLoader::new();
+    loader.add("late.yaml", &late);
+    assert!(!loader.has_errors());
+    loader.add("first.yaml", &first);
+    assert!(loader.has_errors());
+    let (set, diags) = loader.finish();
+    assert_eq!(
+        lines(&diags),
+        ["late.yaml:1: spec.egress[0].to[0]: may deny traffic that spec.egress[0].to[0] of ClusterNetworkPolicy first (tier Admin priority 5) accepts first; dnsfence's denies win over allows, so it cannot express this: narrow this Deny or the Accept"]
+    );
+    let names: Vec<&str> = set.policies().iter().map(|p| p.id.name.as_str()).collect();
+    assert_eq!(names, ["first"], "the shadowed policy is rejected");
+}
+
+#[test]
+fn cluster_network_policy_warns_when_other_kinds_select_its_pods() {
+    let cnp = cluster_network_policy("ci", 10, CI, DENY_ALL);
+    let cilium = |ns: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: c, namespace: {ns}}}\nspec:\n  endpointSelector: {{}}\n  egress: [{{toEntities: [world]}}]\n")
+    };
+    let mut loader = PolicyLoader::new();
+    loader.add("cnp.yaml", &cnp);
+    loader.add("other.yaml", &cilium("prod"));
+    assert!(loader.diagnostics().is_empty());
+    loader.add("same.yaml", &cilium("ci"));
+    let (set, diags) = loader.finish();
+    assert_eq!(
+        lines(&diags),
+        ["cnp.yaml:1: spec.subject: warning: endpoints it selects may also be selected by CiliumNetworkPolicy ci/c: dnsfence does not order ClusterNetworkPolicy tiers against other kinds, their rules combine (allows add up, denies win)"]
+    );
+    assert_eq!(set.policies().len(), 3);
 }

@@ -5,6 +5,7 @@
 //! as a whole; other objects of the same file are still read, so that one run reports all
 //! problems of all files.
 
+mod cnp;
 mod spec;
 mod value;
 
@@ -80,7 +81,7 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
             if kind.is_none() {
                 sink.error(
                     &join(path, "kind"),
-                    format!("{k:?} is not a policy kind (expected CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, EgressPolicy, ClusterEgressPolicy or List)"),
+                    format!("{k:?} is not a policy kind (expected CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, EgressPolicy, ClusterEgressPolicy, ClusterNetworkPolicy or List)"),
                 );
             }
             kind
@@ -96,13 +97,13 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
     };
     let kind = kind?;
     if let Some(api) = api_version {
-        if api != kind.api_version() {
+        if !kind.api_versions().contains(&api) {
             sink.error(
                 &api_path,
                 format!(
                     "{} needs apiVersion {}, found {api:?}",
                     kind.as_str(),
-                    kind.api_version()
+                    kind.api_versions().join(" or ")
                 ),
             );
         }
@@ -113,15 +114,33 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
         audit,
     } = parse_metadata(sink, f.get("metadata"), path, kind)?;
     let mut rules = Vec::new();
+    let mut precedence = None;
     let mut specs_seen = 0;
-    if let Some(s) = f.get("spec") {
+    if kind == PolicyKind::ClusterNetworkPolicy {
+        if f.has("specs") {
+            sink.error(
+                &join(path, "specs"),
+                "ClusterNetworkPolicy has one spec; specs is not allowed",
+            );
+        }
+        if let Some(s) = f.get("spec") {
+            specs_seen += 1;
+            if let Some((rule, p)) = cnp::parse_spec(sink, s, &join(path, "spec")) {
+                rules.push(rule);
+                precedence = Some(p);
+            }
+        }
+    } else if let Some(s) = f.get("spec") {
         specs_seen += 1;
         let spec_path = join(path, "spec");
         if let Some(rule) = spec::parse_spec(sink, s, &spec_path, kind, namespace.as_deref()) {
             rules.extend(rule);
         }
     }
-    if let Some(specs) = f.get("specs") {
+    if let Some(specs) = f
+        .get("specs")
+        .filter(|_| kind != PolicyKind::ClusterNetworkPolicy)
+    {
         let specs_path = join(path, "specs");
         if let Some(items) = list(sink, specs, &specs_path) {
             specs_seen += items.len();
@@ -154,6 +173,7 @@ fn parse_object(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<Policy> {
         },
         rules,
         audit,
+        precedence,
     })
 }
 

@@ -350,7 +350,7 @@ fn endpoints(
 }
 
 /// A label selector (`matchLabels`, `matchExpressions`).
-fn label_selector(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<LabelSelector> {
+pub(super) fn label_selector(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<LabelSelector> {
     let errors_before = sink.errors();
     let f = fields(sink, v, path, &["matchLabels", "matchExpressions"])?;
     let mut sel = LabelSelector::default();

@@ -147,6 +147,112 @@ pub(crate) fn port(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<u16> {
     }
 }
 
+/// A required field, or an error.
+pub(crate) fn required<'v>(
+    sink: &mut Sink<'_>,
+    f: &Fields<'v>,
+    name: &str,
+    path: &str,
+) -> Option<&'v Value> {
+    let v = f.get(name);
+    if v.is_none() {
+        sink.error(path, "missing field");
+    }
+    v
+}
+
+/// Exactly one of `names` is set: its name and value.
+pub(crate) fn exactly_one<'v>(
+    sink: &mut Sink<'_>,
+    f: &Fields<'v>,
+    path: &str,
+    names: &[&'static str],
+) -> Option<(&'static str, &'v Value)> {
+    let set: Vec<(&'static str, &'v Value)> = names
+        .iter()
+        .filter_map(|n| f.get(n).map(|v| (*n, v)))
+        .collect();
+    match set.as_slice() {
+        [one] => Some(*one),
+        [] => {
+            sink.error(
+                path,
+                format!(
+                    "exactly one of {} is required, found none",
+                    names.join(", ")
+                ),
+            );
+            None
+        }
+        [a, b, ..] => {
+            sink.error(
+                path,
+                format!(
+                    "exactly one of {} is allowed, found {} and {}",
+                    names.join(", "),
+                    a.0,
+                    b.0
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A list of 1 to `max` items.
+pub(crate) fn bounded_list<'v>(
+    sink: &mut Sink<'_>,
+    v: &'v Value,
+    path: &str,
+    max: usize,
+) -> Option<&'v [Value]> {
+    let items = list(sink, v, path)?;
+    if items.is_empty() {
+        sink.error(path, "must have at least one item");
+        return None;
+    }
+    if too_many(sink, items, path, max) {
+        return None;
+    }
+    Some(items)
+}
+
+/// Reports a list longer than `max` items.
+pub(crate) fn too_many(sink: &mut Sink<'_>, items: &[Value], path: &str, max: usize) -> bool {
+    let over = items.len() > max;
+    if over {
+        sink.error(
+            path,
+            format!("has {} items, at most {max} are allowed", items.len()),
+        );
+    }
+    over
+}
+
+/// An integer in `min..=max`.
+pub(crate) fn integer(
+    sink: &mut Sink<'_>,
+    v: &Value,
+    path: &str,
+    min: u16,
+    max: u16,
+) -> Option<u16> {
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    };
+    match n.and_then(|n| u16::try_from(n).ok()) {
+        Some(n) if (min..=max).contains(&n) => Some(n),
+        _ => {
+            sink.error(
+                path,
+                format!("expected an integer {min}-{max}, found {}", show(v)),
+            );
+            None
+        }
+    }
+}
+
 /// A short rendering of a scalar for messages.
 pub(crate) fn show(v: &Value) -> String {
     match v {
