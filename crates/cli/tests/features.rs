@@ -245,3 +245,72 @@ spec:
         .iter()
         .any(|f| f["type"] == "drop" && f["drop_reason_desc"] == "egress-deny"));
 }
+
+#[test]
+fn a_cluster_network_policy_with_domain_names_behaves_as_specified() {
+    let Some(env) = env_config(vec![Rec::Addr("cdn.example.com", 60, ip("192.0.2.23"))], "") else {
+        return;
+    };
+    let policy = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: web-allowlist}
+spec:
+  tier: Admin
+  priority: 10
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: default}}
+      podSelector: {matchLabels: {app: web}}
+  egress:
+    - name: dns
+      action: Accept
+      to:
+        - networks: ["192.0.2.53/32"]
+      protocols:
+        - udp: {destinationPort: {number: 53}}
+        - tcp: {destinationPort: {number: 53}}
+    - name: cdn
+      action: Accept
+      to:
+        - domainNames: ["*.cdn.example.com", "api.example.com"]
+      protocols:
+        - tcp: {destinationPort: {number: 443}}
+    - name: everything-else
+      action: Deny
+      to:
+        - networks: ["0.0.0.0/0", "::/0"]
+"#;
+    env.daemon.reload(policy).unwrap();
+    // DNS is not filtered by domainNames (NPEP-133), but only the listed names open.
+    for (name, addr) in [
+        ("a.cdn.example.com", "192.0.2.21"),
+        ("x.y.deep.example.net", "192.0.2.31"),
+        ("cdn.example.com", "192.0.2.23"),
+    ] {
+        assert_eq!(a(env.web(), name), [ip(addr)], "{name}");
+    }
+    // `*.` matches one or more labels, never the apex; exact names only themselves.
+    assert_eq!(
+        reach(env.web(), ip("192.0.2.21"), 443),
+        Outcome::Connected,
+        "{}",
+        env.diag()
+    );
+    assert!(
+        blocked(reach(env.web(), ip("192.0.2.21"), 80)),
+        "protocols narrow"
+    );
+    assert!(blocked(reach(env.web(), ip("192.0.2.23"), 443)), "apex");
+    assert!(
+        blocked(reach(env.web(), ip("192.0.2.31"), 443)),
+        "not listed"
+    );
+    assert_eq!(a(env.web(), "api.example.com"), [ip("192.0.2.10")]);
+    assert_eq!(reach(env.web(), ip("192.0.2.10"), 443), Outcome::Connected);
+    // Pods the subject does not select are untouched.
+    assert_eq!(
+        reach(env.plain(), ip("192.0.2.31"), 443),
+        Outcome::Connected
+    );
+}

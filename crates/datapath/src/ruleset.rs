@@ -266,7 +266,12 @@ pub fn render(
     let mut dns4 = Vec::new();
     let mut dns6 = Vec::new();
     let mut enforced = 0;
-    for ep in inventory.endpoints.iter().filter(|e| e.policy.enforced) {
+    // Endpoints in default-deny, and those whose only rules deny something (an
+    // `egressDeny` without default-deny: everything else stays open for them).
+    let dispatched = inventory.endpoints.iter().filter(|e| {
+        e.policy.enforced || !e.policy.denies.is_empty() || !e.policy.audit_denies.is_empty()
+    });
+    for ep in dispatched {
         let body = policy_chain(ep, inventory, policies, options);
         let index = match chains.iter().position(|c| *c == body) {
             Some(i) => i,
@@ -276,14 +281,16 @@ pub fn render(
             }
         };
         for ip in &ep.ips {
-            enforced += 1;
+            if ep.policy.enforced {
+                enforced += 1;
+            }
             let element = format!("{ip} : jump pol_{index}");
             if ip.is_ipv4() {
                 ep4.push(element);
             } else {
                 ep6.push(element);
             }
-            if options.tproxy_port.is_some() {
+            if options.tproxy_port.is_some() && ep.policy.enforced {
                 for pp in dns_ports(&ep.policy) {
                     let (proto, ports) = pp;
                     let element = format!("{ip} . {proto} . {ports}");
@@ -565,6 +572,11 @@ fn policy_chain(
                 rules.push(format!("{m} {l}"));
             }
         }
+    }
+    if !ep.policy.enforced {
+        // Not in default-deny: only the denies above apply.
+        rules.push("accept".to_owned());
+        return rules;
     }
     for a in &ep.policy.allows {
         for m in rule_matches(&a.rule, inventory, policies) {

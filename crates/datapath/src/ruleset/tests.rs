@@ -350,3 +350,48 @@ fn audit_endpoints_log_what_would_be_refused_and_let_it_through() {
     // DNS is still redirected: the proxy records what it would refuse.
     assert!(r.script.contains("10.0.0.2 . udp . 53-53"));
 }
+
+#[test]
+fn an_egress_deny_without_default_deny_is_enforced_and_everything_else_stays_open() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: metadata-api, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  enableDefaultDeny: {egress: false}
+  egress:
+    - toEntities: [world]
+  egressDeny:
+    - toCIDR: [169.254.169.254/32]
+"#;
+    let mut loader = PolicyLoader::new();
+    loader.add("p.yaml", text);
+    assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+    let set = loader.finish().0;
+    let r = render(
+        &set,
+        &inventory(&set),
+        &BTreeMap::new(),
+        &options(),
+        &Existing::default(),
+    );
+    let chain: Vec<&str> = r
+        .script
+        .lines()
+        .filter(|l| l.starts_with("add rule inet dnsfence pol_0 "))
+        .collect();
+    assert!(
+        chain
+            .iter()
+            .any(|l| l.contains("169.254.169.254") && l.contains("reject")),
+        "{chain:#?}"
+    );
+    assert_eq!(
+        *chain.last().unwrap(),
+        "add rule inet dnsfence pol_0 accept"
+    );
+    assert_eq!(r.enforced, 0, "not in default-deny");
+    // Its DNS is not redirected: it is not filtered either.
+    assert!(!r.script.contains("10.0.0.2 . udp"));
+}
