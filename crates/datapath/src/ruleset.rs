@@ -414,6 +414,19 @@ pub fn render(
             );
         }
         r.rule(hook, format_args!("ct state established,related accept"));
+        if hook == "input" {
+            // Link-local and unspecified sources (let in by the source check for neighbour
+            // discovery) carry nothing else from an enforced endpoint's interface to the
+            // node: no vmap entry would judge them.
+            let m = "iifname @ep_ifaces ip6 saddr { ::, fe80::/10 }";
+            if let Some(l) = log(options, DropReason::PolicyDenied) {
+                r.rule(hook, format_args!("{m} {l}"));
+            }
+            r.rule(
+                hook,
+                format_args!("{m} counter drop comment \"link-local to node\""),
+            );
+        }
         r.rule(hook, format_args!("ip saddr vmap @ep4"));
         r.rule(hook, format_args!("ip6 saddr vmap @ep6"));
     }
@@ -615,13 +628,42 @@ fn log(options: &Options, reason: DropReason) -> Option<String> {
 /// The match expressions of a rule: one per (destination, port) alternative.
 fn rule_matches(rule: &EgressRule, inventory: &Inventory, policies: &PolicySet) -> Vec<String> {
     let peers = peer_matches(&rule.peer, inventory, policies);
-    let ports = port_matches(&rule.ports());
+    let ports = port_matches(&allowed_ports(rule));
     let mut out = Vec::new();
     for p in &peers {
         for q in &ports {
             out.push(format!("{p} {q}").trim().to_owned());
         }
     }
+    out
+}
+
+/// The ports a rule opens. Ports that carry DNS rules open only UDP and TCP, the
+/// protocols the proxy checks: `protocol: ANY` on a DNS port must not become an unfiltered
+/// SCTP channel to the DNS server.
+fn allowed_ports(rule: &EgressRule) -> Vec<PortProtocol> {
+    if !rule.to_ports.iter().any(|pr| pr.dns.is_some()) {
+        return rule.ports();
+    }
+    let mut out = Vec::new();
+    for pr in &rule.to_ports {
+        for pp in &pr.ports {
+            if pr.dns.is_some() {
+                for proto in [Protocol::Udp, Protocol::Tcp] {
+                    if pp.protocol.covers(proto) {
+                        out.push(PortProtocol {
+                            protocol: proto,
+                            ..*pp
+                        });
+                    }
+                }
+            } else {
+                out.push(*pp);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
     out
 }
 

@@ -47,6 +47,9 @@ pub fn fold_name<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Result<FoldedNam
     FoldedName::from_labels(name.iter().filter(|l| !l.is_root()).map(|l| l.as_slice()))
 }
 
+/// The most bytes of EDNS options a query may carry (cookies and client subnet fit).
+pub(crate) const MAX_OPT_OPTIONS: usize = 128;
+
 /// Parses a client's query. Never panics, whatever the bytes.
 pub fn parse_query(packet: &[u8]) -> ParsedQuery {
     if packet.len() < HEADER_LEN || wire::is_response(packet) {
@@ -71,6 +74,29 @@ pub fn parse_query(packet: &[u8]) -> ParsedQuery {
         _ => return reject(Rcode::FormErr, None),
     };
     let question_end = questions.pos();
+    // A stub's query is a question and at most an EDNS OPT record: anything else (answer
+    // or authority records, other additional records, trailing bytes, large EDNS options)
+    // would be a channel to the resolver past the policy, so it is refused.
+    let counts = msg.header_counts();
+    if counts.ancount() != 0 || counts.nscount() != 0 || counts.arcount() > 1 {
+        return reject(Rcode::FormErr, Some(question_end));
+    }
+    let rest = packet.get(question_end..).unwrap_or_default();
+    let rest_ok = if counts.arcount() == 0 {
+        rest.is_empty()
+    } else {
+        // Root owner, type OPT (41), class, TTL, RDLENGTH, then options.
+        match rest {
+            [0, 0, 41, _, _, _, _, _, _, hi, lo, options @ ..] => {
+                let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+                len == options.len() && len <= MAX_OPT_OPTIONS
+            }
+            _ => false,
+        }
+    };
+    if !rest_ok {
+        return reject(Rcode::FormErr, Some(question_end));
+    }
     ParsedQuery::Query(Query {
         id: msg.header().id(),
         name: fold_name(question.qname()),

@@ -135,13 +135,18 @@ fn fqdn_selectors_get_timeout_sets_with_ports_and_deny_comes_first() {
     let allow = r.script.find("198.51.100.0/24").unwrap();
     assert!(deny < allow, "egressDeny is rendered before allows");
     assert!(r.script.contains("ip daddr 198.51.100.0/24 ip daddr != @cluster4 ip daddr != { 198.51.100.128/25 } accept"), "{}", r.script);
-    // The kube-dns peer with its ports (ANY -> tcp, udp, sctp).
+    // The kube-dns peer on its DNS port: ANY opens only UDP and TCP, which the proxy
+    // checks; never SCTP, which would pass unfiltered.
     assert!(
         r.script
-            .contains("ip daddr { 10.96.0.10 } meta l4proto { tcp, udp, sctp } th dport 53 accept"),
+            .contains("ip daddr { 10.96.0.10 } udp dport 53 accept"),
         "{}",
         r.script
     );
+    assert!(r
+        .script
+        .contains("ip daddr { 10.96.0.10 } tcp dport 53 accept"));
+    assert!(!r.script.contains("sctp"), "{}", r.script);
     // The chain ends in the deny action.
     let last = r
         .script

@@ -99,3 +99,55 @@ fn compression_loops_and_long_names_are_refused() {
         } | ParsedQuery::Query(Query { name: Err(_), .. })
     ));
 }
+
+/// A query for `a.example.com` with `ar` additional records given as raw bytes.
+fn with_additional(ar: u16, extra: &[u8]) -> Vec<u8> {
+    let mut p = header(7, 0x0100, 1, 0, 0, ar);
+    p.extend(name("a.example.com"));
+    p.extend([0, 1, 0, 1]);
+    p.extend_from_slice(extra);
+    p
+}
+
+fn opt(options: &[u8]) -> Vec<u8> {
+    let mut o = vec![0, 0, 41, 0x10, 0, 0, 0, 0, 0];
+    o.extend_from_slice(&(options.len() as u16).to_be_bytes());
+    o.extend_from_slice(options);
+    o
+}
+
+fn is_formerr(p: &[u8]) -> bool {
+    matches!(
+        parse_query(p),
+        ParsedQuery::Reject {
+            rcode: Rcode::FormErr,
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_query_carries_nothing_but_its_question_and_a_small_opt() {
+    // EDNS with a cookie, as dig sends: fine.
+    let cookie = [0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+    assert_eq!(parsed(&with_additional(1, &opt(&cookie))).qtype, 1);
+    // Bytes after the question, extra records, or large options: a channel, refused.
+    assert!(is_formerr(&with_additional(0, b"exfiltrated bytes")));
+    assert!(is_formerr(&with_additional(
+        1,
+        &[opt(&cookie), b"x".to_vec()].concat()
+    )));
+    assert!(is_formerr(&with_additional(1, &opt(&[0u8; 512]))));
+    let mut two = opt(&cookie);
+    two.extend(opt(&cookie));
+    assert!(is_formerr(&with_additional(2, &two)));
+    // Not an OPT record in the additional section.
+    let mut txt = name("x.example.com");
+    txt.extend([0, 16, 0, 1, 0, 0, 0, 0, 0, 3, 2, b'h', b'i']);
+    assert!(is_formerr(&with_additional(1, &txt)));
+    // Answer or authority records in a query.
+    let mut p = header(7, 0x0100, 1, 1, 0, 0);
+    p.extend(name("a.example.com"));
+    p.extend([0, 1, 0, 1]);
+    assert!(is_formerr(&p));
+}
