@@ -12,61 +12,13 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use common::{a, blocked, env, ip, reach, resolve, Env};
-use dnsfence_lab::{DnsStatus, Netns, Outcome, Pod, RecordType, Transport, DNS_V4};
+use common::{a, blocked, env, ip, reach, resolve, Env, WorldCounter};
+use dnsfence_lab::{DnsStatus, Outcome, Pod, RecordType, Transport, DNS_V4};
 use nix::sys::socket::{
     recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
     SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
 use nix::sys::time::{TimeVal, TimeValLike};
-
-/// Counters in the world's input path: how many packets arrived that match each rule.
-struct WorldCounter<'a> {
-    world: &'a Netns,
-}
-
-impl<'a> WorldCounter<'a> {
-    fn new(env: &'a Env, rules: &[(&str, String)]) -> Self {
-        let mut script = "table inet observe {\n chain in { type filter hook input priority -300; policy accept;\n".to_owned();
-        for (name, m) in rules {
-            script += &format!("  {m} counter comment \"{name}\"\n");
-        }
-        script += " }\n}\n";
-        let world = env.lab.world();
-        let mut child = world
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "{script}");
-        Self { world }
-    }
-
-    fn count(&self, name: &str) -> u64 {
-        let out = self
-            .world
-            .command("nft")
-            .args(["list", "chain", "inet", "observe", "in"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains(&format!("comment \"{name}\"")))
-            .unwrap_or_else(|| panic!("no rule {name}: {text}"));
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let i = words.iter().position(|w| *w == "packets").unwrap();
-        words[i + 1].parse().unwrap()
-    }
-}
 
 /// Gives the pod an extra address and sends one UDP datagram from it.
 fn send_forged(pod: &Pod, from: IpAddr, to: SocketAddr) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{a, blocked, env, ip, reach, Env};
+use common::{a, blocked, env, ip, reach, WorldCounter};
 use dnsfence_lab::{Netns, Outcome, Pod, DNS_V4};
 use nix::sys::socket::{
     bind, connect, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag,
@@ -26,53 +26,6 @@ use nix::sys::time::{TimeVal, TimeValLike};
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Counters in the world's input path (copied from bypass.rs).
-struct WorldCounter<'a> {
-    world: &'a Netns,
-}
-
-impl<'a> WorldCounter<'a> {
-    fn new(env: &'a Env, rules: &[(&str, String)]) -> Self {
-        let mut script = "table inet observe {\n chain in { type filter hook input priority -300; policy accept;\n".to_owned();
-        for (name, m) in rules {
-            script += &format!("  {m} counter comment \"{name}\"\n");
-        }
-        script += " }\n}\n";
-        let world = env.lab.world();
-        let mut child = world
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "{script}");
-        Self { world }
-    }
-
-    fn count(&self, name: &str) -> u64 {
-        let out = self
-            .world
-            .command("nft")
-            .args(["list", "chain", "inet", "observe", "in"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains(&format!("comment \"{name}\"")))
-            .unwrap_or_else(|| panic!("no rule {name}: {text}"));
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let i = words.iter().position(|w| *w == "packets").unwrap();
-        words[i + 1].parse().unwrap()
-    }
-}
 
 /// The IPv6 link-local address of `dev` in `ns`.
 fn link_local(ns: &Netns, dev: &str) -> Ipv6Addr {

@@ -225,3 +225,51 @@ pub fn observe(env: &Env, args: &[&str]) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Counters in the world's input path: how many packets arrived that match each rule.
+pub struct WorldCounter<'a> {
+    world: &'a dnsfence_lab::Netns,
+}
+
+impl<'a> WorldCounter<'a> {
+    pub fn new(env: &'a Env, rules: &[(&str, String)]) -> Self {
+        let mut script = "table inet observe {\n chain in { type filter hook input priority -300; policy accept;\n".to_owned();
+        for (name, m) in rules {
+            script += &format!("  {m} counter comment \"{name}\"\n");
+        }
+        script += " }\n}\n";
+        let world = env.lab.world();
+        let mut child = world
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{script}");
+        Self { world }
+    }
+
+    pub fn count(&self, name: &str) -> u64 {
+        let out = self
+            .world
+            .command("nft")
+            .args(["list", "chain", "inet", "observe", "in"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{name}\"")))
+            .unwrap_or_else(|| panic!("no rule {name}: {text}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let i = words.iter().position(|w| *w == "packets").unwrap();
+        words[i + 1].parse().unwrap()
+    }
+}
