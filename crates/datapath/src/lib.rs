@@ -67,15 +67,7 @@ impl Datapath {
         if options.tproxy_port.is_some() {
             kernel.ensure_local_route(options.fwmark, options.route_table)?;
         }
-        Ok(Self {
-            kernel,
-            names: drops::EndpointNames::default(),
-            options,
-            learned: Learned::default(),
-            sets: BTreeMap::new(),
-            ops: Vec::new(),
-            set_ops: Vec::new(),
-        })
+        Ok(Self::elements_only(kernel, options))
     }
 
     /// A datapath that only writes learned IPs into the selector sets of a table someone
