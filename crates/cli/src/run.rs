@@ -61,7 +61,7 @@ pub(crate) fn options(config: &Config) -> Options {
     }
 }
 
-/// The configuration's endpoints with their resolved policies.
+/// The configuration's endpoints with their resolved policies (none for remote ones).
 pub(crate) fn inventory(config: &Config, policies: &PolicySet) -> Result<Inventory> {
     let endpoints = config
         .endpoints
@@ -75,11 +75,14 @@ pub(crate) fn inventory(config: &Config, policies: &PolicySet) -> Result<Invento
             ))
         })
         .collect::<Result<Vec<_>, dnsfence_policy::LabelKeyError>>()?;
-    Ok(Inventory::resolve(
-        policies,
-        endpoints,
-        config.host_ips.clone(),
-    ))
+    let mut inventory = Inventory::resolve(policies, endpoints, config.host_ips.clone());
+    // Remote endpoints are peers only: their own node enforces them.
+    for (state, e) in inventory.endpoints.iter_mut().zip(&config.endpoints) {
+        if e.remote {
+            state.policy = dnsfence_policy::EndpointPolicy::default();
+        }
+    }
+    Ok(inventory)
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {

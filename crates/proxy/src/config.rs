@@ -48,6 +48,46 @@ pub struct Config {
     /// Logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// Kubernetes mode of `dnsfence agent` (default: off).
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// The `kubernetes` section: `dnsfence agent` also takes pods, namespaces and policies
+/// from the Kubernetes API (in addition to `endpoints` and `policies`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Watch the API server (default false). The client is configured from the in-cluster
+    /// service account, else `KUBECONFIG` / `~/.kube/config`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// This node's name: its pods are enforced (default: the `NODE_NAME` environment
+    /// variable, else the host name).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Also enforce `cilium.io/v2` CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy
+    /// objects, when their CRDs exist (default false).
+    #[serde(default)]
+    pub watch_cilium_policies: bool,
+    /// The cluster's name, as the label `io.cilium.k8s.policy.cluster` (default `default`).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_name: None,
+            watch_cilium_policies: false,
+            cluster_name: default_cluster_name(),
+        }
+    }
+}
+
+fn default_cluster_name() -> String {
+    "default".to_owned()
 }
 
 /// The `flows` section.
@@ -194,6 +234,10 @@ pub struct EndpointConfig {
     pub labels: BTreeMap<String, String>,
     /// Addresses.
     pub ips: Vec<IpAddr>,
+    /// On another node, or the host (default false): `toEndpoints` selectors see it, but
+    /// dnsfence does not enforce its egress here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
 }
 
 /// `deny_rcode`.
@@ -398,6 +442,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "flows",
             "log",
             "audit",
+            "kubernetes",
         ],
     ),
     (
@@ -435,7 +480,16 @@ const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     ("metrics", &["listen", "agent_listen"]),
-    ("endpoints[]", &["name", "namespace", "labels", "ips"]),
+    ("endpoints[]", &["name", "namespace", "labels", "ips", "remote"]),
+    (
+        "kubernetes",
+        &[
+            "enabled",
+            "node_name",
+            "watch_cilium_policies",
+            "cluster_name",
+        ],
+    ),
 ];
 
 fn unknown_keys(v: &Value, path: &str, known_path: &str, out: &mut Vec<String>) {
