@@ -246,8 +246,7 @@ pub(crate) async fn serve(
     }
     let metrics_listener = match config.metrics.listen {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            dnsfence_proxy::bind_metrics(addr)
                 .with_context(|| format!("binding metrics.listen {addr}"))?,
         ),
         None => None,

@@ -27,7 +27,7 @@ use tracing::error;
 
 pub use api::{serve_api, FqdnEntry, FqdnIp, API_VERSION};
 pub use config::Config;
-pub use http::serve_metrics;
+pub use http::{bind_metrics, serve_metrics};
 pub use metrics::ProxyMetrics;
 pub use shared::Shared;
 pub use sink::{IpSink, NoopSink, SinkError, SinkFuture};
