@@ -8,6 +8,7 @@ mod demo;
 mod files;
 mod follow;
 mod fqdn;
+mod manifests;
 mod observe;
 mod policy;
 mod proxy;
@@ -54,6 +55,9 @@ enum Command {
     /// Inspect learned name-to-IP mappings.
     #[command(subcommand)]
     Fqdn(fqdn::FqdnCommand),
+    /// Kubernetes install manifests (default) or the CRDs alone, as YAML for
+    /// `kubectl apply -f -`.
+    Manifests(manifests::ManifestsArgs),
 }
 
 /// Logs to stderr, as text or JSON lines; `RUST_LOG` filters, else `log.level` (default
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Observe(args) => observe::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Cleanup(args) => run::cleanup(&args),
+        Command::Manifests(args) => manifests::run(&args),
     };
     match result {
         Ok(code) => code,
