@@ -3,6 +3,11 @@
 //! socket ([`dnsfence_proxy::control`]). It never writes learned IPs: proxies do, straight
 //! into the selector sets, so DNS keeps resolving and enforcing while the agent is down.
 //! On start it adopts an existing table (nothing is flushed; learned IPs stay).
+//!
+//! With `kubernetes.enabled` it also takes pods, namespaces and policy objects from the
+//! API server ([`dnsfence_k8s::watch`]); it reconciles and serves snapshots only once
+//! every watch has listed, so a restart never enforces half a cluster, and it keeps its
+//! last state while the API server is unreachable.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -15,6 +20,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::{Datapath, RealKernel, Worker};
+use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::PolicySet;
 use dnsfence_proxy::config::{Backend, Config};
 use dnsfence_proxy::control::{
@@ -40,6 +46,9 @@ pub(crate) struct AgentArgs {
 /// A snapshot with its version.
 type Versioned = Arc<(u64, SnapshotData)>;
 
+/// The latest cluster view (Kubernetes mode; `None` until every watch has listed).
+type View = Option<Arc<ClusterView>>;
+
 /// What `dnsfence status` shows about connected proxies.
 #[derive(Debug, Default)]
 struct ProxyState {
@@ -54,6 +63,16 @@ struct Status {
     proxies: BTreeMap<u32, ProxyState>,
     reloads: u64,
     rejected_reloads: u64,
+    /// Kubernetes mode, once listed.
+    kubernetes: Option<KubernetesStatus>,
+}
+
+/// What `dnsfence status` shows of the cluster.
+#[derive(Debug, Clone)]
+struct KubernetesStatus {
+    host_network_pods: Vec<String>,
+    invalid_policies: usize,
+    policy_objects: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,16 +104,38 @@ fn data(
     }
 }
 
-/// Reads everything, programs the kernel; what a start or a reload does.
+/// Reads everything, adds what the cluster view holds, programs the kernel; what a
+/// start, a reload or a cluster change does.
 fn load(
     config_path: &std::path::Path,
     previous: &PolicySet,
     worker: Option<&Worker>,
+    cluster: Option<&ClusterView>,
 ) -> Result<(Config, PolicySet, SnapshotData)> {
     let mut config =
         read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
     crate::run::default_transparent(&mut config);
-    let docs = policy_docs(config_path, &config)?;
+    let mut docs = policy_docs(config_path, &config)?;
+    if let Some(view) = cluster {
+        docs.extend(view.docs.iter().cloned());
+        let named: std::collections::BTreeSet<(String, String)> = config
+            .endpoints
+            .iter()
+            .map(|e| (e.namespace.clone(), e.name.clone()))
+            .collect();
+        // An endpoint of the file wins over a pod of the same name.
+        config.endpoints.extend(
+            view.endpoints
+                .iter()
+                .filter(|e| !named.contains(&(e.namespace.clone(), e.name.clone())))
+                .cloned(),
+        );
+        for ip in &view.host_ips {
+            if !config.host_ips.contains(ip) {
+                config.host_ips.push(*ip);
+            }
+        }
+    }
     let set = compile(&docs, previous, config.audit)?;
     if let Some(worker) = worker {
         let inv = inventory(&config, &set)?;
@@ -160,23 +201,97 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
             Some(worker)
         }
     };
-    let (config, set, data) = load(&args.config, &set, worker.as_ref())?;
-    info!(
-        policies = set.policies().len(),
-        selectors = set.fqdn_selectors().len(),
-        endpoints = config.endpoints.len(),
-        "agent ready; the table is in force"
-    );
-    runtime.block_on(serve(args.config.clone(), config, set, data, worker, flows))
+    let k8s_metrics = dnsfence_k8s::watch::Metrics::default();
+    let cluster = if config.kubernetes.enabled {
+        let client = match runtime.block_on(dnsfence_k8s::watch::connect(
+            config.kubernetes.kubeconfig.as_deref(),
+        )) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("dnsfence: kubernetes.enabled, but no Kubernetes client: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let node = config
+            .kubernetes
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .or_else(|| nix_hostname().filter(|n| !n.is_empty()));
+        let Some(node) = node else {
+            eprintln!("dnsfence: kubernetes.node_name is not set, nor NODE_NAME, nor a host name");
+            return Ok(ExitCode::from(2));
+        };
+        let settings = dnsfence_k8s::watch::Settings {
+            node: node.clone(),
+            cluster_name: config.kubernetes.cluster_name.clone(),
+            watch_cilium_policies: config.kubernetes.watch_cilium_policies,
+            instance: std::env::var("POD_NAME")
+                .ok()
+                .or(Some(format!("dnsfence-agent-{node}"))),
+            crd_poll: std::time::Duration::from_secs(30),
+        };
+        let (tx, rx) = watch::channel::<View>(None);
+        runtime.spawn(dnsfence_k8s::watch::run(
+            client,
+            settings,
+            tx,
+            k8s_metrics.clone(),
+        ));
+        info!(%node, "watching the Kubernetes API; the table is reconciled once every watch has listed");
+        Some(rx)
+    } else {
+        None
+    };
+    let (set, data) = if cluster.is_some() {
+        // Nothing is reconciled nor served before the cluster is known: the table of the
+        // previous run stays in force meanwhile.
+        (set, None)
+    } else {
+        let (config, set, data) = load(&args.config, &set, worker.as_ref(), None)?;
+        info!(
+            policies = set.policies().len(),
+            selectors = set.fqdn_selectors().len(),
+            endpoints = config.endpoints.len(),
+            "agent ready; the table is in force"
+        );
+        (set, Some(data))
+    };
+    runtime.block_on(serve(
+        args.config.clone(),
+        config,
+        set,
+        data,
+        worker,
+        flows,
+        cluster,
+        k8s_metrics,
+    ))
 }
 
+/// (device, inode) of a file.
+fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The host name, for the node name of last resort.
+fn nix_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config_path: PathBuf,
     config: Config,
     mut set: PolicySet,
-    data: SnapshotData,
+    data: Option<SnapshotData>,
     worker: Option<Worker>,
     flows: Arc<FlowLog>,
+    mut cluster: Option<watch::Receiver<View>>,
+    k8s_metrics: dnsfence_k8s::watch::Metrics,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     // Versions grow within one agent's life and across restarts (start time in the high bits).
@@ -186,7 +301,7 @@ async fn serve(
         .unwrap_or(0)
         << 20;
     let mut version = base + 1;
-    let (tx, rx) = watch::channel::<Versioned>(Arc::new((version, data)));
+    let (tx, rx) = watch::channel::<Option<Versioned>>(data.map(|d| Arc::new((version, d))));
     let version_gauge: prometheus_client::metrics::gauge::Gauge = Default::default();
     version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
     if let Some(addr) = config.metrics.agent_listen {
@@ -200,8 +315,11 @@ async fn serve(
             w.stats.register(&mut registry);
         }
         flows.metrics.register(&mut registry);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        if cluster.is_some() {
+            k8s_metrics.register(&mut registry);
+        }
+        // SO_REUSEPORT: during a rolling update the old and the new agent both listen.
+        let listener = dnsfence_proxy::bind_metrics(addr)
             .with_context(|| format!("binding metrics.agent_listen {addr}"))?;
         info!(%addr, "agent metrics listening");
         let registry = Arc::new(registry);
@@ -220,11 +338,16 @@ async fn serve(
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // The socket file this process made: a newer agent (a rolling update) may replace it,
+    // and then it is not ours to remove on exit.
+    let ours = socket_identity(&path);
     info!(socket = %path.display(), "agent socket listening");
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut view: View = None;
     loop {
+        let mut reload = false;
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
@@ -237,39 +360,76 @@ async fn serve(
                 });
             }
             _ = hup.recv() => {
-                let path = config_path.clone();
-                let previous = set.clone();
-                let w = worker.clone();
-                let loaded = tokio::task::spawn_blocking(move || load(&path, &previous, w.as_ref()))
-                    .await;
-                match loaded {
-                    Ok(Ok((_, new_set, data))) => {
-                        set = new_set;
-                        version += 1;
-                        version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
-                        let _ = tx.send(Arc::new((version, data)));
-                        lock(&status).reloads += 1;
-                        info!(version, "policies reloaded");
+                if cluster.is_some() && view.is_none() {
+                    info!("SIGHUP: the cluster is not listed yet; the files are read with it");
+                    continue;
+                }
+                reload = true;
+            }
+            changed = async { cluster.as_mut()?.changed().await.ok() }, if cluster.is_some() => {
+                if changed.is_none() {
+                    error!("the Kubernetes watchers stopped; the last state stays in force");
+                    cluster = None;
+                    continue;
+                }
+                let latest = cluster.as_mut().and_then(|c| c.borrow_and_update().clone());
+                if latest.is_some() {
+                    if view.is_none() {
+                        info!("every Kubernetes watch has listed; reconciling");
                     }
-                    Ok(Err(e)) => {
-                        lock(&status).rejected_reloads += 1;
-                        error!("reload rejected, the running policy stays in force: {e:#}");
-                    }
-                    Err(e) => error!("reload failed: {e}"),
+                    view = latest;
+                    reload = true;
                 }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        if !reload {
+            continue;
+        }
+        let path = config_path.clone();
+        let previous = set.clone();
+        let w = worker.clone();
+        let v = view.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || load(&path, &previous, w.as_ref(), v.as_deref()))
+                .await;
+        match loaded {
+            Ok(Ok((config, new_set, data))) => {
+                set = new_set;
+                version += 1;
+                version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
+                let _ = tx.send(Some(Arc::new((version, data))));
+                lock(&status).reloads += 1;
+                lock(&status).kubernetes = view.as_deref().map(|v| KubernetesStatus {
+                    host_network_pods: v.host_network_pods.clone(),
+                    invalid_policies: v.invalid_policies,
+                    policy_objects: v.docs.len(),
+                });
+                info!(
+                    version,
+                    policies = set.policies().len(),
+                    endpoints = config.endpoints.len(),
+                    "policies and endpoints in force"
+                );
+            }
+            Ok(Err(e)) => {
+                lock(&status).rejected_reloads += 1;
+                error!("reload rejected, the running policy stays in force: {e:#}");
+            }
+            Err(e) => error!("reload failed: {e}"),
+        }
     }
-    let _ = std::fs::remove_file(&path);
+    if ours.is_some() && socket_identity(&path) == ours {
+        let _ = std::fs::remove_file(&path);
+    }
     info!("agent stopped; the table and the proxies keep enforcing");
     Ok(ExitCode::SUCCESS)
 }
 
 async fn connection(
     stream: UnixStream,
-    mut rx: watch::Receiver<Versioned>,
+    mut rx: watch::Receiver<Option<Versioned>>,
     status: Arc<Mutex<Status>>,
     worker: Option<Worker>,
     started: Instant,
@@ -299,7 +459,7 @@ async fn connection(
             protocol: CONTROL_PROTOCOL,
             role: Role::Agent,
             pid: std::process::id(),
-            version: current.0,
+            version: current.as_ref().map_or(0, |c| c.0),
         },
     )
     .await?;
@@ -307,7 +467,7 @@ async fn connection(
         return match read_message(&mut rd, &mut line).await? {
             Some(Message::Observe { last, follow }) => observe(&flows, last, follow, &mut wr).await,
             _ => {
-                let status = status_json(&status, &current, worker.as_ref(), started);
+                let status = status_json(&status, current.as_ref(), worker.as_ref(), started);
                 write_message(&mut wr, &Message::Status { status }).await
             }
         };
@@ -318,14 +478,18 @@ async fn connection(
         version: v.0,
         snapshot: Box::new(v.1.clone()),
     };
-    write_message(&mut wr, &send(&current)).await?;
+    // Until the agent has a snapshot (Kubernetes mode, before every watch listed), the
+    // proxy keeps serving from the one it saved.
+    if let Some(current) = &current {
+        write_message(&mut wr, &send(current)).await?;
+    }
     let result = loop {
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     break Ok(());
                 }
-                let v = rx.borrow_and_update().clone();
+                let Some(v) = rx.borrow_and_update().clone() else { continue };
                 if let Err(e) = write_message(&mut wr, &send(&v)).await {
                     break Err(e);
                 }
@@ -357,11 +521,12 @@ async fn connection(
 
 fn status_json(
     status: &Mutex<Status>,
-    current: &Versioned,
+    current: Option<&Versioned>,
     worker: Option<&Worker>,
     started: Instant,
 ) -> serde_json::Value {
     let s = lock(status);
+    let version = current.map_or(0, |c| c.0);
     let proxies: Vec<serde_json::Value> = s
         .proxies
         .iter()
@@ -370,7 +535,7 @@ fn status_json(
                 "pid": pid,
                 "connected": p.connected,
                 "acked_version": p.acked,
-                "in_sync": p.acked == current.0,
+                "in_sync": current.is_some() && p.acked == version,
                 "learned_reports": p.learned_reports,
                 "learned_ips_reported": p.learned_ips,
             })
@@ -388,11 +553,16 @@ fn status_json(
         "role": "agent",
         "pid": std::process::id(),
         "uptime_s": started.elapsed().as_secs(),
-        "snapshot_version": current.0,
-        "policies": current.1.policies.len(),
-        "endpoints": current.1.endpoints.len(),
-        "selectors": current.1.selectors.len(),
-        "table": current.1.table,
+        "snapshot_version": version,
+        "policies": current.map_or(0, |c| c.1.policies.len()),
+        "endpoints": current.map_or(0, |c| c.1.endpoints.len()),
+        "selectors": current.map_or(0, |c| c.1.selectors.len()),
+        "table": current.and_then(|c| c.1.table.clone()),
+        "kubernetes": s.kubernetes.as_ref().map(|k| serde_json::json!({
+            "policy_objects": k.policy_objects,
+            "invalid_policies": k.invalid_policies,
+            "host_network_pods_not_enforced": k.host_network_pods,
+        })),
         "reloads": s.reloads,
         "rejected_reloads": s.rejected_reloads,
         "proxies": proxies,

@@ -11,6 +11,11 @@
 //! - **Labels as Cilium gives them**: pod labels, `io.kubernetes.pod.namespace`, namespace
 //!   labels as `io.cilium.k8s.namespace.labels.<key>`, the service account as
 //!   `io.cilium.k8s.policy.serviceaccount` and `io.cilium.k8s.policy.cluster`.
+//! - **Services stand for the pods they select**: pods query the kube-dns Service's
+//!   ClusterIP, not a pod, and the datapath sees that address before the node's service
+//!   translation. A Service whose selector matches a pod the agent knows becomes a remote
+//!   endpoint with that pod's labels and the Service's ClusterIPs, so a `toEndpoints`
+//!   rule for the pods also covers their Service.
 //! - **Host-network pods are never endpoints**: they share the node's addresses, so
 //!   enforcing them by source IP would enforce the node. They are listed as such.
 
@@ -20,7 +25,7 @@ use std::net::IpAddr;
 use dnsfence_policy::{EndpointSelector, Operator, Peer, Policy, PolicyLoader, NAMESPACE_LABEL};
 use dnsfence_proxy::config::EndpointConfig;
 use dnsfence_proxy::control::PolicyDoc;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use serde_json::{json, Value};
 
 /// The label prefix of namespace labels on endpoints.
@@ -176,6 +181,46 @@ impl PodInfo {
     }
 }
 
+/// What the agent keeps of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.selector` (empty: none, the Service's endpoints are managed by hand).
+    pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), without `None`.
+    pub cluster_ips: Vec<IpAddr>,
+}
+
+impl ServiceInfo {
+    /// Reads a Service; `None` without a name.
+    pub fn from_service(svc: &Service) -> Option<Self> {
+        let spec = svc.spec.as_ref();
+        let mut cluster_ips: Vec<IpAddr> = spec
+            .and_then(|s| s.cluster_ips.as_ref())
+            .map(|v| v.iter().filter_map(|ip| ip.parse().ok()).collect())
+            .unwrap_or_default();
+        if cluster_ips.is_empty() {
+            cluster_ips.extend(
+                spec.and_then(|s| s.cluster_ip.as_deref())
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            );
+        }
+        Some(Self {
+            namespace: svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            name: svc.metadata.name.clone()?,
+            selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+            cluster_ips,
+        })
+    }
+}
+
 /// A list of peer pods to watch: the pods a `toEndpoints` selector may select.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerQuery {
@@ -221,21 +266,43 @@ impl PeerQuery {
     }
 }
 
-/// Whether `key` is a pod label Kubernetes can select on.
+/// Whether `key` is a pod label key Kubernetes accepts in a selector: an optional
+/// lowercase DNS-subdomain prefix (at most 253) and `/`, then a name (see
+/// [`label_value`], non-empty). Namespace and Cilium-derived keys are not pod labels.
 fn pod_key(key: &str) -> bool {
-    key != NAMESPACE_LABEL
-        && !key.starts_with("io.cilium.k8s.")
-        && !key.is_empty()
-        && key.len() <= 316
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
+    if key == NAMESPACE_LABEL || key.starts_with("io.cilium.k8s.") {
+        return false;
+    }
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    });
+    prefix_ok && !name.is_empty() && label_value(name)
 }
 
+/// Whether `v` is a label value Kubernetes accepts: at most 63 characters, empty or
+/// alphanumeric at both ends with `-`, `_`, `.` inside.
 fn label_value(v: &str) -> bool {
+    let b = v.as_bytes();
     v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && (b.is_empty()
+            || (b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))))
 }
 
 /// An invalid version of a policy object, to report as a Kubernetes Event.
@@ -251,6 +318,8 @@ pub struct Rejection {
     pub uid: Option<String>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
+    /// `metadata.resourceVersion` of the rejected version.
+    pub resource_version: Option<String>,
     /// Every error, each naming its field (`spec.egress[0].toPorts[0]...: why`).
     pub problems: Vec<String>,
     /// Whether an earlier valid version stays in force.
@@ -366,6 +435,8 @@ pub struct ClusterState {
     local: Store<(String, String), PodInfo>,
     /// Namespaces and their labels.
     namespaces: Store<String, BTreeMap<String, String>>,
+    /// Services.
+    services: Store<(String, String), ServiceInfo>,
     /// Pods named by `toEndpoints`, per query.
     peers: BTreeMap<PeerQuery, Store<(String, String), PodInfo>>,
     policies: BTreeMap<PolicyKey, PolicyEntry>,
@@ -388,6 +459,7 @@ impl ClusterState {
             cluster_name: cluster_name.into(),
             local: Store::default(),
             namespaces: Store::default(),
+            services: Store::default(),
             peers: BTreeMap::new(),
             policies: BTreeMap::new(),
             policy_listing: BTreeMap::new(),
@@ -433,6 +505,15 @@ impl ClusterState {
             Some((name, ns.metadata.labels.unwrap_or_default()))
         });
         keyed.is_some_and(|c| self.namespaces.apply(c))
+    }
+
+    /// Applies an event of the Service watcher.
+    pub fn service(&mut self, change: Change<Service>) -> bool {
+        let keyed = map_change(change, |svc: Service| {
+            let info = ServiceInfo::from_service(&svc)?;
+            Some(((info.namespace.clone(), info.name.clone()), info))
+        });
+        keyed.is_some_and(|c| self.services.apply(c))
     }
 
     /// Applies an event of a policy watcher: `object` is the object's JSON. Returns
@@ -527,6 +608,7 @@ impl ClusterState {
                     name: k.2.clone(),
                     uid: version.0.clone(),
                     generation: version.1,
+                    resource_version: meta["resourceVersion"].as_str().map(str::to_owned),
                     problems: problems.clone(),
                     previous_in_force: entry.valid.is_some(),
                 });
@@ -552,10 +634,20 @@ impl ClusterState {
 
     /// Whether every watcher the first reconcile needs has listed once.
     pub fn synced(&self) -> bool {
+        self.base_synced() && self.peers_synced()
+    }
+
+    /// Whether pods, namespaces, services and the required policy kinds have listed.
+    pub fn base_synced(&self) -> bool {
         self.local.synced
             && self.namespaces.synced
+            && self.services.synced
             && self.required.iter().all(|s| self.policy_synced.contains(s))
-            && self.peers.values().all(|s| s.synced)
+    }
+
+    /// Whether every peer query has listed.
+    pub fn peers_synced(&self) -> bool {
+        self.peers.values().all(|s| s.synced)
     }
 
     /// What has not listed yet (for logs and status).
@@ -566,6 +658,9 @@ impl ClusterState {
         }
         if !self.namespaces.synced {
             out.push("namespaces".to_owned());
+        }
+        if !self.services.synced {
+            out.push("services".to_owned());
         }
         for s in &self.required {
             if !self.policy_synced.contains(s) {
@@ -645,6 +740,35 @@ impl ClusterState {
                     out.entry(p.key()).or_insert_with(|| self.endpoint(p, true));
                 }
             }
+        }
+        // Services of known pods, after the pods so that a pod's own name wins.
+        let known: BTreeSet<IpAddr> = out.values().flat_map(|e| e.ips.iter().copied()).collect();
+        for svc in self.services.items.values() {
+            if svc.selector.is_empty() || svc.cluster_ips.is_empty() {
+                continue;
+            }
+            let backend = out.values().find(|e| {
+                e.namespace == svc.namespace
+                    && svc.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+            });
+            let Some(backend) = backend else { continue };
+            let ips: Vec<IpAddr> = svc
+                .cluster_ips
+                .iter()
+                .filter(|ip| !known.contains(ip))
+                .copied()
+                .collect();
+            if ips.is_empty() {
+                continue;
+            }
+            let endpoint = EndpointConfig {
+                name: format!("service:{}", svc.name),
+                namespace: svc.namespace.clone(),
+                labels: backend.labels.clone(),
+                ips,
+                remote: true,
+            };
+            out.insert((svc.namespace.clone(), endpoint.name.clone()), endpoint);
         }
         out.into_values().collect()
     }
@@ -804,6 +928,7 @@ mod tests {
         for c in [Change::Init, Change::InitDone] {
             s.local_pod(c.clone());
             s.namespace(map_change(c.clone(), |_: Pod| None::<Namespace>).unwrap());
+            s.service(map_change(c.clone(), |_: Pod| None::<Service>).unwrap());
             s.policy(
                 PolicySource::EgressPolicy,
                 map_change(c, |_: Pod| None::<Value>).unwrap(),
@@ -952,6 +1077,7 @@ mod tests {
         );
         s.local_pod(Change::InitDone);
         s.namespace(Change::InitDone);
+        s.service(Change::InitDone);
         s.policy(PolicySource::EgressPolicy, Change::InitDone);
         assert!(!s.synced());
         assert_eq!(s.waiting_for(), ["clusteregresspolicies"]);
@@ -1116,5 +1242,82 @@ mod tests {
                 label_selector: "app=db,tier notin (a,b)".into()
             }
         );
+    }
+
+    #[test]
+    fn a_service_of_a_peer_is_a_remote_endpoint_with_its_labels() {
+        let mut s = synced_state();
+        s.policy(
+            PolicySource::EgressPolicy,
+            Change::Apply(egress_policy("payments", "p", 1, "api.stripe.com")),
+        );
+        let (added, _) = s.update_peer_queries();
+        s.peer_pod(
+            &added[0],
+            Change::InitApply(pod(
+                "kube-system",
+                "coredns-1",
+                "node-2",
+                json!({"k8s-app": "kube-dns"}),
+                &["10.244.2.53"],
+            )),
+        );
+        s.peer_pod(&added[0], Change::InitDone);
+        let svc = |selector: Value, ip: &str| -> Service {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+                "spec": {"selector": selector, "clusterIP": ip, "clusterIPs": [ip],
+                         "ports": [{"port": 53, "protocol": "UDP"}]}
+            }))
+            .unwrap()
+        };
+        s.service(Change::Apply(svc(
+            json!({"k8s-app": "kube-dns"}),
+            "10.96.0.10",
+        )));
+        let eps = s.endpoints();
+        let service = eps.iter().find(|e| e.name == "service:kube-dns").unwrap();
+        assert!(service.remote);
+        assert_eq!(service.ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(service.labels["k8s-app"], "kube-dns");
+        // A Service selecting no known pod, or a headless one, is not an endpoint.
+        s.service(Change::Apply(svc(
+            json!({"k8s-app": "other"}),
+            "10.96.0.10",
+        )));
+        assert!(s
+            .endpoints()
+            .iter()
+            .all(|e| !e.name.starts_with("service:")));
+        s.service(Change::Apply(svc(json!({"k8s-app": "kube-dns"}), "None")));
+        assert!(s
+            .endpoints()
+            .iter()
+            .all(|e| !e.name.starts_with("service:")));
+    }
+
+    #[test]
+    fn label_terms_follow_the_api_servers_rules() {
+        for ok in ["app", "k8s-app", "app.kubernetes.io/name", "a_b.c"] {
+            assert!(pod_key(ok), "{ok}");
+        }
+        for bad in [
+            "-app",
+            "App.io/x",
+            "a/b/c",
+            "x/",
+            "/x",
+            "a_b/c",
+            &"a".repeat(64),
+        ] {
+            assert!(!pod_key(bad), "{bad}");
+        }
+        for ok in ["", "kube-dns", "v1.2_3"] {
+            assert!(label_value(ok), "{ok}");
+        }
+        for bad in ["-dns", "dns-", "a b", &"a".repeat(64)] {
+            assert!(!label_value(bad), "{bad}");
+        }
     }
 }

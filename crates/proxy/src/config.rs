@@ -58,10 +58,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
-    /// Watch the API server (default false). The client is configured from the in-cluster
-    /// service account, else `KUBECONFIG` / `~/.kube/config`.
+    /// Watch the API server (default false).
     #[serde(default)]
     pub enabled: bool,
+    /// A kubeconfig file to reach the API server with (default: the in-cluster service
+    /// account, else `KUBECONFIG`, else `~/.kube/config`).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name: its pods are enforced (default: the `NODE_NAME` environment
     /// variable, else the host name).
     #[serde(default)]
@@ -79,6 +82,7 @@ impl Default for KubernetesConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            kubeconfig: None,
             node_name: None,
             watch_cilium_policies: false,
             cluster_name: default_cluster_name(),
@@ -480,11 +484,15 @@ const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     ("metrics", &["listen", "agent_listen"]),
-    ("endpoints[]", &["name", "namespace", "labels", "ips", "remote"]),
+    (
+        "endpoints[]",
+        &["name", "namespace", "labels", "ips", "remote"],
+    ),
     (
         "kubernetes",
         &[
             "enabled",
+            "kubeconfig",
             "node_name",
             "watch_cilium_policies",
             "cluster_name",
