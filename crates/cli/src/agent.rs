@@ -347,7 +347,7 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut view: View = None;
     loop {
-        let mut reload = false;
+        let mut reload: Option<&str> = None;
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
@@ -364,7 +364,7 @@ async fn serve(
                     info!("SIGHUP: the cluster is not listed yet; the files are read with it");
                     continue;
                 }
-                reload = true;
+                reload = Some("policies reloaded");
             }
             changed = async { cluster.as_mut()?.changed().await.ok() }, if cluster.is_some() => {
                 if changed.is_none() {
@@ -378,15 +378,15 @@ async fn serve(
                         info!("every Kubernetes watch has listed; reconciling");
                     }
                     view = latest;
-                    reload = true;
+                    reload = Some("cluster state in force");
                 }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        if !reload {
+        let Some(what) = reload else {
             continue;
-        }
+        };
         let path = config_path.clone();
         let previous = set.clone();
         let w = worker.clone();
@@ -410,7 +410,7 @@ async fn serve(
                     version,
                     policies = set.policies().len(),
                     endpoints = config.endpoints.len(),
-                    "policies and endpoints in force"
+                    "{what}"
                 );
             }
             Ok(Err(e)) => {

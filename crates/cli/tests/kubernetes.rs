@@ -232,7 +232,7 @@ fn egress_policy_objects_are_enforced_as_in_standalone_mode_and_lifted_on_delete
     let d = || diag(&daemon, &lab);
     eventually(
         "the agent reconciles once listed",
-        || daemon.log().contains("policies and endpoints in force"),
+        || daemon.log().contains("cluster state in force"),
         d,
     );
     eventually(
