@@ -27,7 +27,10 @@ fn defaults() {
     assert_eq!(c.api.socket, PathBuf::from("/run/dnsfence/dnsfence.sock"));
     let full = std::fs::read_to_string(examples().join("standalone.yaml")).unwrap();
     let c = Config::parse("standalone.yaml", &full).unwrap();
-    assert_eq!(c.endpoints.len(), 3);
+    assert_eq!(c.endpoints.len(), 4);
+    assert!(c.endpoints[3].remote && !c.endpoints[2].remote);
+    assert_eq!(c.kubernetes, KubernetesConfig::default());
+    assert!(!c.kubernetes.enabled);
     assert_eq!(c.dns.upstream_timeout, Duration::from_secs(5));
     assert_eq!(c.endpoints[0].ips[1], "fd00::2".parse::<IpAddr>().unwrap());
 }
