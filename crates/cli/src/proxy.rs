@@ -147,6 +147,18 @@ pub(crate) fn build_snapshot(
     snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)
 }
 
+/// Kubernetes mode lives in `dnsfence agent`: a command that would silently ignore
+/// `kubernetes.enabled` (and so enforce none of the cluster's policies) refuses to start.
+pub(crate) fn kubernetes_needs_agent(config: &Config, command: &str) -> Option<ExitCode> {
+    if !config.kubernetes.enabled {
+        return None;
+    }
+    eprintln!(
+        "dnsfence: kubernetes.enabled: Kubernetes mode runs as `dnsfence agent` with `dnsfence proxy --agent` (the DaemonSet of `dnsfence manifests`); `dnsfence {command}` reads policies and endpoints from files only"
+    );
+    Some(ExitCode::from(2))
+}
+
 pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
     let config = match read_config(&args.config) {
         Ok(c) => c,
@@ -154,6 +166,9 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
     };
     if args.agent {
         return run_following(args, config);
+    }
+    if let Some(code) = kubernetes_needs_agent(&config, "proxy") {
+        return Ok(code);
     }
     let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
         Ok(s) => s,

@@ -90,6 +90,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if let Some(code) = crate::proxy::kubernetes_needs_agent(&config, "run") {
+        return Ok(code);
+    }
     if config.datapath.backend == Backend::Nftables {
         default_transparent(&mut config);
     }

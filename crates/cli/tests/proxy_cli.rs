@@ -231,3 +231,25 @@ fn a_bad_config_exits_2_before_binding() {
         "nothing was bound"
     );
 }
+
+#[test]
+fn kubernetes_mode_outside_the_agent_is_refused_not_ignored() {
+    let tmp = TempDir::new("proxy-cli-k8s");
+    let config = tmp.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "kubernetes: {enabled: true, node_name: n1}\ndatapath: {backend: none}\n",
+    )
+    .unwrap();
+    for command in [&["proxy"][..], &["run"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+            .args(command)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains("dnsfence agent"), "{command:?}: {stderr}");
+    }
+}
