@@ -119,6 +119,37 @@ fn diag(daemon: &Daemon, lab: &Lab) -> String {
     format!("log:\n{}\ntable:\n{nft}", daemon.log())
 }
 
+/// A fake API server listening on the node's loopback, where the agent runs.
+fn api_in_node(lab: &Lab) -> FakeApiServer {
+    let listener = lab
+        .node()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    FakeApiServer::start_on(listener)
+}
+
+/// `dnsfence agent` in Kubernetes mode (watching `api`) and `dnsfence proxy --agent`.
+fn start_agent(lab: &Lab, api: &FakeApiServer) -> Daemon {
+    // The daemon's own directory, removed with it.
+    let dir = std::env::temp_dir().join(format!("dnsfence-{}", lab.node().name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    Daemon::start_split(
+        lab,
+        &DaemonSpec {
+            exe: env!("CARGO_BIN_EXE_dnsfence").into(),
+            policy: String::new(),
+            config_extra: format!(
+                "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}}}\n",
+                kubeconfig.display()
+            ),
+        },
+    )
+    .unwrap()
+}
+
 fn standalone_observations() -> Vec<String> {
     let lab = lab();
     let (web, plain) = (lab.pod(0), lab.pod(1));
@@ -157,13 +188,7 @@ fn egress_policy_objects_are_enforced_as_in_standalone_mode_and_lifted_on_delete
     }
     let lab = lab();
     let (web, plain) = (lab.pod(0), lab.pod(1));
-    // The API server listens on the node's loopback, where the agent runs.
-    let listener = lab
-        .node()
-        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start_on(listener);
+    let api = api_in_node(&lab);
     let dns4 = lab.dns_server_v4().ip();
     let dns6 = lab.dns_server_v6().ip();
     api.apply(
@@ -212,23 +237,7 @@ fn egress_policy_objects_are_enforced_as_in_standalone_mode_and_lifted_on_delete
                         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}),
     );
     api.apply("egresspolicies", policy(&["api.example.com"]));
-    // The daemon's own directory, removed with it.
-    let dir = std::env::temp_dir().join(format!("dnsfence-{}", lab.node().name()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let daemon = Daemon::start_split(
-        &lab,
-        &DaemonSpec {
-            exe: env!("CARGO_BIN_EXE_dnsfence").into(),
-            policy: String::new(),
-            config_extra: format!(
-                "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}}}\n",
-                kubeconfig.display()
-            ),
-        },
-    )
-    .unwrap();
+    let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
     eventually(
         "the agent reconciles once listed",
@@ -304,12 +313,7 @@ fn an_invalid_policy_version_posts_an_event_and_the_valid_one_stays() {
     }
     let lab = lab();
     let (web, plain) = (lab.pod(0), lab.pod(1));
-    let listener = lab
-        .node()
-        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start_on(listener);
+    let api = api_in_node(&lab);
     let dns4 = lab.dns_server_v4().ip();
     api.apply(
         "pods",
@@ -321,23 +325,7 @@ fn an_invalid_policy_version_posts_an_event_and_the_valid_one_stays() {
         pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
     );
     api.apply("egresspolicies", policy(&["api.example.com"]));
-    // The daemon's own directory, removed with it.
-    let dir = std::env::temp_dir().join(format!("dnsfence-{}", lab.node().name()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let daemon = Daemon::start_split(
-        &lab,
-        &DaemonSpec {
-            exe: env!("CARGO_BIN_EXE_dnsfence").into(),
-            policy: String::new(),
-            config_extra: format!(
-                "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}}}\n",
-                kubeconfig.display()
-            ),
-        },
-    )
-    .unwrap();
+    let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
     eventually("enforced", || blocked(reach(web, ip("192.0.2.50"), 443)), d);
     // An L7 rule dnsfence cannot enforce: rejected, the valid version stays.
