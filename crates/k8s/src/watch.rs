@@ -538,6 +538,14 @@ pub async fn run(
         if last.as_deref() == Some(&view) {
             continue;
         }
+        for pod in &view.host_network_pods {
+            if last
+                .as_deref()
+                .is_none_or(|l| !l.host_network_pods.contains(pod))
+            {
+                info!(%pod, "host-network pod not enforced: it shares the node's addresses");
+            }
+        }
         metrics
             .endpoints
             .set(i64::try_from(view.endpoints.len()).unwrap_or(i64::MAX));
