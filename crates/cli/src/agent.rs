@@ -104,30 +104,86 @@ fn data(
     }
 }
 
-/// Reads everything, adds what the cluster view holds, programs the kernel; what a
-/// start, a reload or a cluster change does.
+/// The files' part of the desired state, as last read and validated (at start and on
+/// SIGHUP only: a cluster change never re-reads them, so a bad edit of a mounted
+/// ConfigMap cannot hold back the cluster's updates).
+#[derive(Clone)]
+struct Files {
+    config: Config,
+    docs: Vec<dnsfence_proxy::control::PolicyDoc>,
+    /// (kind, namespace, name) of their policies.
+    ids: std::collections::BTreeSet<(String, Option<String>, String)>,
+}
+
+/// Reads and validates the configuration and its policy files.
+fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<Files> {
+    let mut config =
+        read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
+    crate::run::default_transparent(&mut config);
+    let docs = policy_docs(config_path, &config)?;
+    let set = compile(&docs, previous, config.audit)?;
+    let ids = set
+        .policies()
+        .iter()
+        .map(|p| {
+            (
+                p.id.kind.as_str().to_owned(),
+                p.id.namespace.clone(),
+                p.id.name.clone(),
+            )
+        })
+        .collect();
+    Ok(Files { config, docs, ids })
+}
+
+/// (kind, namespace, name) of a cluster policy document (JSON).
+fn doc_id(doc: &dnsfence_proxy::control::PolicyDoc) -> Option<(String, Option<String>, String)> {
+    let v: serde_json::Value = serde_json::from_str(&doc.text).ok()?;
+    Some((
+        v["kind"].as_str()?.to_owned(),
+        v["metadata"]["namespace"].as_str().map(str::to_owned),
+        v["metadata"]["name"].as_str()?.to_owned(),
+    ))
+}
+
+/// The files plus what the cluster view holds, compiled and programmed into the kernel;
+/// what a start, a reload or a cluster change does.
 fn load(
-    config_path: &std::path::Path,
+    files: &Files,
     previous: &PolicySet,
     worker: Option<&Worker>,
     cluster: Option<&ClusterView>,
 ) -> Result<(Config, PolicySet, SnapshotData)> {
-    let mut config =
-        read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
-    crate::run::default_transparent(&mut config);
-    let mut docs = policy_docs(config_path, &config)?;
+    let mut config = files.config.clone();
+    let mut docs = files.docs.clone();
     if let Some(view) = cluster {
-        docs.extend(view.docs.iter().cloned());
+        for doc in &view.docs {
+            // A policy file wins over an object of the same kind and name, so an object
+            // cannot make the whole set invalid.
+            if doc_id(doc).is_some_and(|id| files.ids.contains(&id)) {
+                warn!(object = %doc.file, "also defined in a policy file; the file's version is in force");
+                continue;
+            }
+            docs.push(doc.clone());
+        }
         let named: std::collections::BTreeSet<(String, String)> = config
             .endpoints
             .iter()
             .map(|e| (e.namespace.clone(), e.name.clone()))
             .collect();
-        // An endpoint of the file wins over a pod of the same name.
+        let ips: std::collections::BTreeSet<std::net::IpAddr> = config
+            .endpoints
+            .iter()
+            .flat_map(|e| e.ips.iter().copied())
+            .collect();
+        // An endpoint of the file wins over a pod of the same name or address.
         config.endpoints.extend(
             view.endpoints
                 .iter()
-                .filter(|e| !named.contains(&(e.namespace.clone(), e.name.clone())))
+                .filter(|e| {
+                    !named.contains(&(e.namespace.clone(), e.name.clone()))
+                        && !e.ips.iter().any(|ip| ips.contains(ip))
+                })
                 .cloned(),
         );
         for ip in &view.host_ips {
@@ -243,12 +299,19 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     } else {
         None
     };
+    let files = match read_files(&args.config, &set) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("dnsfence: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let (set, data) = if cluster.is_some() {
         // Nothing is reconciled nor served before the cluster is known: the table of the
         // previous run stays in force meanwhile.
         (set, None)
     } else {
-        let (config, set, data) = load(&args.config, &set, worker.as_ref(), None)?;
+        let (config, set, data) = load(&files, &set, worker.as_ref(), None)?;
         info!(
             policies = set.policies().len(),
             selectors = set.fqdn_selectors().len(),
@@ -259,6 +322,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     };
     runtime.block_on(serve(
         args.config.clone(),
+        files,
         config,
         set,
         data,
@@ -285,6 +349,7 @@ fn nix_hostname() -> Option<String> {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     config_path: PathBuf,
+    mut files: Files,
     config: Config,
     mut set: PolicySet,
     data: Option<SnapshotData>,
@@ -360,17 +425,35 @@ async fn serve(
                 });
             }
             _ = hup.recv() => {
+                let path = config_path.clone();
+                let previous = set.clone();
+                match tokio::task::spawn_blocking(move || read_files(&path, &previous)).await {
+                    Ok(Ok(f)) => files = f,
+                    Ok(Err(e)) => {
+                        lock(&status).rejected_reloads += 1;
+                        error!("reload rejected, the running policy stays in force: {e:#}");
+                        continue;
+                    }
+                    Err(e) => {
+                        error!("reload failed: {e}");
+                        continue;
+                    }
+                }
                 if cluster.is_some() && view.is_none() {
-                    info!("SIGHUP: the cluster is not listed yet; the files are read with it");
+                    info!("SIGHUP: files read; they apply once the cluster is listed");
                     continue;
                 }
                 reload = Some("policies reloaded");
             }
             changed = async { cluster.as_mut()?.changed().await.ok() }, if cluster.is_some() => {
                 if changed.is_none() {
-                    error!("the Kubernetes watchers stopped; the last state stays in force");
-                    cluster = None;
-                    continue;
+                    // Exit so that the DaemonSet restarts the agent; the table stays in
+                    // force meanwhile and proxies keep enforcing.
+                    error!("the Kubernetes watchers stopped; exiting so the agent restarts (the table stays in force)");
+                    if ours.is_some() && socket_identity(&path) == ours {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    return Ok(ExitCode::from(1));
                 }
                 let latest = cluster.as_mut().and_then(|c| c.borrow_and_update().clone());
                 if latest.is_some() {
@@ -387,12 +470,12 @@ async fn serve(
         let Some(what) = reload else {
             continue;
         };
-        let path = config_path.clone();
         let previous = set.clone();
         let w = worker.clone();
         let v = view.clone();
+        let f = files.clone();
         let loaded =
-            tokio::task::spawn_blocking(move || load(&path, &previous, w.as_ref(), v.as_deref()))
+            tokio::task::spawn_blocking(move || load(&f, &previous, w.as_ref(), v.as_deref()))
                 .await;
         match loaded {
             Ok(Ok((config, new_set, data))) => {

@@ -283,6 +283,10 @@ fn egress_policy_objects_are_enforced_as_in_standalone_mode_and_lifted_on_delete
         d,
     );
 
+    // A bad edit of the configuration file (a mounted ConfigMap changes without a
+    // SIGHUP) does not hold back the cluster's changes: files are read on SIGHUP only.
+    std::fs::write(daemon.config_path(), "kubernetes: [not, valid\n").unwrap();
+
     // Deleting the policy lifts it: web is no longer enforced.
     api.delete("egresspolicies", Some("shop"), "web-egress");
     eventually(

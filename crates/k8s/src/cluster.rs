@@ -12,10 +12,13 @@
 //!   labels as `io.cilium.k8s.namespace.labels.<key>`, the service account as
 //!   `io.cilium.k8s.policy.serviceaccount` and `io.cilium.k8s.policy.cluster`.
 //! - **Services stand for the pods they select**: pods query the kube-dns Service's
-//!   ClusterIP, not a pod, and the datapath sees that address before the node's service
-//!   translation. A Service whose selector matches a pod the agent knows becomes a remote
-//!   endpoint with that pod's labels and the Service's ClusterIPs, so a `toEndpoints`
-//!   rule for the pods also covers their Service.
+//!   ClusterIP, not a pod, and the DNS proxy judges the address the pod queried. A
+//!   Service whose selector matches a pod the agent knows becomes a remote endpoint with
+//!   the Service's ClusterIPs and only the labels every pod it fronts has (its selector,
+//!   its namespace's), so a `toEndpoints` rule that names those labels covers it and a
+//!   rule that needs more does not.
+//! - **Labels only the agent sets** (`io.cilium.k8s.*`, the namespace label) are dropped
+//!   from pods' own labels, as Cilium does: a pod cannot claim its namespace's labels.
 //! - **Host-network pods are never endpoints**: they share the node's addresses, so
 //!   enforcing them by source IP would enforce the node. They are listed as such.
 
@@ -132,6 +135,8 @@ pub struct PodInfo {
     pub node: Option<String>,
     /// Phase `Succeeded` or `Failed`: its IPs may already belong to another pod.
     pub terminal: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
 }
 
 impl PodInfo {
@@ -169,6 +174,7 @@ impl PodInfo {
             host_ips,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             node: spec.and_then(|s| s.node_name.clone()),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
             terminal: matches!(
                 status.and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
@@ -237,10 +243,12 @@ impl PeerQuery {
     /// values it would refuse) are left out, which only widens the list.
     pub fn of(selector: &EndpointSelector) -> Self {
         let sel = &selector.selector;
+        // A namespace the API would refuse in a path: list cluster-wide instead.
         let namespace = selector
             .namespace
             .clone()
-            .or_else(|| sel.match_labels.get(NAMESPACE_LABEL).cloned());
+            .or_else(|| sel.match_labels.get(NAMESPACE_LABEL).cloned())
+            .filter(|ns| dns_label(ns));
         let mut terms = Vec::new();
         for (k, v) in &sel.match_labels {
             if pod_key(k) && label_value(v) {
@@ -264,6 +272,16 @@ impl PeerQuery {
             label_selector: terms.join(","),
         }
     }
+}
+
+/// Whether `s` is an RFC 1123 label (a namespace name).
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Whether `key` is a pod label key Kubernetes accepts in a selector: an optional
@@ -362,6 +380,8 @@ type PolicyKey = (PolicySource, Option<String>, String);
 /// A policy object: its last valid version and whether the latest one is invalid.
 #[derive(Debug, Clone)]
 struct PolicyEntry {
+    /// `metadata.uid` of the object: a new object of the same name starts afresh.
+    uid: Option<String>,
     valid: Option<(PolicyDoc, Vec<Policy>)>,
     /// Problems of the latest version (empty: it is the valid one).
     problems: Vec<String>,
@@ -581,11 +601,23 @@ impl ClusterState {
             .filter(|d| d.is_error())
             .map(|d| format!("{}: {}", d.path, d.message))
             .collect();
+        let uid = object["metadata"]["uid"].as_str().map(str::to_owned);
         let entry = self.policies.entry(k.clone()).or_insert(PolicyEntry {
+            uid: uid.clone(),
             valid: None,
             problems: Vec::new(),
             reported: None,
         });
+        if entry.uid != uid {
+            // Deleted and created again while the watch was away: the old object's
+            // rules are not a previous version of this one.
+            *entry = PolicyEntry {
+                uid,
+                valid: None,
+                problems: Vec::new(),
+                reported: None,
+            };
+        }
         if problems.is_empty() {
             let (set, _) = loader.finish_after(&dnsfence_policy::PolicySet::default());
             let parsed: Vec<Policy> = set.policies().iter().map(|p| (**p).clone()).collect();
@@ -730,16 +762,31 @@ impl ClusterState {
     /// without addresses are left out.
     pub fn endpoints(&self) -> Vec<EndpointConfig> {
         let mut out: BTreeMap<(String, String), EndpointConfig> = BTreeMap::new();
-        for p in self.local.items.values().filter(|p| usable(p)) {
+        // One endpoint per address: a pod being deleted may still list an address the
+        // CNI already gave to a new pod. Live pods first, local before remote.
+        let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut local: Vec<&PodInfo> = self.local.items.values().filter(|p| usable(p)).collect();
+        local.sort_by_key(|p| p.deleting);
+        for p in local {
+            if p.ips.iter().any(|ip| taken.contains(ip)) {
+                continue;
+            }
+            taken.extend(p.ips.iter().copied());
             out.insert(p.key(), self.endpoint(p, false));
         }
-        for store in self.peers.values() {
-            for p in store.items.values().filter(|p| usable(p)) {
-                let remote = p.node.as_deref() != Some(self.node.as_str());
-                if remote {
-                    out.entry(p.key()).or_insert_with(|| self.endpoint(p, true));
-                }
+        let mut remote: Vec<&PodInfo> = self
+            .peers
+            .values()
+            .flat_map(|s| s.items.values())
+            .filter(|p| usable(p) && p.node.as_deref() != Some(self.node.as_str()))
+            .collect();
+        remote.sort_by_key(|p| p.deleting);
+        for p in remote {
+            if out.contains_key(&p.key()) || p.ips.iter().any(|ip| taken.contains(ip)) {
+                continue;
             }
+            taken.extend(p.ips.iter().copied());
+            out.insert(p.key(), self.endpoint(p, true));
         }
         // Services of known pods, after the pods so that a pod's own name wins.
         let known: BTreeSet<IpAddr> = out.values().flat_map(|e| e.ips.iter().copied()).collect();
@@ -747,11 +794,13 @@ impl ClusterState {
             if svc.selector.is_empty() || svc.cluster_ips.is_empty() {
                 continue;
             }
-            let backend = out.values().find(|e| {
+            let fronts_known_pod = out.values().any(|e| {
                 e.namespace == svc.namespace
                     && svc.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
             });
-            let Some(backend) = backend else { continue };
+            if !fronts_known_pod {
+                continue;
+            }
             let ips: Vec<IpAddr> = svc
                 .cluster_ips
                 .iter()
@@ -761,10 +810,19 @@ impl ClusterState {
             if ips.is_empty() {
                 continue;
             }
+            // Only what every pod it may forward to has: its selector, its namespace.
+            let mut labels: BTreeMap<String, String> = svc
+                .selector
+                .iter()
+                .filter(|(k, _)| !reserved_label(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            self.add_namespace_labels(&svc.namespace, &mut labels);
+            labels.insert(CLUSTER_LABEL.to_owned(), self.cluster_name.clone());
             let endpoint = EndpointConfig {
                 name: format!("service:{}", svc.name),
                 namespace: svc.namespace.clone(),
-                labels: backend.labels.clone(),
+                labels,
                 ips,
                 remote: true,
             };
@@ -774,12 +832,14 @@ impl ClusterState {
     }
 
     fn endpoint(&self, p: &PodInfo, remote: bool) -> EndpointConfig {
-        let mut labels = p.labels.clone();
-        if let Some(ns_labels) = self.namespaces.items.get(&p.namespace) {
-            for (k, v) in ns_labels {
-                labels.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
-            }
-        }
+        // A pod may not claim what only its namespace or the agent says about it.
+        let mut labels: BTreeMap<String, String> = p
+            .labels
+            .iter()
+            .filter(|(k, _)| !reserved_label(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.add_namespace_labels(&p.namespace, &mut labels);
         labels.insert(
             SERVICE_ACCOUNT_LABEL.to_owned(),
             p.service_account
@@ -793,6 +853,14 @@ impl ClusterState {
             labels,
             ips: p.ips.clone(),
             remote,
+        }
+    }
+
+    fn add_namespace_labels(&self, namespace: &str, labels: &mut BTreeMap<String, String>) {
+        if let Some(ns_labels) = self.namespaces.items.get(namespace) {
+            for (k, v) in ns_labels {
+                labels.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
+            }
         }
     }
 
@@ -816,6 +884,11 @@ impl ClusterState {
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect()
     }
+}
+
+/// Labels only the agent sets: a pod or Service carrying them is not believed.
+fn reserved_label(key: &str) -> bool {
+    key.starts_with("io.cilium.k8s.") || key == NAMESPACE_LABEL
 }
 
 fn usable(p: &PodInfo) -> bool {
@@ -1319,5 +1392,112 @@ mod tests {
         for bad in ["-dns", "dns-", "a b", &"a".repeat(64)] {
             assert!(!label_value(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_pod_cannot_claim_its_namespaces_labels() {
+        let mut s = synced_state();
+        s.namespace(Change::Apply(namespace("tenant", json!({}))));
+        s.local_pod(Change::Apply(pod(
+            "tenant",
+            "sneaky",
+            "node-1",
+            json!({"app": "x", "io.cilium.k8s.namespace.labels.egress": "internet",
+                   "io.cilium.k8s.policy.serviceaccount": "admin"}),
+            &["10.244.1.66"],
+        )));
+        let e = &s.endpoints()[0];
+        assert!(
+            !e.labels
+                .contains_key("io.cilium.k8s.namespace.labels.egress"),
+            "{e:?}"
+        );
+        assert_eq!(e.labels[SERVICE_ACCOUNT_LABEL], "billing-sa");
+        assert_eq!(e.labels["app"], "x");
+    }
+
+    #[test]
+    fn an_address_belongs_to_one_endpoint_the_live_pod_first() {
+        let mut s = synced_state();
+        let mut old = pod(
+            "default",
+            "old",
+            "node-1",
+            json!({"app": "a"}),
+            &["10.244.1.8"],
+        );
+        old.metadata.deletion_timestamp =
+            Some(serde_json::from_value(json!("2026-11-28T00:00:00Z")).unwrap());
+        s.local_pod(Change::Apply(old));
+        s.local_pod(Change::Apply(pod(
+            "default",
+            "new",
+            "node-1",
+            json!({"app": "b"}),
+            &["10.244.1.8"],
+        )));
+        let names: Vec<_> = s.endpoints().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["new"]);
+    }
+
+    #[test]
+    fn a_service_carries_only_the_labels_all_its_pods_have() {
+        let mut s = synced_state();
+        let mut p = egress_policy("payments", "p", 1, "api.stripe.com");
+        p["spec"]["egress"][0]["toEndpoints"] =
+            json!([{"matchLabels": {"app": "web", "tier": "public"}}]);
+        s.policy(PolicySource::EgressPolicy, Change::Apply(p));
+        let (added, _) = s.update_peer_queries();
+        s.peer_pod(
+            &added[0],
+            Change::InitApply(pod(
+                "payments",
+                "web-public",
+                "node-2",
+                json!({"app": "web", "tier": "public"}),
+                &["10.244.2.7"],
+            )),
+        );
+        s.peer_pod(&added[0], Change::InitDone);
+        let svc: Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "payments"},
+            "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.7.7"}
+        }))
+        .unwrap();
+        s.service(Change::Apply(svc));
+        let eps = s.endpoints();
+        let e = eps.iter().find(|e| e.name == "service:web").unwrap();
+        assert_eq!(e.labels.get("app").map(String::as_str), Some("web"));
+        assert!(!e.labels.contains_key("tier"), "{e:?}");
+    }
+
+    #[test]
+    fn a_policy_created_again_under_the_same_name_starts_afresh() {
+        let mut s = synced_state();
+        s.policy(
+            PolicySource::EgressPolicy,
+            Change::Apply(egress_policy("a", "p", 1, "old.example")),
+        );
+        let mut again = egress_policy("a", "p", 1, "x.example");
+        again["metadata"]["uid"] = json!("another-uid");
+        again["spec"]["egress"][1] = json!({"toFQDN": []});
+        s.policy(PolicySource::EgressPolicy, Change::Apply(again));
+        assert!(
+            s.policy_docs().is_empty(),
+            "the deleted object's rules are gone"
+        );
+    }
+
+    #[test]
+    fn a_namespace_the_api_refuses_widens_the_peer_query() {
+        let selector = EndpointSelector {
+            selector: dnsfence_policy::LabelSelector {
+                match_labels: [(NAMESPACE_LABEL.to_owned(), "a/b".to_owned())].into(),
+                match_expressions: Vec::new(),
+            },
+            namespace: None,
+        };
+        assert_eq!(PeerQuery::of(&selector).namespace, None);
     }
 }

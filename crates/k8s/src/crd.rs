@@ -8,8 +8,8 @@
 //! fields (`x-kubernetes-preserve-unknown-fields`), so a field dnsfence does not enforce
 //! (`toServices`, an L7 `http` rule, a typo) reaches the engine and rejects the object
 //! with an Event rather than disappearing and widening the policy. The fields Cilium
-//! knows and dnsfence refuses are also rejected at admission by CEL rules with the
-//! engine's reason.
+//! knows and dnsfence refuses are declared empty (`maxItems: 0` and the like, with the
+//! engine's reason as description), so the API server refuses them at admission.
 
 use std::collections::BTreeMap;
 

@@ -436,10 +436,14 @@ pub async fn run(
     let mut announced_wait = Instant::now();
     // Since when new peer lists hold back views.
     let mut peers_pending: Option<tokio::time::Instant> = None;
+    // Whether that grace has run out (then it no longer wakes the loop).
+    let mut grace_fired = false;
     'outer: loop {
         // One message, then whatever else arrives while things settle; or the end of the
         // peers' grace.
-        let grace_end = peers_pending.map(|since| since + PEER_GRACE);
+        let grace_end = peers_pending
+            .filter(|_| !grace_fired)
+            .map(|since| since + PEER_GRACE);
         let first = tokio::select! {
             msg = rx.recv() => match msg {
                 Some(m) => Some(m),
@@ -468,6 +472,11 @@ pub async fn run(
                 if let Some(t) = peers.remove(&q) {
                     t.abort();
                 }
+            }
+            if !added.is_empty() {
+                // New peers get their own grace, even when older ones are still late.
+                peers_pending = Some(tokio::time::Instant::now());
+                grace_fired = false;
             }
             for q in added {
                 debug!(?q, "peer watch started");
@@ -513,10 +522,12 @@ pub async fn run(
             .set(i64::try_from(state.invalid_policies()).unwrap_or(i64::MAX));
         if state.peers_synced() {
             peers_pending = None;
+            grace_fired = false;
         } else if peers_pending.is_none() {
             peers_pending = Some(tokio::time::Instant::now());
         }
         let peers_late = peers_pending.is_some_and(|since| since.elapsed() >= PEER_GRACE);
+        grace_fired |= peers_late;
         if !state.base_synced() || (!state.peers_synced() && !peers_late) {
             if announced_wait.elapsed() > Duration::from_secs(10) {
                 announced_wait = Instant::now();
@@ -524,7 +535,7 @@ pub async fn run(
             }
             continue;
         }
-        if peers_late {
+        if peers_late && !state.peers_synced() {
             debug!(waiting_for = ?state.waiting_for(), "peer lists late: publishing without them");
         }
         metrics.synced.set(1);
