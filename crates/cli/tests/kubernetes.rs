@@ -131,6 +131,11 @@ fn api_in_node(lab: &Lab) -> FakeApiServer {
 
 /// `dnsfence agent` in Kubernetes mode (watching `api`) and `dnsfence proxy --agent`.
 fn start_agent(lab: &Lab, api: &FakeApiServer) -> Daemon {
+    start_agent_with(lab, api, "")
+}
+
+/// As [`start_agent`], with more keys of the `kubernetes` section (`, key: value`).
+fn start_agent_with(lab: &Lab, api: &FakeApiServer, kubernetes: &str) -> Daemon {
     // The daemon's own directory, removed with it.
     let dir = std::env::temp_dir().join(format!("dnsfence-{}", lab.node().name()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -142,12 +147,26 @@ fn start_agent(lab: &Lab, api: &FakeApiServer) -> Daemon {
             exe: env!("CARGO_BIN_EXE_dnsfence").into(),
             policy: String::new(),
             config_extra: format!(
-                "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}}}\n",
+                "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}{kubernetes}}}\n",
                 kubeconfig.display()
             ),
         },
     )
     .unwrap()
+}
+
+/// Waits until the agent has reconciled the listed cluster and the proxy has its snapshot.
+fn in_force(daemon: &Daemon, d: impl Fn() -> String) {
+    eventually(
+        "the agent reconciles once listed",
+        || daemon.log().contains("cluster state in force"),
+        &d,
+    );
+    eventually(
+        "the proxy has the cluster's snapshot",
+        || daemon.log().matches("snapshot in force").count() >= 1,
+        &d,
+    );
 }
 
 fn standalone_observations() -> Vec<String> {
@@ -239,16 +258,7 @@ fn egress_policy_objects_are_enforced_as_in_standalone_mode_and_lifted_on_delete
     api.apply("egresspolicies", policy(&["api.example.com"]));
     let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
-    eventually(
-        "the agent reconciles once listed",
-        || daemon.log().contains("cluster state in force"),
-        d,
-    );
-    eventually(
-        "the proxy has the cluster's snapshot",
-        || daemon.log().matches("snapshot in force").count() >= 1,
-        d,
-    );
+    in_force(&daemon, d);
     let in_kubernetes = observe(web, plain);
     assert_eq!(
         in_kubernetes,
@@ -331,6 +341,7 @@ fn an_invalid_policy_version_posts_an_event_and_the_valid_one_stays() {
     api.apply("egresspolicies", policy(&["api.example.com"]));
     let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
+    in_force(&daemon, d);
     eventually("enforced", || blocked(reach(web, ip("192.0.2.50"), 443)), d);
     // An L7 rule dnsfence cannot enforce: rejected, the valid version stays.
     let mut bad = policy(&["api.example.com", "other.example.com"]);
@@ -366,4 +377,114 @@ fn an_invalid_policy_version_posts_an_event_and_the_valid_one_stays() {
         d()
     );
     assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+}
+
+#[test]
+fn a_cluster_policy_selects_by_namespace_labels_and_follows_them() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let lab = lab();
+    let (web, plain) = (lab.pod(0), lab.pod(1));
+    let api = api_in_node(&lab);
+    let dns4 = lab.dns_server_v4().ip();
+    let shop = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "shop", "labels": labels}})
+    };
+    api.apply("namespaces", shop(json!({"egress": "restricted"})));
+    api.apply(
+        "pods",
+        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
+    );
+    api.apply(
+        "pods",
+        pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
+    );
+    // Every pod of a namespace labelled egress=restricted, whatever its own labels.
+    let mut spec = spec(&["api.example.com"]);
+    spec["endpointSelector"] =
+        json!({"matchLabels": {"k8s:io.cilium.k8s.namespace.labels.egress": "restricted"}});
+    api.apply(
+        "clusteregresspolicies",
+        json!({"apiVersion": "dnsfence.io/v1alpha1", "kind": "ClusterEgressPolicy",
+               "metadata": {"name": "restricted-namespaces"}, "spec": spec}),
+    );
+    let daemon = start_agent(&lab, &api);
+    let d = || diag(&daemon, &lab);
+    in_force(&daemon, d);
+    eventually(
+        "the namespace's pods are enforced",
+        || blocked(reach(web, ip("192.0.2.50"), 443)),
+        d,
+    );
+    let r = web
+        .resolve("api.example.com", RecordType::A, Transport::Udp)
+        .unwrap();
+    assert_eq!(r.status, DnsStatus::NoError, "{}", d());
+    assert_eq!(
+        reach(web, ip("192.0.2.10"), 443),
+        Outcome::Connected,
+        "{}",
+        d()
+    );
+    assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+    // The namespace loses its label: the policy no longer selects its pods.
+    api.apply("namespaces", shop(json!({})));
+    eventually(
+        "relabelling the namespace lifts the policy",
+        || reach(web, ip("192.0.2.50"), 443) == Outcome::Connected,
+        d,
+    );
+}
+
+#[test]
+fn cilium_policies_are_enforced_unchanged_with_the_watch_flag() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let lab = lab();
+    let (web, plain) = (lab.pod(0), lab.pod(1));
+    let api = api_in_node(&lab);
+    api.register_crd("ciliumnetworkpolicies.cilium.io");
+    api.register_crd("ciliumclusterwidenetworkpolicies.cilium.io");
+    let dns4 = lab.dns_server_v4().ip();
+    api.apply(
+        "pods",
+        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
+    );
+    api.apply(
+        "pods",
+        pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
+    );
+    // An existing Cilium policy, as written for Cilium or ACNS.
+    let mut cnp = policy(&["api.example.com"]);
+    cnp["apiVersion"] = json!("cilium.io/v2");
+    cnp["kind"] = json!("CiliumNetworkPolicy");
+    api.apply("ciliumnetworkpolicies", cnp);
+    let daemon = start_agent_with(&lab, &api, ", watch_cilium_policies: true");
+    let d = || diag(&daemon, &lab);
+    in_force(&daemon, d);
+    eventually(
+        "the Cilium policy is enforced",
+        || blocked(reach(web, ip("192.0.2.50"), 443)),
+        d,
+    );
+    let r = web
+        .resolve("api.example.com", RecordType::A, Transport::Udp)
+        .unwrap();
+    assert_eq!(r.status, DnsStatus::NoError, "{}", d());
+    assert_eq!(
+        reach(web, ip("192.0.2.10"), 443),
+        Outcome::Connected,
+        "{}",
+        d()
+    );
+    assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+    api.delete("ciliumnetworkpolicies", Some("shop"), "web-egress");
+    eventually(
+        "deleting it lifts it",
+        || reach(web, ip("192.0.2.50"), 443) == Outcome::Connected,
+        d,
+    );
 }
