@@ -155,6 +155,46 @@ fn start_agent_with(lab: &Lab, api: &FakeApiServer, kubernetes: &str) -> Daemon 
     .unwrap()
 }
 
+/// This node's pod `web` (app=web, the lab's first pod) and CoreDNS on another node, at
+/// the lab's DNS server address.
+fn web_and_remote_dns(api: &FakeApiServer, lab: &Lab) {
+    let web = lab.pod(0);
+    api.apply(
+        "pods",
+        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
+    );
+    api.apply(
+        "pods",
+        pod_object(
+            "coredns",
+            "node-2",
+            json!({"k8s-app": "kube-dns"}),
+            &[lab.dns_server_v4().ip()],
+        ),
+    );
+}
+
+/// Waits until web is enforced by [`policy`]'s rules (other addresses blocked), then
+/// checks that the allowed name resolves and connects and that plain is not enforced.
+fn enforced_as_written(web: &Pod, plain: &Pod, d: impl Fn() -> String) {
+    eventually(
+        "web is enforced",
+        || blocked(reach(web, ip("192.0.2.50"), 443)),
+        &d,
+    );
+    let r = web
+        .resolve("api.example.com", RecordType::A, Transport::Udp)
+        .unwrap();
+    assert_eq!(r.status, DnsStatus::NoError, "{}", d());
+    assert_eq!(
+        reach(web, ip("192.0.2.10"), 443),
+        Outcome::Connected,
+        "{}",
+        d()
+    );
+    assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+}
+
 /// Waits until the agent has reconciled the listed cluster and the proxy has its snapshot.
 fn in_force(daemon: &Daemon, d: impl Fn() -> String) {
     eventually(
@@ -328,16 +368,8 @@ fn an_invalid_policy_version_posts_an_event_and_the_valid_one_stays() {
     let lab = lab();
     let (web, plain) = (lab.pod(0), lab.pod(1));
     let api = api_in_node(&lab);
-    let dns4 = lab.dns_server_v4().ip();
-    api.apply(
-        "pods",
-        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
-    );
     // This time the DNS server is a kube-dns pod of another node, queried directly.
-    api.apply(
-        "pods",
-        pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
-    );
+    web_and_remote_dns(&api, &lab);
     api.apply("egresspolicies", policy(&["api.example.com"]));
     let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
@@ -387,20 +419,12 @@ fn a_cluster_policy_selects_by_namespace_labels_and_follows_them() {
     let lab = lab();
     let (web, plain) = (lab.pod(0), lab.pod(1));
     let api = api_in_node(&lab);
-    let dns4 = lab.dns_server_v4().ip();
     let shop = |labels: Value| {
         json!({"apiVersion": "v1", "kind": "Namespace",
                "metadata": {"name": "shop", "labels": labels}})
     };
     api.apply("namespaces", shop(json!({"egress": "restricted"})));
-    api.apply(
-        "pods",
-        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
-    );
-    api.apply(
-        "pods",
-        pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
-    );
+    web_and_remote_dns(&api, &lab);
     // Every pod of a namespace labelled egress=restricted, whatever its own labels.
     let mut spec = spec(&["api.example.com"]);
     spec["endpointSelector"] =
@@ -413,22 +437,7 @@ fn a_cluster_policy_selects_by_namespace_labels_and_follows_them() {
     let daemon = start_agent(&lab, &api);
     let d = || diag(&daemon, &lab);
     in_force(&daemon, d);
-    eventually(
-        "the namespace's pods are enforced",
-        || blocked(reach(web, ip("192.0.2.50"), 443)),
-        d,
-    );
-    let r = web
-        .resolve("api.example.com", RecordType::A, Transport::Udp)
-        .unwrap();
-    assert_eq!(r.status, DnsStatus::NoError, "{}", d());
-    assert_eq!(
-        reach(web, ip("192.0.2.10"), 443),
-        Outcome::Connected,
-        "{}",
-        d()
-    );
-    assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+    enforced_as_written(web, plain, d);
     // The namespace loses its label: the policy no longer selects its pods.
     api.apply("namespaces", shop(json!({})));
     eventually(
@@ -448,15 +457,7 @@ fn cilium_policies_are_enforced_unchanged_with_the_watch_flag() {
     let api = api_in_node(&lab);
     api.register_crd("ciliumnetworkpolicies.cilium.io");
     api.register_crd("ciliumclusterwidenetworkpolicies.cilium.io");
-    let dns4 = lab.dns_server_v4().ip();
-    api.apply(
-        "pods",
-        pod_object("web", NODE, json!({"app": "web"}), &[web.ipv4().into()]),
-    );
-    api.apply(
-        "pods",
-        pod_object("coredns", "node-2", json!({"k8s-app": "kube-dns"}), &[dns4]),
-    );
+    web_and_remote_dns(&api, &lab);
     // An existing Cilium policy, as written for Cilium or ACNS.
     let mut cnp = policy(&["api.example.com"]);
     cnp["apiVersion"] = json!("cilium.io/v2");
@@ -465,22 +466,7 @@ fn cilium_policies_are_enforced_unchanged_with_the_watch_flag() {
     let daemon = start_agent_with(&lab, &api, ", watch_cilium_policies: true");
     let d = || diag(&daemon, &lab);
     in_force(&daemon, d);
-    eventually(
-        "the Cilium policy is enforced",
-        || blocked(reach(web, ip("192.0.2.50"), 443)),
-        d,
-    );
-    let r = web
-        .resolve("api.example.com", RecordType::A, Transport::Udp)
-        .unwrap();
-    assert_eq!(r.status, DnsStatus::NoError, "{}", d());
-    assert_eq!(
-        reach(web, ip("192.0.2.10"), 443),
-        Outcome::Connected,
-        "{}",
-        d()
-    );
-    assert_eq!(reach(plain, ip("192.0.2.50"), 443), Outcome::Connected);
+    enforced_as_written(web, plain, d);
     api.delete("ciliumnetworkpolicies", Some("shop"), "web-egress");
     eventually(
         "deleting it lifts it",
