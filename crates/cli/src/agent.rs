@@ -115,8 +115,9 @@ struct Files {
     ids: std::collections::BTreeSet<(String, Option<String>, String)>,
 }
 
-/// Reads and validates the configuration and its policy files.
-fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<Files> {
+/// Reads and validates the configuration and its policy files; also returns their
+/// compiled policies.
+fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<(Files, PolicySet)> {
     let mut config =
         read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
     crate::run::default_transparent(&mut config);
@@ -133,7 +134,7 @@ fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<Fil
             )
         })
         .collect();
-    Ok(Files { config, docs, ids })
+    Ok((Files { config, docs, ids }, set))
 }
 
 /// (kind, namespace, name) of a cluster policy document (JSON).
@@ -210,10 +211,8 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     };
     crate::run::default_transparent(&mut config);
     // Validate before touching the kernel.
-    let set = match policy_docs(&args.config, &config)
-        .and_then(|docs| compile(&docs, &PolicySet::default(), config.audit))
-    {
-        Ok(s) => s,
+    let (files, set) = match read_files(&args.config, &PolicySet::default()) {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("dnsfence: {e:#}");
             return Ok(ExitCode::from(2));
@@ -298,13 +297,6 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         Some(rx)
     } else {
         None
-    };
-    let files = match read_files(&args.config, &set) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("dnsfence: {e:#}");
-            return Ok(ExitCode::from(2));
-        }
     };
     let (set, data) = if cluster.is_some() {
         // Nothing is reconciled nor served before the cluster is known: the table of the
@@ -428,7 +420,7 @@ async fn serve(
                 let path = config_path.clone();
                 let previous = set.clone();
                 match tokio::task::spawn_blocking(move || read_files(&path, &previous)).await {
-                    Ok(Ok(f)) => files = f,
+                    Ok(Ok((f, _))) => files = f,
                     Ok(Err(e)) => {
                         lock(&status).rejected_reloads += 1;
                         error!("reload rejected, the running policy stays in force: {e:#}");
