@@ -8,7 +8,7 @@
 # load both targets sustain, so the difference is the latency the proxy adds).
 #
 # Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding, default 100] [rate, default 20000]
-# ONLY_RATE=1 skips the saturated phase (handy while profiling).
+# ONLY_RATE=1 skips the saturated phase, ONLY_PROXY=1 the two baselines (handy while profiling).
 # Needs root only to install dnsperf/dnsmasq when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +83,7 @@ FLOOR_PID=$!
 sleep 1
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
 # run NAME PORT PID [extra dnsperf flags]: dnsperf for DURATION seconds; CPU of PID over the run.
@@ -92,9 +93,11 @@ run() {
   # Warm up (the proxy learns every name once).
   dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -n 1 -q "$OUTSTANDING" >/dev/null 2>&1 || true
   local before; before=$(cpu_ticks "$pid")
+  local ubefore; ubefore=$(user_ticks "$pid")
   dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -l "$DURATION" -q "$OUTSTANDING" -c 4 -v "$@" \
     > "$work/$name.out" 2>&1 || true
   local after; after=$(cpu_ticks "$pid")
+  local uafter; uafter=$(user_ticks "$pid")
   local completed qps
   completed=$(awk '/Queries completed:/ {print $3}' "$work/$name.out")
   qps=$(awk '/Queries per second:/ {print $4}' "$work/$name.out")
@@ -105,16 +108,20 @@ run() {
   p99=$(awk -v n="$n" 'NR == int(n * 0.99) + 1 {printf "%.0f", $1 * 1e6}' "$work/$name.lat")
   local cpu_us
   cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v q="$completed" 'BEGIN {printf "%.1f", t / hz * 1e6 / q}')
+  local user_us
+  user_us=$(awk -v t=$((uafter - ubefore)) -v hz="$HZ" -v q="$completed" 'BEGIN {printf "%.1f", t / hz * 1e6 / q}')
   local lost; lost=$(awk '/Queries lost:/ {print $3}' "$work/$name.out")
-  printf '%-26s %10.0f %9s %9s %12s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$lost" "$completed"
+  printf '%-26s %10.0f %9s %9s %12s %8s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$user_us" "$lost" "$completed"
 }
 
 echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
-printf '%-26s %10s %9s %9s %12s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "lost" "queries"
-[ -n "${ONLY_RATE:-}" ] || run "floor-echo" "$FL" "$FLOOR_PID"
-[ -n "${ONLY_RATE:-}" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
+printf '%-26s %10s %9s %9s %12s %8s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "of_user" "lost" "queries"
+base=${ONLY_PROXY:-}
+[ -n "${ONLY_RATE:-}$base" ] || run "floor-echo" "$FL" "$FLOOR_PID"
+[ -n "${ONLY_RATE:-}$base" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
 [ -n "${ONLY_RATE:-}" ] || run "through-dnsfence" "$PX" "$PROXY_PID"
-run "floor-echo@$RATE" "$FL" "$FLOOR_PID" -Q "$RATE"
-run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
+[ -n "$base" ] || run "floor-echo@$RATE" "$FL" "$FLOOR_PID" -Q "$RATE"
+[ -n "$base" ] || run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
-echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, or the dnsfence proxy)"
+echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, or the dnsfence proxy;"
+echo " of_user: the part of it spent in user space, the rest is the kernel's)"

@@ -1,4 +1,4 @@
-//! Every socket option and `recvmsg`/`recvmmsg` call the proxy makes lives here.
+//! Every socket option and `recvmmsg`/`sendmmsg` call the proxy makes lives here.
 //!
 //! Transparent (TPROXY) sockets: the datapath redirects pods' DNS to the transparent port while keeping the original
 //! destination. A UDP query's original destination comes from `IP_RECVORIGDSTADDR`
@@ -7,14 +7,14 @@
 //! destination.
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use nix::sys::socket::{
-    recvmmsg, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
-    SockaddrStorage,
+    recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    MultiHeaders, SockaddrStorage,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -80,50 +80,6 @@ impl ReplySockets {
     }
 }
 
-/// Receives one datagram: its length, source, and original destination.
-pub(crate) async fn recv_orig_dst(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, SocketAddr)> {
-    let fd = socket.as_raw_fd();
-    socket
-        .async_io(Interest::READABLE, || {
-            let mut cmsg = nix::cmsg_space!(OrigDstCmsg);
-            let mut iov = [IoSliceMut::new(buf)];
-            let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-                .map_err(io::Error::from)?;
-            let source = msg
-                .address
-                .as_ref()
-                .and_then(to_std)
-                .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-            let mut orig = None;
-            for c in msg.cmsgs().map_err(io::Error::from)? {
-                match c {
-                    ControlMessageOwned::Ipv4OrigDstAddr(a) => {
-                        orig = Some(SocketAddr::V4(SocketAddrV4::new(
-                            u32::from_be(a.sin_addr.s_addr).into(),
-                            u16::from_be(a.sin_port),
-                        )));
-                    }
-                    ControlMessageOwned::Ipv6OrigDstAddr(a) => {
-                        orig = Some(SocketAddr::V6(SocketAddrV6::new(
-                            a.sin6_addr.s6_addr.into(),
-                            u16::from_be(a.sin6_port),
-                            0,
-                            a.sin6_scope_id,
-                        )));
-                    }
-                    _ => {}
-                }
-            }
-            let orig =
-                orig.ok_or_else(|| io::Error::other("datagram without its original destination"))?;
-            Ok((msg.bytes, source, orig))
-        })
-        .await
-}
-
 /// The largest control message expected (an IPv6 original destination).
 type OrigDstCmsg = nix::libc::sockaddr_in6;
 
@@ -141,26 +97,58 @@ fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
     })
 }
 
-/// Buffers for receiving up to `BATCH` datagrams with one `recvmmsg` call.
+/// Buffers for receiving up to `count` datagrams with one `recvmmsg` call.
 pub(crate) struct Batch {
     bufs: Vec<Vec<u8>>,
-    /// Length and source of each datagram of the last receive.
-    pub(crate) got: Vec<(usize, SocketAddr)>,
+    /// Whether each datagram's original destination is read (transparent listeners).
+    orig_dst: bool,
+    /// Length, source and (transparent listeners) original destination of each datagram
+    /// of the last receive.
+    got: Vec<(usize, SocketAddr, Option<SocketAddr>)>,
 }
+
+/// A source address for datagrams whose source could not be read (they cannot be answered).
+const NO_ADDRESS: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
 
 impl Batch {
     /// `count` buffers of `size` bytes each.
     pub(crate) fn new(count: usize, size: usize) -> Self {
         Self {
             bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            orig_dst: false,
             got: Vec::with_capacity(count),
+        }
+    }
+
+    /// The same, for a transparent socket: each datagram comes with its original
+    /// destination (`IP_RECVORIGDSTADDR` must be set on the socket).
+    pub(crate) fn with_orig_dst(count: usize, size: usize) -> Self {
+        Self {
+            orig_dst: true,
+            ..Self::new(count, size)
         }
     }
 
     /// The `i`-th datagram of the last receive.
     pub(crate) fn datagram(&mut self, i: usize) -> Option<(&mut [u8], SocketAddr)> {
-        let (len, from) = *self.got.get(i)?;
+        let (len, from, _) = *self.got.get(i)?;
         Some((self.bufs.get_mut(i)?.get_mut(..len)?, from))
+    }
+
+    /// The original destination of the `i`-th datagram of the last receive, when read.
+    pub(crate) fn orig_dst(&self, i: usize) -> Option<SocketAddr> {
+        self.got.get(i)?.2
+    }
+
+    /// The bytes of the `i`-th datagram of the last receive, as they are now (handling may
+    /// have rewritten them in place).
+    pub(crate) fn bytes(&self, i: usize) -> &[u8] {
+        let len = self.got.get(i).map_or(0, |g| g.0);
+        self.bufs
+            .get(i)
+            .and_then(|b| b.get(..len))
+            .unwrap_or_default()
     }
 
     /// Waits until `socket` is readable, then receives every datagram queued (up to the
@@ -169,12 +157,19 @@ impl Batch {
         let fd = socket.as_raw_fd();
         loop {
             socket.readable().await?;
-            let Self { bufs, got } = self;
+            let Self {
+                bufs,
+                orig_dst,
+                got,
+            } = self;
             got.clear();
+            let capacity = bufs.len();
             let received = socket.try_io(Interest::READABLE, || {
                 // The kernel's headers hold raw pointers (not `Send`): built per call, so
-                // the batch can live across awaits; one allocation per batch, not per query.
-                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+                // the batch can live across awaits; a few allocations per batch, not per
+                // query.
+                let cmsg = orig_dst.then(|| nix::cmsg_space!(OrigDstCmsg));
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), cmsg);
                 let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
                     bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
                 let results = recvmmsg(
@@ -188,20 +183,102 @@ impl Batch {
                 for msg in results {
                     // A datagram without a readable source address cannot be answered.
                     let from = msg.address.as_ref().and_then(to_std);
-                    got.push((
-                        msg.bytes,
-                        from.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-                    ));
+                    let dst = if *orig_dst {
+                        msg.cmsgs()
+                            .ok()
+                            .and_then(|mut c| c.find_map(|c| orig_dst_of(&c)))
+                    } else {
+                        None
+                    };
+                    got.push((msg.bytes, from.unwrap_or(NO_ADDRESS), dst));
+                }
+                if got.len() < capacity {
+                    // Fewer than asked for: the queue is empty now. Saying so clears the
+                    // socket's readiness, which saves the call that would only learn
+                    // `EAGAIN`; a datagram arriving later raises a new (edge-triggered)
+                    // event. Unconnected sockets carry no pending errors that could end a
+                    // batch early.
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
                 Ok(())
             });
             match received {
                 Ok(()) => return Ok(got.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !got.is_empty() => {
+                    return Ok(got.len())
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// The original destination a control message carries, if it is one.
+fn orig_dst_of(c: &ControlMessageOwned) -> Option<SocketAddr> {
+    match c {
+        ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(SocketAddr::V4(SocketAddrV4::new(
+            u32::from_be(a.sin_addr.s_addr).into(),
+            u16::from_be(a.sin_port),
+        ))),
+        ControlMessageOwned::Ipv6OrigDstAddr(a) => Some(SocketAddr::V6(SocketAddrV6::new(
+            a.sin6_addr.s6_addr.into(),
+            u16::from_be(a.sin6_port),
+            0,
+            a.sin6_scope_id,
+        ))),
+        _ => None,
+    }
+}
+
+/// Sends each message (bytes, destination) from `socket`, with as few `sendmmsg` calls as
+/// the kernel allows (one, unless its buffer fills). Returns the messages that could not
+/// be sent, by index, with their error; the others are sent.
+pub(crate) async fn send_batch(
+    socket: &UdpSocket,
+    msgs: &[(&[u8], SocketAddr)],
+) -> Vec<(usize, io::Error)> {
+    let fd = socket.as_raw_fd();
+    let mut failed = Vec::new();
+    let mut start = 0;
+    while let Some(rest) = msgs.get(start..).filter(|r| !r.is_empty()) {
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(rest.len(), None);
+                let iovs: Vec<[IoSlice<'_>; 1]> =
+                    rest.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
+                let addrs: Vec<Option<SockaddrStorage>> = rest
+                    .iter()
+                    .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+                    .collect();
+                let none: [ControlMessage<'_>; 0] = [];
+                let results = sendmmsg(
+                    fd,
+                    &mut headers,
+                    &iovs,
+                    &addrs,
+                    none,
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)?;
+                Ok(results.count())
+            })
+            .await;
+        match sent {
+            Ok(n) if n > 0 => start += n,
+            // The kernel reports an error only for the first message of a call; the
+            // messages before it were sent by the previous call.
+            Ok(_) => {
+                failed.push((start, io::Error::other("sendmmsg sent nothing")));
+                start += 1;
+            }
+            Err(e) => {
+                failed.push((start, e));
+                start += 1;
+            }
+        }
+    }
+    failed
 }
 
 /// A plain (explicit) listener socket with `SO_REUSEPORT`, UDP or TCP.

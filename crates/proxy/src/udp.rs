@@ -19,7 +19,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::shared::{Shared, Step};
-use crate::sys::{recv_orig_dst, Batch, ReplySockets};
+use crate::sys::{self, Batch, ReplySockets};
 
 /// Client datagrams received with one system call.
 const CLIENT_BATCH: usize = 32;
@@ -29,7 +29,7 @@ const CLIENT_BATCH: usize = 32;
 const CLIENT_DATAGRAM: usize = 4096;
 
 /// Upstream answers received with one system call (each buffer holds the largest answer).
-const UPSTREAM_BATCH: usize = 8;
+const UPSTREAM_BATCH: usize = 16;
 
 /// Largest UDP message handled.
 pub(crate) const MAX_UDP: usize = 65_535;
@@ -111,30 +111,35 @@ impl UpstreamPool {
         Ok(pool)
     }
 
-    /// Sends `packet` (a query already judged) to `upstream` under a fresh ID.
-    pub(crate) async fn forward(
-        &self,
-        shared: &Shared,
-        packet: &mut [u8],
-        query: &Query,
-        learn: bool,
-        client: ClientRef,
-        upstream: SocketAddr,
-    ) {
+    /// The socket a batch's queries to `upstream` leave from: the queries of one receive
+    /// batch share a socket (so they leave with one system call) and batches take turns.
+    fn socket_for(&self, upstream: SocketAddr, turn: usize) -> Option<&Arc<UpstreamSocket>> {
         let family = if upstream.is_ipv4() {
             &self.v4
         } else {
             &self.v6
         };
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let Some(sock) = family.get(n % family.len().max(1)) else {
-            warn!(%upstream, "no upstream socket for this address family");
-            shared.leave(client.addr.ip());
-            return;
-        };
+        family.get(turn % family.len().max(1))
+    }
+}
+
+impl UpstreamSocket {
+    /// Records `packet` (a query already judged) as pending on this socket under a fresh
+    /// random ID and writes that ID into the packet; the caller sends it. `None` when no ID
+    /// is free (the query cannot leave; the packet is unchanged).
+    fn register(
+        self: &Arc<Self>,
+        packet: &mut [u8],
+        query: &Query,
+        learn: bool,
+        client: ClientRef,
+        upstream: SocketAddr,
+        timeout: Duration,
+    ) -> Option<Outbound> {
         let question = packet
             .get(wire::HEADER_LEN..query.question_end)
             .unwrap_or_default();
+        let now = Instant::now();
         let pending = Pending {
             client: client.addr,
             client_id: query.id,
@@ -144,36 +149,78 @@ impl UpstreamPool {
             question: SmallVec::from_slice(question),
             upstream,
             received: client.received,
-            sent: Instant::now(),
-            deadline: Instant::now() + shared.config.upstream_timeout,
+            sent: now,
+            deadline: now + timeout,
         };
-        let id = {
-            let mut table = lock(&sock.pending);
-            if table.len() >= MAX_PENDING_PER_SOCKET {
-                Err(pending)
-            } else {
-                let mut id = rand::random::<u16>();
-                while table.contains_key(&id) {
-                    id = rand::random::<u16>();
-                }
-                table.insert(id, pending);
-                Ok(id)
-            }
-        };
-        let id = match id {
-            Ok(id) => id,
-            Err(pending) => {
-                warn!("upstream socket has no free query ID; answering SERVFAIL");
-                fail(shared, &pending, Rcode::ServFail).await;
-                return;
-            }
-        };
+        let mut table = lock(&self.pending);
+        if table.len() >= MAX_PENDING_PER_SOCKET {
+            warn!("upstream socket has no free query ID; answering SERVFAIL");
+            return None;
+        }
+        let mut id = rand::random::<u16>();
+        while table.contains_key(&id) {
+            id = rand::random::<u16>();
+        }
+        table.insert(id, pending);
+        drop(table);
         wire::set_id(packet, id);
-        if let Err(e) = sock.socket.send_to(packet, upstream).await {
-            debug!(%upstream, error = %e, "sending upstream failed");
-            let p = lock(&sock.pending).remove(&id);
+        Some(Outbound {
+            sock: self.clone(),
+            id,
+            upstream,
+        })
+    }
+}
+
+/// A registered query, ready to leave on its upstream socket.
+struct Outbound {
+    sock: Arc<UpstreamSocket>,
+    id: u16,
+    upstream: SocketAddr,
+}
+
+/// Sends the registered queries (batch index and where it goes), one `sendmmsg` per run
+/// of queries sharing a socket. A query that cannot be sent is answered SERVFAIL.
+async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outbound)]) {
+    let mut msgs: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(queries.len());
+    let mut rest = queries;
+    while let Some((_, first)) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|(_, o)| Arc::ptr_eq(&o.sock, &first.sock))
+            .count();
+        let (now, later) = rest.split_at(run);
+        rest = later;
+        msgs.clear();
+        msgs.extend(now.iter().map(|(i, o)| (batch.bytes(*i), o.upstream)));
+        for (k, e) in sys::send_batch(&first.sock.socket, &msgs).await {
+            let Some((_, o)) = now.get(k) else { continue };
+            debug!(upstream = %o.upstream, error = %e, "sending upstream failed");
+            let p = lock(&o.sock.pending).remove(&o.id);
             if let Some(p) = p {
                 fail(shared, &p, Rcode::ServFail).await;
+            }
+        }
+    }
+}
+
+/// Sends each message (bytes, destination) through its socket, one `sendmmsg` per run of
+/// messages sharing a socket; failures are logged (the client retries).
+async fn send_runs(msgs: &[(&Arc<UdpSocket>, &[u8], SocketAddr)]) {
+    let mut out: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(msgs.len());
+    let mut rest = msgs;
+    while let Some((first, _, _)) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|(s, _, _)| Arc::ptr_eq(s, first))
+            .count();
+        let (now, later) = rest.split_at(run);
+        rest = later;
+        out.clear();
+        out.extend(now.iter().map(|(_, b, to)| (*b, *to)));
+        for (k, e) in sys::send_batch(first, &out).await {
+            if let Some((_, _, to)) = now.get(k) {
+                debug!(client = %to, error = %e, "sending a reply failed");
             }
         }
     }
@@ -193,6 +240,7 @@ async fn fail(shared: &Shared, p: &Pending, rcode: Rcode) {
 
 async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
     let mut batch = Batch::new(UPSTREAM_BATCH, MAX_UDP);
+    let mut ready: Vec<(usize, Pending)> = Vec::with_capacity(UPSTREAM_BATCH);
     loop {
         let count = match batch.recv(&sock.socket).await {
             Ok(n) => n,
@@ -201,24 +249,37 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
                 continue;
             }
         };
+        ready.clear();
         for i in 0..count {
             if let Some((answer, from)) = batch.datagram(i) {
-                answer_from_upstream(&shared, &sock, answer, from).await;
+                if let Some(p) = answer_from_upstream(&shared, &sock, answer, from) {
+                    ready.push((i, p));
+                }
             }
+        }
+        // The answers released at once leave together.
+        let msgs: Vec<(&Arc<UdpSocket>, &[u8], SocketAddr)> = ready
+            .iter()
+            .map(|(i, p)| (&p.reply_via, batch.bytes(*i), p.client))
+            .collect();
+        send_runs(&msgs).await;
+        drop(msgs);
+        for (_, p) in ready.drain(..) {
+            delivered(&shared, &p);
         }
     }
 }
 
-/// One datagram from an upstream socket: relay it if it answers a pending query.
-async fn answer_from_upstream(
+/// One datagram from an upstream socket: if it answers a pending query, returns that
+/// query when its answer (now carrying the client's ID) may be released at once; an
+/// answer that must wait for the datapath is released by a task of its own.
+fn answer_from_upstream(
     shared: &Arc<Shared>,
     sock: &UpstreamSocket,
     packet: &mut [u8],
     from: SocketAddr,
-) {
-    let Some(id) = wire::id(packet) else {
-        return;
-    };
+) -> Option<Pending> {
+    let id = wire::id(packet)?;
     // Only the queried server may answer, and only for a pending ID.
     let pending = {
         let mut table = lock(&sock.pending);
@@ -229,7 +290,7 @@ async fn answer_from_upstream(
     };
     let Some(p) = pending else {
         shared.metrics.answers_rejected.inc();
-        return;
+        return None;
     };
     shared
         .metrics
@@ -245,13 +306,13 @@ async fn answer_from_upstream(
         None => {
             // Not an answer to this question: keep waiting for the real one.
             lock(&sock.pending).insert(id, p);
-            return;
+            return None;
         }
     };
     match hold {
         None => {
             wire::set_id(packet, p.client_id);
-            deliver(shared, &p, packet).await;
+            Some(p)
         }
         Some(apply) => {
             // New IPs: wait for the datapath, never on this loop.
@@ -260,16 +321,18 @@ async fn answer_from_upstream(
             tokio::spawn(async move {
                 shared.hold(apply).await;
                 wire::set_id(&mut answer, p.client_id);
-                deliver(&shared, &p, &answer).await;
+                if let Err(e) = p.reply_via.send_to(&answer, p.client).await {
+                    debug!(client = %p.client, error = %e, "sending the answer failed");
+                }
+                delivered(&shared, &p);
             });
+            None
         }
     }
 }
 
-async fn deliver(shared: &Shared, p: &Pending, answer: &[u8]) {
-    if let Err(e) = p.reply_via.send_to(answer, p.client).await {
-        debug!(client = %p.client, error = %e, "sending the answer failed");
-    }
+/// Accounts for an answer sent to its client.
+fn delivered(shared: &Shared, p: &Pending) {
     shared
         .metrics
         .latency_total
@@ -313,38 +376,92 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
     }
 }
 
-/// One received client datagram and where it was headed.
-struct Received<'a> {
-    packet: &'a mut [u8],
-    client: SocketAddr,
-    /// The servers the query may go to (the policy chooses), tried from `start` on.
-    servers: &'a [SocketAddr],
-    start: usize,
-    /// The socket answers leave from.
-    reply_via: Arc<UdpSocket>,
-    at: Instant,
+/// Judges every datagram of a client batch, then sends what it produced: replies, one
+/// `sendmmsg` per reply socket, and forwarded queries, one `sendmmsg` per upstream socket.
+/// `route(i)` gives the `i`-th datagram's candidate servers, the index to try them from,
+/// and the socket replies leave from (`None`: the datagram is skipped).
+async fn handle_batch<'r>(
+    shared: &Shared,
+    pool: &UpstreamPool,
+    batch: &mut Batch,
+    count: usize,
+    outs: &mut [Vec<u8>],
+    mut route: impl FnMut(usize) -> Option<(&'r [SocketAddr], usize, Arc<UdpSocket>)>,
+) {
+    let at = Instant::now();
+    let turn = pool.next.fetch_add(1, Ordering::Relaxed);
+    let mut replies: SmallVec<[Reply; 8]> = SmallVec::new();
+    let mut queries: SmallVec<[(usize, Outbound); CLIENT_BATCH]> = SmallVec::new();
+    for i in 0..count {
+        let Some((servers, start, reply_via)) = route(i) else {
+            continue;
+        };
+        let (Some((packet, client)), Some(out)) = (batch.datagram(i), outs.get_mut(i)) else {
+            continue;
+        };
+        match shared.judge(packet, client, servers, start, Protocol::Udp, out) {
+            Step::Reply(len) => replies.push((i, len, client, reply_via)),
+            Step::Forward(query, learn, server) => {
+                let asker = ClientRef {
+                    addr: client,
+                    reply_via: reply_via.clone(),
+                    received: at,
+                };
+                let outbound = match pool.socket_for(server, turn) {
+                    Some(sock) => sock.register(
+                        packet,
+                        &query,
+                        learn,
+                        asker,
+                        server,
+                        shared.config.upstream_timeout,
+                    ),
+                    None => {
+                        warn!(%server, "no upstream socket for this address family; answering SERVFAIL");
+                        None
+                    }
+                };
+                match outbound {
+                    Some(outbound) => queries.push((i, outbound)),
+                    None => {
+                        shared.leave(client.ip());
+                        let reply = wire::write_reply(
+                            packet,
+                            Some(query.question_end),
+                            Rcode::ServFail,
+                            out,
+                        );
+                        if let Some(n) = reply {
+                            replies.push((i, n, client, reply_via));
+                        }
+                    }
+                }
+            }
+            Step::Drop => {}
+        }
+    }
+    if !replies.is_empty() {
+        let msgs: Vec<(&Arc<UdpSocket>, &[u8], SocketAddr)> = replies
+            .iter()
+            .map(|(i, len, client, via)| {
+                let bytes = outs.get(*i).and_then(|o| o.get(..*len));
+                (via, bytes.unwrap_or_default(), *client)
+            })
+            .collect();
+        send_runs(&msgs).await;
+    }
+    if !queries.is_empty() {
+        send_queries(shared, batch, &queries).await;
+    }
 }
 
-/// Judges one datagram and answers it or forwards it.
-async fn handle(shared: &Shared, pool: &UpstreamPool, r: Received<'_>, out: &mut [u8]) {
-    match shared.judge(r.packet, r.client, r.servers, r.start, Protocol::Udp, out) {
-        Step::Reply(len) => {
-            let _ = r
-                .reply_via
-                .send_to(out.get(..len).unwrap_or_default(), r.client)
-                .await;
-        }
-        Step::Forward(query, learn, server) => {
-            let client = ClientRef {
-                addr: r.client,
-                reply_via: r.reply_via,
-                received: r.at,
-            };
-            pool.forward(shared, r.packet, &query, learn, client, server)
-                .await;
-        }
-        Step::Drop => {}
-    }
+/// A reply produced while a batch is handled: the datagram's index (the reply is in its
+/// reply buffer), the reply's length, the client, and the socket it leaves from.
+type Reply = (usize, usize, SocketAddr, Arc<UdpSocket>);
+
+/// Reply buffers for a client batch, one per datagram.
+fn reply_buffers() -> Vec<Vec<u8>> {
+    (0..CLIENT_BATCH).map(|_| vec![0u8; 1024]).collect()
 }
 
 /// Serves one explicit UDP listener until the socket fails.
@@ -354,7 +471,7 @@ pub(crate) async fn serve(
     socket: Arc<UdpSocket>,
 ) -> io::Result<()> {
     let mut batch = Batch::new(CLIENT_BATCH, CLIENT_DATAGRAM);
-    let mut out = vec![0u8; 1024];
+    let mut outs = reply_buffers();
     let upstreams = shared.config.upstreams.clone();
     let mut turn = 0usize;
     loop {
@@ -364,28 +481,11 @@ pub(crate) async fn serve(
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
             Err(e) => return Err(e),
         };
-        let at = Instant::now();
-        for i in 0..count {
-            let Some((packet, client)) = batch.datagram(i) else {
-                continue;
-            };
+        handle_batch(&shared, &pool, &mut batch, count, &mut outs, |_| {
             turn = turn.wrapping_add(1);
-            let reply_via = socket.clone();
-            handle(
-                &shared,
-                &pool,
-                Received {
-                    packet,
-                    client,
-                    servers: &upstreams,
-                    start: turn,
-                    reply_via,
-                    at,
-                },
-                &mut out,
-            )
-            .await;
-        }
+            Some((&upstreams[..], turn, socket.clone()))
+        })
+        .await;
     }
 }
 
@@ -396,39 +496,40 @@ pub(crate) async fn serve_transparent(
     pool: Arc<UpstreamPool>,
     socket: Arc<UdpSocket>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; MAX_UDP];
-    let mut out = vec![0u8; 1024];
+    let mut batch = Batch::with_orig_dst(CLIENT_BATCH, CLIENT_DATAGRAM);
+    let mut outs = reply_buffers();
     let mut replies = ReplySockets::default();
+    // The original destinations of the current batch, so each datagram can name its one
+    // candidate server as a slice.
+    let mut servers: Vec<SocketAddr> = Vec::with_capacity(CLIENT_BATCH);
     loop {
-        let (n, client, server) = match recv_orig_dst(&socket, &mut buf).await {
-            Ok(r) => r,
+        let count = match batch.recv(&socket).await {
+            Ok(n) => n,
             Err(e) => {
                 debug!(error = %e, "transparent receive failed");
                 continue;
             }
         };
-        let at = Instant::now();
-        let reply_via = match replies.get(server) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(%server, error = %e, "cannot answer from the original destination");
-                continue;
+        servers.clear();
+        servers.extend((0..count).map(|i| batch.orig_dst(i).unwrap_or(NO_SERVER)));
+        let servers = &servers;
+        handle_batch(&shared, &pool, &mut batch, count, &mut outs, |i| {
+            let server = *servers.get(i)?;
+            if server == NO_SERVER {
+                debug!("transparent datagram without its original destination dropped");
+                return None;
             }
-        };
-        let packet = buf.get_mut(..n).unwrap_or_default();
-        handle(
-            &shared,
-            &pool,
-            Received {
-                packet,
-                client,
-                servers: &[server],
-                start: 0,
-                reply_via,
-                at,
-            },
-            &mut out,
-        )
+            match replies.get(server) {
+                Ok(via) => Some((servers.get(i..=i)?, 0, via)),
+                Err(e) => {
+                    warn!(%server, error = %e, "cannot answer from the original destination");
+                    None
+                }
+            }
+        })
         .await;
     }
 }
+
+/// Stands for a missing original destination (never a real one: port 0).
+const NO_SERVER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
