@@ -9,7 +9,7 @@
 //!
 //! Pure: no clock (time is passed in), no I/O, no async.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -88,7 +88,9 @@ struct NameEntry {
 #[derive(Debug, Default)]
 pub struct FqdnCache {
     config: CacheConfig,
-    names: HashMap<Arc<str>, NameEntry>,
+    /// Keyed with foldhash (randomly seeded): looked up on every answer, and names come
+    /// from answers, not from a party that can pick hash collisions at will.
+    names: foldhash::HashMap<Arc<str>, NameEntry>,
     expiry: BTreeSet<(Instant, Arc<str>, IpAddr)>,
 }
 
@@ -135,19 +137,17 @@ impl FqdnCache {
         let expires = now + self.effective_ttl(ttl);
         let mut changes = Vec::new();
         for name in names {
-            if !self.names.contains_key(name.as_str()) {
-                let key: Arc<str> = name.as_str().into();
-                self.names.insert(
-                    key.clone(),
-                    NameEntry {
+            // One lookup for a known name (the usual case); a new one is inserted.
+            let entry = match self.names.get_mut(name.as_str()) {
+                Some(entry) => entry,
+                None => {
+                    let key: Arc<str> = name.as_str().into();
+                    self.names.entry(key.clone()).or_insert(NameEntry {
                         name: key,
                         ips: Vec::new(),
                         selectors: selectors_of(set, name),
-                    },
-                );
-            }
-            let Some(entry) = self.names.get_mut(name.as_str()) else {
-                continue;
+                    })
+                }
             };
             for &ip in ips {
                 upsert(

@@ -7,6 +7,7 @@
 //! Field names follow Hubble's flow JSON where there is one (`time`, `verdict`,
 //! `source.pod_name`, `dns.query`, `dns.rcode`, `dns.ips`, `drop_reason_desc`...).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -60,10 +61,10 @@ pub struct Dns {
     /// The name asked.
     pub query: String,
     /// The type asked (`A`, `AAAA`, ...).
-    pub qtypes: Vec<String>,
+    pub qtypes: Vec<Cow<'static, str>>,
     /// The answer's RCODE (ours when denied).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rcode: Option<String>,
+    pub rcode: Option<Cow<'static, str>>,
     /// Addresses in the answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<IpAddr>,
@@ -198,7 +199,24 @@ pub struct FlowLog {
     file: Option<mpsc::Sender<Arc<Flow>>>,
     /// Metrics.
     pub metrics: FlowMetrics,
+    /// The event counters of the usual kinds and verdicts, looked up once (the hot path
+    /// then skips hashing the labels); others are found in the family.
+    counters: Vec<(&'static str, &'static str, Counter)>,
+    /// `flow_events_lost{stage="ring"}`: counted on every push once the ring is full.
+    ring_lost: Counter,
 }
+
+/// The kinds and verdicts whose counters [`FlowLog`] keeps at hand.
+const USUAL: [(&str, &str); 8] = [
+    ("dns", "allowed"),
+    ("dns", "denied"),
+    ("dns", "audit"),
+    ("dns", "malformed"),
+    ("dns", "fairness"),
+    ("dns", "timeout"),
+    ("drop", "denied"),
+    ("drop", "audit"),
+];
 
 impl FlowLog {
     /// A log; with a file, a writer task is started (call inside a tokio runtime).
@@ -210,30 +228,57 @@ impl FlowLog {
             tokio::task::spawn_blocking(move || write_file(path, max, rx));
             tx
         });
+        let counters = USUAL
+            .iter()
+            .map(|&(kind, verdict)| {
+                let c = metrics
+                    .events
+                    .get_or_create(&FlowLabels { kind, verdict })
+                    .clone();
+                (kind, verdict, c)
+            })
+            .collect();
+        let ring_lost = metrics
+            .lost
+            .get_or_create(&LostLabels { stage: "ring" })
+            .clone();
         Arc::new(Self {
             ring: Mutex::new(VecDeque::with_capacity(settings.ring_size.min(65_536))),
             cap: settings.ring_size.max(1),
             live,
             file,
             metrics,
+            counters,
+            ring_lost,
         })
     }
 
     /// Records an event.
     pub fn push(&self, flow: Flow) {
-        self.metrics
-            .events
-            .get_or_create(&FlowLabels {
-                kind: flow.kind,
-                verdict: flow.verdict,
-            })
-            .inc();
+        match self
+            .counters
+            .iter()
+            .find(|(k, v, _)| *k == flow.kind && *v == flow.verdict)
+        {
+            Some((_, _, c)) => {
+                c.inc();
+            }
+            None => {
+                self.metrics
+                    .events
+                    .get_or_create(&FlowLabels {
+                        kind: flow.kind,
+                        verdict: flow.verdict,
+                    })
+                    .inc();
+            }
+        }
         let flow = Arc::new(flow);
         {
             let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
             if ring.len() >= self.cap {
                 ring.pop_front();
-                self.metrics.lose("ring", 1);
+                self.ring_lost.inc();
             }
             ring.push_back(flow.clone());
         }
@@ -315,7 +360,7 @@ fn write_file(path: PathBuf, max: u64, mut rx: mpsc::Receiver<Arc<Flow>>) {
 /// Decodes a question section's name (wire form) for display: labels joined by dots, bytes
 /// outside printable ASCII and dots inside labels escaped as `\DDD`.
 pub fn question_name(question: &[u8]) -> (String, Option<u16>) {
-    let mut name = String::new();
+    let mut name = String::with_capacity(question.len());
     let mut i = 0;
     while let Some(&len) = question.get(i) {
         let len = usize::from(len);
@@ -348,7 +393,7 @@ pub fn question_name(question: &[u8]) -> (String, Option<u16>) {
 }
 
 /// The mnemonic of a query type.
-pub fn qtype_name(t: u16) -> String {
+pub fn qtype_name(t: u16) -> Cow<'static, str> {
     match t {
         1 => "A".into(),
         28 => "AAAA".into(),
@@ -361,7 +406,7 @@ pub fn qtype_name(t: u16) -> String {
         6 => "SOA".into(),
         12 => "PTR".into(),
         255 => "ANY".into(),
-        other => format!("TYPE{other}"),
+        other => format!("TYPE{other}").into(),
     }
 }
 

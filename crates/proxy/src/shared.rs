@@ -2,7 +2,7 @@
 //! per-client fairness, counters; and the step common to UDP and TCP: judge a query,
 //! learn from its answer and hold the answer until the IPs are enforced.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -30,9 +30,11 @@ pub(crate) struct Asked {
     pub(crate) server: SocketAddr,
     /// When the query arrived.
     pub(crate) received: Instant,
+    /// When the answer arrived (read once per batch of answers).
+    pub(crate) answered: Instant,
 }
 
-fn rcode_name(rcode: u8) -> String {
+fn rcode_name(rcode: u8) -> Cow<'static, str> {
     match rcode {
         0 => "NOERROR".into(),
         1 => "FORMERR".into(),
@@ -40,7 +42,7 @@ fn rcode_name(rcode: u8) -> String {
         3 => "NXDOMAIN".into(),
         4 => "NOTIMP".into(),
         5 => "REFUSED".into(),
-        other => format!("RCODE{other}"),
+        other => format!("RCODE{other}").into(),
     }
 }
 
@@ -86,13 +88,13 @@ pub struct Shared {
     cache: Mutex<FqdnCache>,
     sink: Arc<dyn IpSink>,
     refresh: mpsc::UnboundedSender<Vec<Change>>,
-    inflight: Mutex<HashMap<IpAddr, u32>>,
+    inflight: Mutex<foldhash::HashMap<IpAddr, u32>>,
     /// Metrics (also read by tests).
     pub metrics: ProxyMetrics,
     /// Flow events.
     pub flows: Arc<FlowLog>,
     pub(crate) tcp_pool: crate::tcp::Pool,
-    sources: ArcSwap<HashMap<IpAddr, Arc<Source>>>,
+    sources: ArcSwap<foldhash::HashMap<IpAddr, Arc<Source>>>,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -139,7 +141,7 @@ impl Shared {
             cache: Mutex::new(cache),
             sink,
             refresh,
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::default(),
             metrics,
             flows,
             tcp_pool: crate::tcp::Pool::default(),
@@ -294,7 +296,7 @@ impl Shared {
                         flow.dns = Some(Dns {
                             query: name,
                             qtypes: vec![flows::qtype_name(query.qtype)],
-                            rcode: Some(format!("{rcode:?}").to_uppercase()),
+                            rcode: Some(format!("{rcode:?}").to_uppercase().into()),
                             server: Some(server),
                             ..Dns::default()
                         });
@@ -350,7 +352,7 @@ impl Shared {
         })
     }
 
-    fn prepare_sources(snapshot: &Snapshot) -> HashMap<IpAddr, Arc<Source>> {
+    fn prepare_sources(snapshot: &Snapshot) -> foldhash::HashMap<IpAddr, Arc<Source>> {
         snapshot
             .endpoints()
             .map(|(ip, ep)| {
@@ -432,7 +434,13 @@ impl Shared {
                 ttl: (!learned.ips.is_empty()).then_some(learned.ttl),
                 server: Some(asked.server),
                 latency_us: Some(
-                    u64::try_from(asked.received.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    u64::try_from(
+                        asked
+                            .answered
+                            .saturating_duration_since(asked.received)
+                            .as_micros(),
+                    )
+                    .unwrap_or(u64::MAX),
                 ),
             });
             self.flows.push(flow);
@@ -444,7 +452,7 @@ impl Shared {
             let snapshot = self.snapshot.load();
             let mut cache = lock(&self.cache);
             let changes = cache.learn(
-                Instant::now(),
+                asked.answered,
                 &learned.names,
                 &learned.ips,
                 std::time::Duration::from_secs(u64::from(learned.ttl)),

@@ -121,6 +121,7 @@ async fn connection(
                                 client: client.ip(),
                                 server: upstream,
                                 received,
+                                answered: received,
                             },
                         ),
                     )
@@ -245,6 +246,10 @@ async fn exchange(
         .latency_upstream
         .observe(sent.elapsed().as_secs_f64());
     loop {
+        let asked = crate::shared::Asked {
+            answered: std::time::Instant::now(),
+            ..asked
+        };
         match shared.accept_answer(question, &answer, learn, asked) {
             Some(hold) => {
                 shared.tcp_pool.put(upstream, up);

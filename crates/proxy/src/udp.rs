@@ -5,7 +5,6 @@
 //! queried, for a pending ID, with the same question; anything else is counted and
 //! ignored, so a spoofed answer can neither reach the client nor teach IPs.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,7 +66,8 @@ pub(crate) struct ClientRef {
 
 struct UpstreamSocket {
     socket: UdpSocket,
-    pending: Mutex<HashMap<u16, Pending>>,
+    /// Keyed by the random IDs the proxy chose (foldhash: cheap, and nobody else picks the keys).
+    pending: Mutex<foldhash::HashMap<u16, Pending>>,
 }
 
 /// Sockets that send queries upstream and receive their answers.
@@ -89,13 +89,13 @@ impl UpstreamPool {
         for _ in 0..POOL {
             v4.push(Arc::new(UpstreamSocket {
                 socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::default(),
             }));
             // IPv6 may be disabled on the host; IPv4 upstreams still work.
             if let Ok(socket) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await {
                 v6.push(Arc::new(UpstreamSocket {
                     socket,
-                    pending: Mutex::new(HashMap::new()),
+                    pending: Mutex::default(),
                 }));
             }
         }
@@ -139,7 +139,7 @@ impl UpstreamSocket {
         let question = packet
             .get(wire::HEADER_LEN..query.question_end)
             .unwrap_or_default();
-        let now = Instant::now();
+        let now = client.received;
         let pending = Pending {
             client: client.addr,
             client_id: query.id,
@@ -250,9 +250,10 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             }
         };
         ready.clear();
+        let now = Instant::now();
         for i in 0..count {
             if let Some((answer, from)) = batch.datagram(i) {
-                if let Some(p) = answer_from_upstream(&shared, &sock, answer, from) {
+                if let Some(p) = answer_from_upstream(&shared, &sock, answer, from, now) {
                     ready.push((i, p));
                 }
             }
@@ -265,7 +266,7 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
         send_runs(&msgs).await;
         drop(msgs);
         for (_, p) in ready.drain(..) {
-            delivered(&shared, &p);
+            delivered(&shared, &p, now);
         }
     }
 }
@@ -278,6 +279,7 @@ fn answer_from_upstream(
     sock: &UpstreamSocket,
     packet: &mut [u8],
     from: SocketAddr,
+    now: Instant,
 ) -> Option<Pending> {
     let id = wire::id(packet)?;
     // Only the queried server may answer, and only for a pending ID.
@@ -295,11 +297,12 @@ fn answer_from_upstream(
     shared
         .metrics
         .latency_upstream
-        .observe(p.sent.elapsed().as_secs_f64());
+        .observe(now.saturating_duration_since(p.sent).as_secs_f64());
     let asked = crate::shared::Asked {
         client: p.client.ip(),
         server: p.upstream,
         received: p.received,
+        answered: now,
     };
     let hold = match shared.accept_answer(&p.question, packet, p.learn, asked) {
         Some(hold) => hold,
@@ -324,19 +327,19 @@ fn answer_from_upstream(
                 if let Err(e) = p.reply_via.send_to(&answer, p.client).await {
                     debug!(client = %p.client, error = %e, "sending the answer failed");
                 }
-                delivered(&shared, &p);
+                delivered(&shared, &p, Instant::now());
             });
             None
         }
     }
 }
 
-/// Accounts for an answer sent to its client.
-fn delivered(shared: &Shared, p: &Pending) {
+/// Accounts for an answer sent to its client (`now`: about when it left).
+fn delivered(shared: &Shared, p: &Pending, now: Instant) {
     shared
         .metrics
         .latency_total
-        .observe(p.received.elapsed().as_secs_f64());
+        .observe(now.saturating_duration_since(p.received).as_secs_f64());
     shared.leave(p.client.ip());
 }
 
