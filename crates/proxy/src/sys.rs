@@ -307,3 +307,41 @@ pub(crate) fn explicit_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_batch_sends_every_message_it_can_and_names_the_ones_it_cannot() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        // An IPv6 destination cannot be reached from an IPv4 socket.
+        let unreachable: SocketAddr = "[::1]:53".parse().unwrap();
+        let msgs: [(&[u8], SocketAddr); 4] = [
+            (b"one", to),
+            (b"two", unreachable),
+            (b"three", to),
+            (b"four", to),
+        ];
+        let failed = send_batch(&tx, &msgs).await;
+        assert_eq!(failed.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1]);
+
+        let mut batch = Batch::new(8, 64);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let n = tokio::time::timeout(Duration::from_secs(5), batch.recv(&rx))
+                .await
+                .expect("the sent datagrams arrive")
+                .unwrap();
+            for i in 0..n {
+                got.push(batch.bytes(i).to_vec());
+                assert_eq!(batch.datagram(i).unwrap().1, tx.local_addr().unwrap());
+            }
+        }
+        assert_eq!(got, [&b"one"[..], b"three", b"four"]);
+    }
+}
