@@ -182,46 +182,48 @@ struct Outbound {
 /// Sends the registered queries (batch index and where it goes), one `sendmmsg` per run
 /// of queries sharing a socket. A query that cannot be sent is answered SERVFAIL.
 async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outbound)]) {
-    let mut msgs: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(queries.len());
-    let mut rest = queries;
-    while let Some((_, first)) = rest.first() {
-        let run = rest
-            .iter()
-            .take_while(|(_, o)| Arc::ptr_eq(&o.sock, &first.sock))
-            .count();
-        let (now, later) = rest.split_at(run);
-        rest = later;
-        msgs.clear();
-        msgs.extend(now.iter().map(|(i, o)| (batch.bytes(*i), o.upstream)));
-        for (k, e) in sys::send_batch(&first.sock.socket, &msgs).await {
-            let Some((_, o)) = now.get(k) else { continue };
-            debug!(upstream = %o.upstream, error = %e, "sending upstream failed");
-            let p = lock(&o.sock.pending).remove(&o.id);
-            if let Some(p) = p {
-                fail(shared, &p, Rcode::ServFail).await;
-            }
+    let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = queries
+        .iter()
+        .map(|(i, o)| (&o.sock.socket, batch.bytes(*i), o.upstream))
+        .collect();
+    for (k, e) in send_runs(&msgs).await {
+        let Some((_, o)) = queries.get(k) else {
+            continue;
+        };
+        debug!(upstream = %o.upstream, error = %e, "sending upstream failed");
+        let p = lock(&o.sock.pending).remove(&o.id);
+        if let Some(p) = p {
+            fail(shared, &p, Rcode::ServFail).await;
         }
     }
 }
 
-/// Sends each message (bytes, destination) through its socket, one `sendmmsg` per run of
-/// messages sharing a socket; failures are logged (the client retries).
-async fn send_runs(msgs: &[(&Arc<UdpSocket>, &[u8], SocketAddr)]) {
+/// Sends each message (socket, bytes, destination), one `sendmmsg` per run of messages
+/// sharing a socket. Returns the messages that could not be sent, by index in `msgs`.
+async fn send_runs(msgs: &[(&UdpSocket, &[u8], SocketAddr)]) -> Vec<(usize, io::Error)> {
+    let mut failed = Vec::new();
     let mut out: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(msgs.len());
-    let mut rest = msgs;
-    while let Some((first, _, _)) = rest.first() {
-        let run = rest
+    let mut start = 0;
+    while let Some(&(first, _, _)) = msgs.get(start) {
+        let now = msgs.get(start..).unwrap_or_default();
+        let run = now
             .iter()
-            .take_while(|(s, _, _)| Arc::ptr_eq(s, first))
+            .take_while(|(s, _, _)| std::ptr::eq(*s, first))
             .count();
-        let (now, later) = rest.split_at(run);
-        rest = later;
         out.clear();
-        out.extend(now.iter().map(|(_, b, to)| (*b, *to)));
-        for (k, e) in sys::send_batch(first, &out).await {
-            if let Some((_, _, to)) = now.get(k) {
-                debug!(client = %to, error = %e, "sending a reply failed");
-            }
+        out.extend(now.iter().take(run).map(|(_, b, to)| (*b, *to)));
+        let errors = sys::send_batch(first, &out).await;
+        failed.extend(errors.into_iter().map(|(k, e)| (start + k, e)));
+        start += run;
+    }
+    failed
+}
+
+/// Sends replies and answers to clients; failures are logged (the client retries).
+async fn send_to_clients(msgs: &[(&UdpSocket, &[u8], SocketAddr)]) {
+    for (k, e) in send_runs(msgs).await {
+        if let Some((_, _, to)) = msgs.get(k) {
+            debug!(client = %to, error = %e, "sending a reply failed");
         }
     }
 }
@@ -259,11 +261,11 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             }
         }
         // The answers released at once leave together.
-        let msgs: Vec<(&Arc<UdpSocket>, &[u8], SocketAddr)> = ready
+        let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = ready
             .iter()
-            .map(|(i, p)| (&p.reply_via, batch.bytes(*i), p.client))
+            .map(|(i, p)| (&*p.reply_via, batch.bytes(*i), p.client))
             .collect();
-        send_runs(&msgs).await;
+        send_to_clients(&msgs).await;
         drop(msgs);
         for (_, p) in ready.drain(..) {
             delivered(&shared, &p, now);
@@ -444,14 +446,14 @@ async fn handle_batch<'r>(
         }
     }
     if !replies.is_empty() {
-        let msgs: Vec<(&Arc<UdpSocket>, &[u8], SocketAddr)> = replies
+        let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = replies
             .iter()
             .map(|(i, len, client, via)| {
                 let bytes = outs.get(*i).and_then(|o| o.get(..*len));
-                (via, bytes.unwrap_or_default(), *client)
+                (&**via, bytes.unwrap_or_default(), *client)
             })
             .collect();
-        send_runs(&msgs).await;
+        send_to_clients(&msgs).await;
     }
     if !queries.is_empty() {
         send_queries(shared, batch, &queries).await;
