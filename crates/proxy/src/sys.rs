@@ -16,6 +16,7 @@ use nix::sys::socket::{
     recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
     MultiHeaders, SockaddrStorage,
 };
+use smallvec::SmallVec;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
@@ -231,12 +232,13 @@ fn orig_dst_of(c: &ControlMessageOwned) -> Option<SocketAddr> {
     }
 }
 
-/// Sends each message (bytes, destination) from `socket`, with as few `sendmmsg` calls as
-/// the kernel allows (one, unless its buffer fills). Returns the messages that could not
-/// be sent, by index, with their error; the others are sent.
+/// Sends each message (bytes, and the destination unless `socket` is connected) from
+/// `socket`, with as few `sendmmsg` calls as the kernel allows (one, unless its buffer
+/// fills). Returns the messages that could not be sent, by index, with their error; the
+/// others are sent.
 pub(crate) async fn send_batch(
     socket: &UdpSocket,
-    msgs: &[(&[u8], SocketAddr)],
+    msgs: &[(&[u8], Option<SocketAddr>)],
 ) -> Vec<(usize, io::Error)> {
     let fd = socket.as_raw_fd();
     let mut failed = Vec::new();
@@ -247,9 +249,10 @@ pub(crate) async fn send_batch(
                 let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(rest.len(), None);
                 let iovs: Vec<[IoSlice<'_>; 1]> =
                     rest.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
-                let addrs: Vec<Option<SockaddrStorage>> = rest
+                // On the stack for batches of ordinary size.
+                let addrs: SmallVec<[Option<SockaddrStorage>; BATCH_INLINE]> = rest
                     .iter()
-                    .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+                    .map(|(_, a)| a.map(SockaddrStorage::from))
                     .collect();
                 let none: [ControlMessage<'_>; 0] = [];
                 let results = sendmmsg(
@@ -282,6 +285,32 @@ pub(crate) async fn send_batch(
 }
 
 /// A plain (explicit) listener socket with `SO_REUSEPORT`, UDP or TCP.
+/// Messages of a batch whose slices and addresses live on the stack.
+const BATCH_INLINE: usize = 32;
+
+/// A UDP socket on an ephemeral port of `upstream`'s family, connected to `upstream`: the
+/// kernel then delivers only that server's datagrams to it, and sends to it without a
+/// route lookup per datagram.
+pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(upstream),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if upstream.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    let any: SocketAddr = if upstream.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&any.into())?;
+    socket.connect(&upstream.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 pub(crate) fn explicit_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
@@ -321,11 +350,11 @@ mod tests {
         let to = rx.local_addr().unwrap();
         // An IPv6 destination cannot be reached from an IPv4 socket.
         let unreachable: SocketAddr = "[::1]:53".parse().unwrap();
-        let msgs: [(&[u8], SocketAddr); 4] = [
-            (b"one", to),
-            (b"two", unreachable),
-            (b"three", to),
-            (b"four", to),
+        let msgs: [(&[u8], Option<SocketAddr>); 4] = [
+            (b"one", Some(to)),
+            (b"two", Some(unreachable)),
+            (b"three", Some(to)),
+            (b"four", Some(to)),
         ];
         let failed = send_batch(&tx, &msgs).await;
         assert_eq!(failed.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1]);

@@ -1,7 +1,10 @@
 //! UDP: the client-facing listener and the pool of upstream sockets.
 //!
-//! Each upstream socket (random source port) keeps a table of pending queries indexed by
-//! the fresh random ID it gave them. An answer is accepted only from the server that was
+//! Each upstream server gets a few sockets of its own, connected to it (random source
+//! ports; the kernel then delivers only that server's datagrams to them and routes each
+//! query without a lookup). Servers beyond [`MAX_CONNECTED_UPSTREAMS`] share unconnected
+//! sockets. Each upstream socket keeps a table of pending queries indexed by the fresh
+//! random ID it gave them. An answer is accepted only from the server that was
 //! queried, for a pending ID, with the same question; anything else is counted and
 //! ignored, so a spoofed answer can neither reach the client nor teach IPs.
 
@@ -37,8 +40,12 @@ pub(crate) const MAX_UDP: usize = 65_535;
 /// make a fresh random ID slow to find.
 const MAX_PENDING_PER_SOCKET: usize = 32_768;
 
-/// Upstream sockets per address family.
+/// Upstream sockets per server (and unconnected ones per address family).
 const POOL: usize = 4;
+
+/// Servers that get connected sockets of their own; queries to further servers (only a
+/// transparent proxy can see many) share the unconnected sockets.
+const MAX_CONNECTED_UPSTREAMS: usize = 64;
 
 struct Pending {
     client: SocketAddr,
@@ -66,12 +73,18 @@ pub(crate) struct ClientRef {
 
 struct UpstreamSocket {
     socket: UdpSocket,
+    /// Whether the socket is connected to its server (queries leave without an address).
+    connected: bool,
     /// Keyed by the random IDs the proxy chose (foldhash: cheap, and nobody else picks the keys).
     pending: Mutex<foldhash::HashMap<u16, Pending>>,
 }
 
 /// Sockets that send queries upstream and receive their answers.
 pub(crate) struct UpstreamPool {
+    shared: Arc<Shared>,
+    /// Connected sockets by server, created on first use (empty: connecting failed, the
+    /// server's queries use the unconnected sockets).
+    connected: Mutex<foldhash::HashMap<SocketAddr, Arc<[Arc<UpstreamSocket>]>>>,
     v4: Vec<Arc<UpstreamSocket>>,
     v6: Vec<Arc<UpstreamSocket>>,
     next: AtomicUsize,
@@ -87,19 +100,18 @@ impl UpstreamPool {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
         for _ in 0..POOL {
-            v4.push(Arc::new(UpstreamSocket {
-                socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
-                pending: Mutex::default(),
-            }));
+            v4.push(Arc::new(UpstreamSocket::new(
+                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
+                false,
+            )));
             // IPv6 may be disabled on the host; IPv4 upstreams still work.
             if let Ok(socket) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await {
-                v6.push(Arc::new(UpstreamSocket {
-                    socket,
-                    pending: Mutex::default(),
-                }));
+                v6.push(Arc::new(UpstreamSocket::new(socket, false)));
             }
         }
         let pool = Arc::new(Self {
+            shared: shared.clone(),
+            connected: Mutex::default(),
             v4,
             v6,
             next: AtomicUsize::new(0),
@@ -107,23 +119,77 @@ impl UpstreamPool {
         for sock in pool.v4.iter().chain(&pool.v6) {
             tokio::spawn(receive(shared.clone(), sock.clone()));
         }
+        // The configured servers get their sockets now, not on the first query.
+        for upstream in &shared.config.upstreams {
+            pool.connected_to(*upstream);
+        }
         tokio::spawn(sweep(shared, pool.clone()));
         Ok(pool)
     }
 
+    /// The sockets connected to `upstream`, created (and their receive tasks started) on
+    /// first use. Empty when the server gets none: connecting failed, or there are
+    /// already [`MAX_CONNECTED_UPSTREAMS`] servers.
+    fn connected_to(&self, upstream: SocketAddr) -> Arc<[Arc<UpstreamSocket>]> {
+        let mut map = lock(&self.connected);
+        if let Some(socks) = map.get(&upstream) {
+            return socks.clone();
+        }
+        if map.len() >= MAX_CONNECTED_UPSTREAMS {
+            return Arc::new([]);
+        }
+        let socks: Result<Vec<_>, _> = (0..POOL)
+            .map(|_| sys::connected_udp(upstream).map(|s| Arc::new(UpstreamSocket::new(s, true))))
+            .collect();
+        let socks: Arc<[Arc<UpstreamSocket>]> = match socks {
+            Ok(socks) => {
+                for sock in &socks {
+                    tokio::spawn(receive(self.shared.clone(), sock.clone()));
+                }
+                socks.into()
+            }
+            Err(e) => {
+                warn!(%upstream, error = %e, "cannot connect a socket to this upstream; its queries share unconnected sockets");
+                Arc::new([])
+            }
+        };
+        map.insert(upstream, socks.clone());
+        socks
+    }
+
     /// The socket a batch's queries to `upstream` leave from: the queries of one receive
     /// batch share a socket (so they leave with one system call) and batches take turns.
-    fn socket_for(&self, upstream: SocketAddr, turn: usize) -> Option<&Arc<UpstreamSocket>> {
+    fn socket_for(&self, upstream: SocketAddr, turn: usize) -> Option<Arc<UpstreamSocket>> {
+        let own = self.connected_to(upstream);
+        if let Some(sock) = own.get(turn % own.len().max(1)) {
+            return Some(sock.clone());
+        }
         let family = if upstream.is_ipv4() {
             &self.v4
         } else {
             &self.v6
         };
-        family.get(turn % family.len().max(1))
+        family.get(turn % family.len().max(1)).cloned()
+    }
+
+    /// Every upstream socket: the connected ones and the shared ones.
+    fn all(&self) -> Vec<Arc<UpstreamSocket>> {
+        let map = lock(&self.connected);
+        let mut all: Vec<_> = map.values().flat_map(|s| s.iter().cloned()).collect();
+        all.extend(self.v4.iter().chain(&self.v6).cloned());
+        all
     }
 }
 
 impl UpstreamSocket {
+    fn new(socket: UdpSocket, connected: bool) -> Self {
+        Self {
+            socket,
+            connected,
+            pending: Mutex::default(),
+        }
+    }
+
     /// Records `packet` (a query already judged) as pending on this socket under a fresh
     /// random ID and writes that ID into the packet; the caller sends it. `None` when no ID
     /// is free (the query cannot leave; the packet is unchanged).
@@ -182,9 +248,12 @@ struct Outbound {
 /// Sends the registered queries (batch index and where it goes), one `sendmmsg` per run
 /// of queries sharing a socket. A query that cannot be sent is answered SERVFAIL.
 async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outbound)]) {
-    let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = queries
+    let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = queries
         .iter()
-        .map(|(i, o)| (&o.sock.socket, batch.bytes(*i), o.upstream))
+        .map(|(i, o)| {
+            let to = (!o.sock.connected).then_some(o.upstream);
+            (&o.sock.socket, batch.bytes(*i), to)
+        })
         .collect();
     for (k, e) in send_runs(&msgs).await {
         let Some((_, o)) = queries.get(k) else {
@@ -198,11 +267,12 @@ async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outboun
     }
 }
 
-/// Sends each message (socket, bytes, destination), one `sendmmsg` per run of messages
-/// sharing a socket. Returns the messages that could not be sent, by index in `msgs`.
-async fn send_runs(msgs: &[(&UdpSocket, &[u8], SocketAddr)]) -> Vec<(usize, io::Error)> {
+/// Sends each message (socket, bytes, destination unless the socket is connected), one
+/// `sendmmsg` per run of messages sharing a socket. Returns the messages that could not be
+/// sent, by index in `msgs`.
+async fn send_runs(msgs: &[(&UdpSocket, &[u8], Option<SocketAddr>)]) -> Vec<(usize, io::Error)> {
     let mut failed = Vec::new();
-    let mut out: Vec<(&[u8], SocketAddr)> = Vec::with_capacity(msgs.len());
+    let mut out: SmallVec<[(&[u8], Option<SocketAddr>); CLIENT_BATCH]> = SmallVec::new();
     let mut start = 0;
     while let Some(&(first, _, _)) = msgs.get(start) {
         let now = msgs.get(start..).unwrap_or_default();
@@ -220,9 +290,9 @@ async fn send_runs(msgs: &[(&UdpSocket, &[u8], SocketAddr)]) -> Vec<(usize, io::
 }
 
 /// Sends replies and answers to clients; failures are logged (the client retries).
-async fn send_to_clients(msgs: &[(&UdpSocket, &[u8], SocketAddr)]) {
+async fn send_to_clients(msgs: &[(&UdpSocket, &[u8], Option<SocketAddr>)]) {
     for (k, e) in send_runs(msgs).await {
-        if let Some((_, _, to)) = msgs.get(k) {
+        if let Some((_, _, Some(to))) = msgs.get(k) {
             debug!(client = %to, error = %e, "sending a reply failed");
         }
     }
@@ -261,9 +331,9 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             }
         }
         // The answers released at once leave together.
-        let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = ready
+        let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = ready
             .iter()
-            .map(|(i, p)| (&*p.reply_via, batch.bytes(*i), p.client))
+            .map(|(i, p)| (&*p.reply_via, batch.bytes(*i), Some(p.client)))
             .collect();
         send_to_clients(&msgs).await;
         drop(msgs);
@@ -352,7 +422,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
-        for sock in pool.v4.iter().chain(&pool.v6) {
+        for sock in pool.all() {
             let expired: Vec<Pending> = {
                 let mut table = lock(&sock.pending);
                 let ids: Vec<u16> = table
@@ -446,11 +516,11 @@ async fn handle_batch<'r>(
         }
     }
     if !replies.is_empty() {
-        let msgs: Vec<(&UdpSocket, &[u8], SocketAddr)> = replies
+        let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = replies
             .iter()
             .map(|(i, len, client, via)| {
                 let bytes = outs.get(*i).and_then(|o| o.get(..*len));
-                (&**via, bytes.unwrap_or_default(), *client)
+                (&**via, bytes.unwrap_or_default(), Some(*client))
             })
             .collect();
         send_to_clients(&msgs).await;

@@ -403,6 +403,48 @@ async fn answers_to_another_question_teach_nothing_and_the_real_one_gets_through
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_perfectly_forged_answer_from_another_address_never_reaches_the_client() {
+    let (up, addr) = scripted_upstream().await;
+    let proxy = start(
+        dns_config(addr),
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    let client = tokio::spawn(ask("127.0.0.2", at, msg::query(6, "api.example.com", 1)));
+    let mut buf = [0u8; 512];
+    let (n, from) = up.recv_from(&mut buf).await.unwrap();
+    let forwarded = buf[..n].to_vec();
+    // Right port, ID and question, sent from an address the query did not go to.
+    let rogue = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    let forged = msg::response(
+        &forwarded,
+        0,
+        &[msg::a("api.example.com", 300, [203, 0, 113, 66])],
+        &[],
+    );
+    rogue.send_to(&forged, from).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let real = msg::response(
+        &forwarded,
+        0,
+        &[msg::a("api.example.com", 60, [192, 0, 2, 11])],
+        &[],
+    );
+    up.send_to(&real, from).await.unwrap();
+    let reply = client.await.unwrap().unwrap();
+    assert_eq!(&reply[..2], &6u16.to_be_bytes());
+    assert_eq!(&reply[reply.len() - 4..], &[192, 0, 2, 11]);
+    let ips: Vec<std::net::IpAddr> = proxy.shared().with_cache(|c| {
+        c.iter()
+            .flat_map(|(_, ips, _)| ips.iter().map(|l| l.ip))
+            .collect()
+    });
+    assert_eq!(ips, [std::net::IpAddr::from([192, 0, 2, 11])]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
     let (_up, addr) = scripted_upstream().await;
     let cfg = DnsConfig {
