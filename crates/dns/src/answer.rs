@@ -97,15 +97,40 @@ pub fn check_answer(question: &[u8], packet: &[u8]) -> Result<Answer, AnswerErro
     Ok(answer)
 }
 
-fn fold<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Option<FoldedName> {
-    fold_name(name).ok()
+/// Whether `name` (as it came off the wire, any case) is `folded`. Compares label by
+/// label, so a label holding a dot never passes for two; a name [`fold_name`] would refuse
+/// equals no folded name.
+fn same_name(name: &ParsedName<&[u8]>, folded: &FoldedName) -> bool {
+    let mut rest = folded.as_bytes();
+    for label in name.iter() {
+        if label.is_root() {
+            break;
+        }
+        if rest.is_empty() {
+            return false;
+        }
+        let (head, tail) = match rest.iter().position(|&b| b == b'.') {
+            Some(dot) => (
+                rest.get(..dot).unwrap_or_default(),
+                rest.get(dot + 1..).unwrap_or_default(),
+            ),
+            None => (rest, &[][..]),
+        };
+        if !label.as_slice().eq_ignore_ascii_case(head) {
+            return false;
+        }
+        rest = tail;
+    }
+    rest.is_empty()
 }
 
 /// Follows the CNAME chain from `qname` and collects the addresses of names on it, in one
-/// pass over the answer section.
-fn learn(msg: &Message<&[u8]>, qname: FoldedName) -> Learned {
-    let mut cnames: SmallVec<[(FoldedName, FoldedName, u32); 4]> = SmallVec::new();
-    let mut addrs: SmallVec<[(FoldedName, IpAddr, u32); 8]> = SmallVec::new();
+/// pass over the answer section. Names are compared as they came off the wire; only the
+/// CNAME targets taken into the chain are folded.
+fn learn<'a>(msg: &Message<&'a [u8]>, qname: FoldedName) -> Learned {
+    type Name<'a> = ParsedName<&'a [u8]>;
+    let mut cnames: SmallVec<[(Name<'a>, Name<'a>, u32); 4]> = SmallVec::new();
+    let mut addrs: SmallVec<[(Name<'a>, IpAddr, u32); 8]> = SmallVec::new();
     let Ok(section) = msg.answer() else {
         return Learned::default();
     };
@@ -118,23 +143,17 @@ fn learn(msg: &Message<&[u8]>, qname: FoldedName) -> Learned {
         match rr.rtype() {
             Rtype::CNAME => {
                 if let Ok(Some(r)) = rr.to_record::<Cname<ParsedName<&[u8]>>>() {
-                    if let (Some(owner), Some(target)) = (fold(r.owner()), fold(r.data().cname())) {
-                        cnames.push((owner, target, ttl));
-                    }
+                    cnames.push((*r.owner(), *r.data().cname(), ttl));
                 }
             }
             Rtype::A => {
                 if let Ok(Some(r)) = rr.to_record::<A>() {
-                    if let Some(owner) = fold(r.owner()) {
-                        addrs.push((owner, IpAddr::V4(r.data().addr()), ttl));
-                    }
+                    addrs.push((*r.owner(), IpAddr::V4(r.data().addr()), ttl));
                 }
             }
             Rtype::AAAA => {
                 if let Ok(Some(r)) = rr.to_record::<Aaaa>() {
-                    if let Some(owner) = fold(r.owner()) {
-                        addrs.push((owner, IpAddr::V6(r.data().addr()), ttl));
-                    }
+                    addrs.push((*r.owner(), IpAddr::V6(r.data().addr()), ttl));
                 }
             }
             _ => {}
@@ -147,22 +166,26 @@ fn learn(msg: &Message<&[u8]>, qname: FoldedName) -> Learned {
     };
     learned.names.push(qname);
     let mut ttl = u32::MAX;
-    // Follow CNAMEs: each step takes the CNAME owned by the last name on the chain.
+    // Follow CNAMEs: each step takes the first CNAME owned by the last name on the chain
+    // whose target is a hostname.
     while learned.names.len() < MAX_CHAIN {
         let Some(last) = learned.names.last() else {
             break;
         };
-        let next = cnames.iter().find(|(owner, _, _)| owner == last);
+        let next = cnames
+            .iter()
+            .filter(|(owner, _, _)| same_name(owner, last))
+            .find_map(|(_, target, t)| fold_name(target).ok().map(|f| (f, *t)));
         match next {
-            Some((_, target, t)) if !learned.names.contains(target) => {
-                ttl = ttl.min(*t);
-                learned.names.push(target.clone());
+            Some((target, t)) if !learned.names.contains(&target) => {
+                ttl = ttl.min(t);
+                learned.names.push(target);
             }
             _ => break,
         }
     }
     for (owner, ip, t) in &addrs {
-        if learned.names.contains(owner) {
+        if learned.names.iter().any(|n| same_name(owner, n)) {
             push_ip(&mut learned.ips, *ip);
             ttl = ttl.min(*t);
         }

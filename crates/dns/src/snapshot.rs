@@ -1,7 +1,6 @@
 //! The proxy's view of the world: endpoints by IP with their resolved policies, and the
 //! verdict for one query. Built off the hot path, then shared read-only (behind an `Arc`).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -68,7 +67,8 @@ impl Default for VerdictConfig {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     policies: Arc<PolicySet>,
-    by_ip: HashMap<IpAddr, Arc<EndpointEntry>>,
+    /// foldhash: looked up for every query; only the inventory chooses the keys.
+    by_ip: foldhash::HashMap<IpAddr, Arc<EndpointEntry>>,
     host_ips: Vec<IpAddr>,
     config: VerdictConfig,
     /// Search domains (folded, without dots at either end), longest first.
@@ -124,7 +124,7 @@ impl Snapshot {
         host_ips: Vec<IpAddr>,
         config: VerdictConfig,
     ) -> Self {
-        let mut by_ip = HashMap::new();
+        let mut by_ip = foldhash::HashMap::default();
         for spec in endpoints {
             let endpoint = Endpoint::new(spec.namespace.clone(), spec.labels.clone());
             let entry = Arc::new(EndpointEntry {

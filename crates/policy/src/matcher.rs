@@ -12,7 +12,9 @@
 //! are alive at once, which only a set with that many overlapping wildcard labels under one
 //! parent can cause.
 
-use std::collections::HashMap;
+// foldhash, not SipHash: these maps are looked up once per label of every query, and
+// only policy authors choose their keys (a query can look up any key, never add one).
+use foldhash::HashMap;
 use std::ops::ControlFlow;
 
 use smallvec::SmallVec;
@@ -113,7 +115,7 @@ struct Node<V> {
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Self {
-            exact: HashMap::new(),
+            exact: HashMap::default(),
             globs: Globs::default(),
             terminal: Vec::new(),
             subdomains: Vec::new(),

@@ -164,3 +164,74 @@ fn a_malformed_answer_section_teaches_nothing() {
     let ans = check_answer(question(&q), &r).unwrap();
     assert!(ans.learned.ips.is_empty());
 }
+
+/// A wire-format name from raw labels (a label may hold any byte, dots included).
+fn wire(labels: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in labels {
+        out.push(u8::try_from(l.len()).unwrap());
+        out.extend_from_slice(l);
+    }
+    out.push(0);
+    out
+}
+
+fn wire_matches(labels: &[&[u8]], folded: &str) -> bool {
+    let bytes = wire(labels);
+    let mut parser = domain::dep::octseq::Parser::from_ref(&bytes[..]);
+    let name = ParsedName::parse_ref(&mut parser).unwrap();
+    same_name(&name, &FoldedName::new(folded.as_bytes()).unwrap())
+}
+
+#[test]
+fn owner_names_compare_label_by_label_in_any_case() {
+    assert!(wire_matches(
+        &[b"api", b"example", b"com"],
+        "api.example.com"
+    ));
+    assert!(wire_matches(
+        &[b"API", b"Example", b"COM"],
+        "api.example.com"
+    ));
+    // A dot inside a label never passes for a separator.
+    assert!(!wire_matches(&[b"api.example", b"com"], "api.example.com"));
+    assert!(!wire_matches(&[b"api", b"example.com"], "api.example.com"));
+    // Prefixes and suffixes are other names.
+    assert!(!wire_matches(&[b"example", b"com"], "api.example.com"));
+    assert!(!wire_matches(
+        &[b"x", b"api", b"example", b"com"],
+        "api.example.com"
+    ));
+    assert!(!wire_matches(&[b"api", b"example"], "api.example.com"));
+    assert!(!wire_matches(
+        &[b"api", b"example", b"co"],
+        "api.example.com"
+    ));
+    assert!(!wire_matches(
+        &[b"api", b"example", b"comm"],
+        "api.example.com"
+    ));
+}
+
+#[test]
+fn an_owner_with_a_dotted_label_teaches_nothing() {
+    let q = query(1, "api.example.com", 1);
+    let answer_owned_by = |owner: &[&[u8]]| {
+        let mut r = response(&q, 0, &[], &[]);
+        r[7] = 1; // ANCOUNT = 1
+        r.extend_from_slice(&wire(owner));
+        r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 9]);
+        r
+    };
+    // The same record under the query name teaches its address...
+    let r = answer_owned_by(&[b"api", b"example", b"com"]);
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!(
+        &ans.learned.ips[..],
+        [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9))]
+    );
+    // ...but under one label "api.example" then "com", it is another name.
+    let r = answer_owned_by(&[b"api.example", b"com"]);
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert!(ans.learned.ips.is_empty());
+}
