@@ -85,6 +85,8 @@ sleep 1
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
+# Time the hypervisor ran something else while this VM wanted to run (all vCPUs).
+steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
 
 # run NAME PORT PID [extra dnsperf flags]: dnsperf for DURATION seconds; CPU of PID over the run.
 run() {
@@ -94,10 +96,12 @@ run() {
   dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -n 1 -q "$OUTSTANDING" >/dev/null 2>&1 || true
   local before; before=$(cpu_ticks "$pid")
   local ubefore; ubefore=$(user_ticks "$pid")
+  local sbefore; sbefore=$(steal_ticks)
   dnsperf -s 127.0.0.1 -p "$port" -a 127.0.0.2 -d "$work/queries" -l "$DURATION" -q "$OUTSTANDING" -c 4 -v "$@" \
     > "$work/$name.out" 2>&1 || true
   local after; after=$(cpu_ticks "$pid")
   local uafter; uafter=$(user_ticks "$pid")
+  local safter; safter=$(steal_ticks)
   local completed qps
   completed=$(awk '/Queries completed:/ {print $3}' "$work/$name.out")
   qps=$(awk '/Queries per second:/ {print $4}' "$work/$name.out")
@@ -111,11 +115,17 @@ run() {
   local user_us
   user_us=$(awk -v t=$((uafter - ubefore)) -v hz="$HZ" -v q="$completed" 'BEGIN {printf "%.1f", t / hz * 1e6 / q}')
   local lost; lost=$(awk '/Queries lost:/ {print $3}' "$work/$name.out")
-  printf '%-26s %10.0f %9s %9s %12s %8s %8s %10s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$user_us" "$lost" "$completed"
+  local steal
+  steal=$(awk -v t=$((safter - sbefore)) -v hz="$HZ" -v s="$DURATION" -v n="$(nproc)" 'BEGIN {printf "%.0f%%", t / hz / s / n * 100}')
+  printf '%-26s %10.0f %9s %9s %12s %8s %8s %10s %6s\n' "$name" "$qps" "$p50" "$p99" "$cpu_us" "$user_us" "$lost" "$completed" "$steal"
 }
 
 echo "dnsperf: ${DURATION}s per run, $OUTSTANDING outstanding, 1000 names, 2 cores shared by all processes"
-printf '%-26s %10s %9s %9s %12s %8s %8s %10s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "of_user" "lost" "queries"
+# On a VM, waking an idle vCPU can cost tens of microseconds unless the guest polls before
+# halting; the latency at a fixed rate depends on it (see BENCHMARKS.md).
+poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+[ -r "$poll" ] && echo "guest halt polling (cpuidle-haltpoll): $(cat "$poll") ns"
+printf '%-26s %10s %9s %9s %12s %8s %8s %10s %6s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "of_user" "lost" "queries" "steal"
 base=${ONLY_PROXY:-}
 [ -n "${ONLY_RATE:-}$base" ] || run "floor-echo" "$FL" "$FLOOR_PID"
 [ -n "${ONLY_RATE:-}$base" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
@@ -124,4 +134,5 @@ base=${ONLY_PROXY:-}
 [ -n "$base" ] || run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
 echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, or the dnsfence proxy;"
-echo " of_user: the part of it spent in user space, the rest is the kernel's)"
+echo " of_user: the part of it spent in user space, the rest is the kernel's;"
+echo " steal: the share of the VM's vCPU time the hypervisor gave to others during the run)"
