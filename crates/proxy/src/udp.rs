@@ -128,15 +128,15 @@ impl UpstreamPool {
     }
 
     /// The sockets connected to `upstream`, created (and their receive tasks started) on
-    /// first use. Empty when the server gets none: connecting failed, or there are
-    /// already [`MAX_CONNECTED_UPSTREAMS`] servers.
-    fn connected_to(&self, upstream: SocketAddr) -> Arc<[Arc<UpstreamSocket>]> {
+    /// first use. `None` or empty when the server gets none: there are already
+    /// [`MAX_CONNECTED_UPSTREAMS`] servers, or connecting failed.
+    fn connected_to(&self, upstream: SocketAddr) -> Option<Arc<[Arc<UpstreamSocket>]>> {
         let mut map = lock(&self.connected);
         if let Some(socks) = map.get(&upstream) {
-            return socks.clone();
+            return Some(socks.clone());
         }
         if map.len() >= MAX_CONNECTED_UPSTREAMS {
-            return Arc::new([]);
+            return None;
         }
         let socks: Result<Vec<_>, _> = (0..POOL)
             .map(|_| sys::connected_udp(upstream).map(|s| Arc::new(UpstreamSocket::new(s, true))))
@@ -154,15 +154,16 @@ impl UpstreamPool {
             }
         };
         map.insert(upstream, socks.clone());
-        socks
+        Some(socks)
     }
 
     /// The socket a batch's queries to `upstream` leave from: the queries of one receive
     /// batch share a socket (so they leave with one system call) and batches take turns.
     fn socket_for(&self, upstream: SocketAddr, turn: usize) -> Option<Arc<UpstreamSocket>> {
-        let own = self.connected_to(upstream);
-        if let Some(sock) = own.get(turn % own.len().max(1)) {
-            return Some(sock.clone());
+        if let Some(own) = self.connected_to(upstream) {
+            if let Some(sock) = own.get(turn % own.len().max(1)) {
+                return Some(sock.clone());
+            }
         }
         let family = if upstream.is_ipv4() {
             &self.v4
