@@ -292,15 +292,7 @@ const BATCH_INLINE: usize = 32;
 /// kernel then delivers only that server's datagrams to it, and sends to it without a
 /// route lookup per datagram.
 pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(
-        Domain::for_address(upstream),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if upstream.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
+    let socket = nonblocking(upstream, Type::DGRAM, Protocol::UDP)?;
     let any: SocketAddr = if upstream.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -311,27 +303,29 @@ pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-pub(crate) fn explicit_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+/// A non-blocking socket of `addr`'s family; an IPv6 one is IPv6 only.
+fn nonblocking(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+pub(crate) fn explicit_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = nonblocking(addr, Type::DGRAM, Protocol::UDP)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
 
 /// See [`explicit_udp`].
 pub(crate) fn explicit_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = nonblocking(addr, Type::STREAM, Protocol::TCP)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
