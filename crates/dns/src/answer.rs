@@ -55,13 +55,19 @@ pub struct Answer {
 }
 
 /// Whether `answer` answers `question` (the query's bytes from offset 12 to the end of its
-/// question), comparing names ASCII-case-insensitively. The question is always the first
-/// name of a message, so it is never compressed and plain bytes compare.
+/// question): the name compared ASCII-case-insensitively, the type and class exactly. The
+/// question is always the first name of a message, so it is never compressed and plain
+/// bytes compare.
 fn same_question(answer: &[u8], question: &[u8]) -> bool {
-    answer
-        .get(HEADER_LEN..HEADER_LEN + question.len())
-        .is_some_and(|a| a.eq_ignore_ascii_case(question))
-        && answer.get(4..6) == Some(&[0, 1][..])
+    let Some(name_len) = question.len().checked_sub(4) else {
+        return false;
+    };
+    let (name, type_class) = question.split_at(name_len);
+    answer.get(4..6) == Some(&[0, 1][..])
+        && answer
+            .get(HEADER_LEN..HEADER_LEN + name_len)
+            .is_some_and(|a| a.eq_ignore_ascii_case(name))
+        && answer.get(HEADER_LEN + name_len..HEADER_LEN + question.len()) == Some(type_class)
 }
 
 /// Checks `packet` as the answer to the query whose question bytes are `question`, and

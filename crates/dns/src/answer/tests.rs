@@ -102,6 +102,15 @@ fn answers_to_other_questions_are_rejected() {
         check_answer(question(&q), &r),
         Err(AnswerError::QuestionMismatch)
     );
+    // Type and class compare exactly: type 97 is not type 65 (HTTPS, 0x41 = 'A') in
+    // another case.
+    let https = query(4, "api.example.com", 65);
+    let r = response(&query(4, "api.example.com", 97), 0, &[], &[]);
+    assert_eq!(
+        check_answer(question(&https), &r),
+        Err(AnswerError::QuestionMismatch)
+    );
+    assert!(check_answer(question(&https), &response(&https, 0, &[], &[])).is_ok());
     assert_eq!(
         check_answer(question(&q), &q),
         Err(AnswerError::NotResponse)
