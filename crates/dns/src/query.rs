@@ -50,6 +50,48 @@ pub fn fold_name<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> Result<FoldedNam
 /// The most bytes of EDNS options a query may carry (cookies and client subnet fit).
 pub(crate) const MAX_OPT_OPTIONS: usize = 128;
 
+/// Where the uncompressed name starting at `at` ends (just past its root label); `None`
+/// when it holds a compression pointer (or a reserved label type) or runs off the end.
+fn uncompressed_name_end(packet: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *packet.get(at)?;
+        if len == 0 {
+            return Some(at + 1);
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        at += 1 + usize::from(len);
+    }
+}
+
+/// EDNS padding (option 12, RFC 7830), which carries only zeros.
+const OPT_PADDING: u16 = 12;
+
+/// Whether a query's EDNS options are well formed and small: padding of any length, if it
+/// is all zeros (it carries nothing), and at most [`MAX_OPT_OPTIONS`] bytes of the rest.
+fn options_ok(mut options: &[u8]) -> bool {
+    let mut other = 0usize;
+    while !options.is_empty() {
+        let [c0, c1, l0, l1, rest @ ..] = options else {
+            return false;
+        };
+        let len = usize::from(u16::from_be_bytes([*l0, *l1]));
+        let Some(data) = rest.get(..len) else {
+            return false;
+        };
+        if u16::from_be_bytes([*c0, *c1]) == OPT_PADDING {
+            if data.iter().any(|b| *b != 0) {
+                return false;
+            }
+        } else {
+            other += 4 + len;
+        }
+        options = rest.get(len..).unwrap_or_default();
+    }
+    other <= MAX_OPT_OPTIONS
+}
+
 /// Parses a client's query. Never panics, whatever the bytes.
 pub fn parse_query(packet: &[u8]) -> ParsedQuery {
     if packet.len() < HEADER_LEN || wire::is_response(packet) {
@@ -74,6 +116,12 @@ pub fn parse_query(packet: &[u8]) -> ParsedQuery {
         _ => return reject(Rcode::FormErr, None),
     };
     let question_end = questions.pos();
+    // The name as it is on the wire, with no compression pointer: a pointer could make
+    // the name judged here differ from the one the upstream reads once the ID is
+    // rewritten (a pointer into the header), and answers echo the name uncompressed.
+    if uncompressed_name_end(packet, HEADER_LEN).map(|end| end + 4) != Some(question_end) {
+        return reject(Rcode::FormErr, None);
+    }
     // A stub's query is a question and at most an EDNS OPT record: anything else (answer
     // or authority records, other additional records, trailing bytes, large EDNS options)
     // would be a channel to the resolver past the policy, so it is refused.
@@ -89,7 +137,7 @@ pub fn parse_query(packet: &[u8]) -> ParsedQuery {
         match rest {
             [0, 0, 41, _, _, _, _, _, _, hi, lo, options @ ..] => {
                 let len = usize::from(u16::from_be_bytes([*hi, *lo]));
-                len == options.len() && len <= MAX_OPT_OPTIONS
+                len == options.len() && options_ok(options)
             }
             _ => false,
         }

@@ -151,3 +151,39 @@ fn a_query_carries_nothing_but_its_question_and_a_small_opt() {
     p.extend([0, 1, 0, 1]);
     assert!(is_formerr(&p));
 }
+
+#[test]
+fn edns_padding_of_any_length_is_fine_when_it_carries_only_zeros() {
+    let padding = |fill: u8| {
+        let mut o = vec![0, 12, 0x01, 0x90];
+        o.extend([fill; 400]);
+        o
+    };
+    let cookie = [0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+    let padded = [&cookie[..], &padding(0)].concat();
+    assert_eq!(parsed(&with_additional(1, &opt(&padded))).qtype, 1);
+    // Padding that carries data is a channel.
+    assert!(is_formerr(&with_additional(1, &opt(&padding(b'x')))));
+    // An option running past the record.
+    assert!(is_formerr(&with_additional(1, &opt(&[0, 12, 0, 9, 0, 0]))));
+}
+
+#[test]
+fn a_compressed_question_name_is_refused() {
+    // "x" then a pointer to offset 0: the name would be read from the ID, which the proxy
+    // rewrites before forwarding.
+    let mut p = header(0x0161, 0x0100, 1, 0, 0, 0);
+    p.extend([1, b'x', 0xc0, 0]);
+    p.extend([0, 1, 0, 1]);
+    assert!(is_formerr(&p));
+    // A pointer to a name placed after the question is no better.
+    let mut p = header(7, 0x0100, 1, 0, 0, 0);
+    p.extend([1, b'x', 0xc0, 22, 0, 1, 0, 1]);
+    p.extend(name("example.com"));
+    assert!(is_formerr(&p));
+    // The same name uncompressed is a query.
+    let mut p = header(7, 0x0100, 1, 0, 0, 0);
+    p.extend(name("x.example.com"));
+    p.extend([0, 1, 0, 1]);
+    assert_eq!(parsed(&p).qtype, 1);
+}
