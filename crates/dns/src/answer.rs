@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 
 use dnsfence_policy::FoldedName;
+use domain::base::iana::Class;
 use domain::base::{Message, ParsedName, Rtype};
 use domain::rdata::{Aaaa, Cname, A};
 use smallvec::SmallVec;
@@ -145,7 +146,15 @@ fn learn<'a>(msg: &Message<&'a [u8]>, qname: FoldedName) -> Learned {
             // A malformed answer teaches nothing (it is still relayed, as received).
             return Learned::default();
         };
-        let ttl = rr.ttl().as_secs();
+        // Only Internet-class data names Internet addresses.
+        if rr.class() != Class::IN {
+            continue;
+        }
+        // RFC 2181 section 8: a TTL with the most significant bit set counts as zero.
+        let ttl = match rr.ttl().as_secs() {
+            t if t > MAX_TTL => 0,
+            t => t,
+        };
         match rr.rtype() {
             Rtype::CNAME => {
                 if let Ok(Some(r)) = rr.to_record::<Cname<ParsedName<&[u8]>>>() {
@@ -202,6 +211,9 @@ fn learn<'a>(msg: &Message<&'a [u8]>, qname: FoldedName) -> Learned {
     learned.ttl = ttl;
     learned
 }
+
+/// The largest TTL a record can carry (RFC 2181: 2^31 - 1 seconds).
+const MAX_TTL: u32 = 0x7fff_ffff;
 
 fn push_ip(ips: &mut SmallVec<[IpAddr; 8]>, ip: IpAddr) {
     if !ips.contains(&ip) {

@@ -244,3 +244,35 @@ fn an_owner_with_a_dotted_label_teaches_nothing() {
     let ans = check_answer(question(&q), &r).unwrap();
     assert!(ans.learned.ips.is_empty());
 }
+
+#[test]
+fn only_internet_class_records_teach_and_huge_ttls_count_as_zero() {
+    let q = query(4, "api.example.com", 1);
+    let owner_len = "api.example.com".len() + 2;
+    // The record's class, just after its owner and type.
+    let class_at = 12 + question(&q).len() + owner_len + 2;
+    let mut r = response(&q, 0, &[a("api.example.com", 60, [192, 0, 2, 3])], &[]);
+    assert_eq!(r[class_at..class_at + 2], [0, 1], "the class field");
+    r[class_at + 1] = 3; // CH
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert!(ans.learned.ips.is_empty());
+    // RFC 2181: a TTL with its top bit set is zero, not 68 years.
+    let r = response(
+        &q,
+        0,
+        &[a("api.example.com", 0x8000_0001, [192, 0, 2, 3])],
+        &[],
+    );
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!((ans.learned.ips.len(), ans.learned.ttl), (1, 0));
+    let r = response(
+        &q,
+        0,
+        &[a("api.example.com", 0x7fff_ffff, [192, 0, 2, 3])],
+        &[],
+    );
+    assert_eq!(
+        check_answer(question(&q), &r).unwrap().learned.ttl,
+        0x7fff_ffff
+    );
+}
