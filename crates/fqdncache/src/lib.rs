@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 
 use dnsfence_policy::{FoldedName, PolicySet, SelectorId};
 
+/// The shortest time an answer's IPs stay allowed, whatever its TTL: a client connects
+/// right after it gets the answer, and a TTL of 0 (common behind load balancers) must not
+/// leave it an IP it cannot reach.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(1);
+
 /// Smallest extension of a live mapping's expiry that is recorded (and sent on).
 pub const REFRESH_GRANULARITY: Duration = Duration::from_secs(1);
 
@@ -119,9 +124,12 @@ impl FqdnCache {
         &self.config
     }
 
-    /// The TTL actually applied for an answer whose chain's smallest TTL is `ttl`.
+    /// The TTL actually applied for an answer whose chain's smallest TTL is `ttl`: never
+    /// under [`CONNECT_GRACE`], so an answer with TTL 0 still lets its client connect.
     pub fn effective_ttl(&self, ttl: Duration) -> Duration {
-        ttl.max(self.config.min_ttl).min(self.config.max_ttl)
+        ttl.max(self.config.min_ttl)
+            .min(self.config.max_ttl)
+            .max(CONNECT_GRACE)
     }
 
     /// Records that `names` (the query name and its CNAME chain) resolved to `ips` with

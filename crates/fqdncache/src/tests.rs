@@ -217,3 +217,22 @@ fn reselect_moves_ips_to_new_selectors() {
     assert_eq!(c.iter().next().unwrap().2.len(), 1);
     assert!(c.reselect(&set()).is_empty(), "no change, no diff");
 }
+
+#[test]
+fn a_zero_ttl_still_allows_the_ip_long_enough_to_connect() {
+    let set = set();
+    let mut c = FqdnCache::new(CacheConfig::default());
+    let t0 = Instant::now();
+    let changes = c.learn(
+        t0,
+        &[n("a.example.com")],
+        &[ip("192.0.2.1")],
+        Duration::ZERO,
+        &set,
+    );
+    assert!(
+        matches!(&changes[..], [Change::Upsert { expires, new: true, .. }] if *expires == t0 + CONNECT_GRACE)
+    );
+    assert!(c.expire(t0).is_empty(), "not gone at once");
+    assert_eq!(c.expire(t0 + CONNECT_GRACE).len(), 1);
+}
