@@ -31,6 +31,7 @@ pub use http::{bind_metrics, serve_metrics};
 pub use metrics::ProxyMetrics;
 pub use shared::Shared;
 pub use sink::{IpSink, NoopSink, SinkError, SinkFuture};
+pub use tcp::{MAX_CONNECTIONS_PER_CLIENT, MAX_PIPELINED, WRITE_TIMEOUT};
 
 /// A running proxy.
 pub struct Proxy {
@@ -51,6 +52,7 @@ impl Proxy {
         metrics: ProxyMetrics,
         flows: Arc<flows::FlowLog>,
     ) -> io::Result<Self> {
+        sys::raise_fd_limit();
         let listen = config.listen.clone();
         let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics, flows);
         let shared = Arc::new(shared);

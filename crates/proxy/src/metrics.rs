@@ -108,6 +108,10 @@ pub struct ProxyMetrics {
     pub answers_rejected: Counter,
     /// Answers released after `response_max_delay` without the sink's confirmation.
     pub hold_timeouts: Counter,
+    /// TCP client connections closed at once: the client already had its share open.
+    pub tcp_refused: Counter,
+    /// TCP client connections closed because the client did not read its answers.
+    pub tcp_write_timeouts: Counter,
     /// Seconds from a query's arrival to its answer leaving, for forwarded queries.
     pub latency_total: Histogram,
     /// Seconds the upstream took.
@@ -169,6 +173,8 @@ impl Default for ProxyMetrics {
             upstream_timeouts: Counter::default(),
             answers_rejected: Counter::default(),
             hold_timeouts: Counter::default(),
+            tcp_refused: Counter::default(),
+            tcp_write_timeouts: Counter::default(),
             latency_total: latency(),
             latency_upstream: latency(),
             latency_hold: latency(),
@@ -206,6 +212,16 @@ impl ProxyMetrics {
             "upstream_responses",
             "Upstream answers by rcode",
             m.upstream_rcodes.clone(),
+        );
+        r.register(
+            "tcp_connections_refused",
+            "TCP client connections closed at once because the client had its share open",
+            m.tcp_refused.clone(),
+        );
+        r.register(
+            "tcp_write_timeouts",
+            "TCP client connections closed because the client did not read its answers",
+            m.tcp_write_timeouts.clone(),
         );
         r.register(
             "upstream_timeouts",

@@ -65,19 +65,45 @@ fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Reply sockets by the address they answer from; there are few DNS servers.
+/// Reply sockets kept at once. Pods ask few DNS servers, but a pod can send to any
+/// address: past this many, the one used longest ago is closed (queries waiting for an
+/// answer keep theirs until they are answered).
+pub(crate) const MAX_REPLY_SOCKETS: usize = 256;
+
+/// Reply sockets by the address they answer from, with the turn each was last used on.
 #[derive(Default)]
-pub(crate) struct ReplySockets(HashMap<SocketAddr, Arc<UdpSocket>>);
+pub(crate) struct ReplySockets {
+    sockets: HashMap<SocketAddr, (Arc<UdpSocket>, u64)>,
+    turn: u64,
+}
 
 impl ReplySockets {
     /// The socket that sends from `from`, created on first use.
     pub(crate) fn get(&mut self, from: SocketAddr) -> io::Result<Arc<UdpSocket>> {
-        if let Some(s) = self.0.get(&from) {
+        self.turn += 1;
+        if let Some((s, used)) = self.sockets.get_mut(&from) {
+            *used = self.turn;
             return Ok(s.clone());
         }
         let s = Arc::new(reply_socket(from)?);
-        self.0.insert(from, s.clone());
+        if self.sockets.len() >= MAX_REPLY_SOCKETS {
+            let oldest = self
+                .sockets
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(addr, _)| *addr);
+            if let Some(oldest) = oldest {
+                self.sockets.remove(&oldest);
+            }
+        }
+        self.sockets.insert(from, (s.clone(), self.turn));
         Ok(s)
+    }
+
+    /// How many are open.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.sockets.len()
     }
 }
 
@@ -243,6 +269,8 @@ pub(crate) async fn send_batch(
     let fd = socket.as_raw_fd();
     let mut failed = Vec::new();
     let mut start = 0;
+    // The message a stale error was last reported on (see below).
+    let mut retried = None;
     while let Some(rest) = msgs.get(start..).filter(|r| !r.is_empty()) {
         let sent = socket
             .async_io(Interest::WRITABLE, || {
@@ -275,6 +303,11 @@ pub(crate) async fn send_batch(
                 failed.push((start, io::Error::other("sendmmsg sent nothing")));
                 start += 1;
             }
+            // A connected socket reports an ICMP error (port unreachable) for an earlier
+            // datagram on its next send, once: that message was not sent; try it again.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && retried != Some(start) => {
+                retried = Some(start);
+            }
             Err(e) => {
                 failed.push((start, e));
                 start += 1;
@@ -301,6 +334,21 @@ pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
     socket.bind(&any.into())?;
     socket.connect(&upstream.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (often 1024 against
+/// 524288): each TCP client, upstream connection and reply socket takes one.
+pub(crate) fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// A non-blocking socket of `addr`'s family; an IPv6 one is IPv6 only.
@@ -336,6 +384,34 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn reply_sockets_are_capped_and_the_least_recently_used_goes_first() {
+        let mut replies = ReplySockets::default();
+        let addr = |i: usize| -> SocketAddr {
+            let [hi, lo] = u16::try_from(i).unwrap().to_be_bytes();
+            (std::net::Ipv4Addr::new(127, 77, hi, lo), 0).into()
+        };
+        let first = match replies.get(addr(0)) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: transparent sockets need CAP_NET_ADMIN");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let second = replies.get(addr(1)).unwrap();
+        for i in 2..MAX_REPLY_SOCKETS + 40 {
+            replies.get(addr(i)).unwrap();
+            // The first address stays in use all along.
+            assert!(Arc::ptr_eq(&first, &replies.get(addr(0)).unwrap()));
+        }
+        assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
+        // The second one was used longest ago: it was dropped, and is made anew.
+        assert!(!Arc::ptr_eq(&second, &replies.get(addr(1)).unwrap()));
+        assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
+        assert!(Arc::ptr_eq(&first, &replies.get(addr(0)).unwrap()));
+    }
 
     #[tokio::test]
     async fn a_batch_sends_every_message_it_can_and_names_the_ones_it_cannot() {

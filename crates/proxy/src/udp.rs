@@ -550,12 +550,22 @@ pub(crate) async fn serve(
     let mut outs = reply_buffers();
     let upstreams = shared.config.upstreams.clone();
     let mut turn = 0usize;
+    let mut warned: Option<Instant> = None;
     loop {
         let count = match batch.recv(&socket).await {
             Ok(n) => n,
             // ICMP errors for earlier sends surface here on some systems: keep serving.
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
-            Err(e) => return Err(e),
+            // Anything else (out of memory, say) is logged, at most once a second, and
+            // retried after a pause: the listener never stops.
+            Err(e) => {
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    warn!(error = %e, "receiving on a UDP listener failed; retrying");
+                    warned = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         handle_batch(&shared, &pool, &mut batch, count, &mut outs, |_| {
             turn = turn.wrapping_add(1);

@@ -453,6 +453,48 @@ async fn a_perfectly_forged_answer_from_another_address_never_reaches_the_client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_back_from_the_dead_is_used_at_once() {
+    // The upstream's port is closed: the kernel answers the proxy's queries with ICMP
+    // port unreachable, which its connected sockets report on their next send.
+    let (up, addr) = scripted_upstream().await;
+    drop(up);
+    let cfg = DnsConfig {
+        upstream_timeout: Duration::from_millis(200),
+        ..dns_config(addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let at = proxy.udp_addrs()[0];
+    // One query on each of the server's four sockets (they take turns), each leaving an
+    // error there.
+    for id in 0..4 {
+        let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
+        assert_eq!(
+            reply.map(|r| rcode(&r)),
+            Some(2),
+            "SERVFAIL while it is down"
+        );
+    }
+    // Back, on the same port: every query is answered by it.
+    let up = UdpSocket::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = up.recv_from(&mut buf).await {
+            let r = msg::response(
+                &buf[..n],
+                0,
+                &[msg::a("api.example.com", 60, [192, 0, 2, 1])],
+                &[],
+            );
+            let _ = up.send_to(&r, from).await;
+        }
+    });
+    for id in 10..18 {
+        let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
+        assert_eq!(reply.map(|r| rcode(&r)), Some(0), "query {id} answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
     let (_up, addr) = scripted_upstream().await;
     let cfg = DnsConfig {
@@ -685,6 +727,123 @@ async fn idle_tcp_clients_are_closed() {
         .unwrap();
     assert_eq!(n, 0, "closed by the proxy");
     assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+/// A TCP connection from `source` (a loopback address) with a small receive buffer.
+async fn tcp_from(source: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    sock.bind(format!("{source}:0").parse().unwrap())?;
+    sock.connect(to).await
+}
+
+/// Whether the peer closed `s`: a read returns end-of-file or an error within `wait`.
+async fn closed_by_peer(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_tcp_connection() {
+    let up = tcp_upstream().await;
+    let metrics = ProxyMetrics::default();
+    let proxy = Proxy::start(
+        dns_config(up),
+        snapshot(up, VerdictConfig::default()),
+        Arc::new(NoopSink),
+        metrics.clone(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.tcp_addrs()[0];
+    // An unknown client opens its share, and keeps it open.
+    let mut share = Vec::new();
+    for _ in 0..dnsfence_proxy::MAX_CONNECTIONS_PER_CLIENT {
+        let mut s = tcp_from("127.0.0.9", at).await.unwrap();
+        tcp_send(&mut s, &msg::query(1, "api.example.com", 1)).await;
+        assert_eq!(
+            rcode(&tcp_recv(&mut s).await.unwrap()),
+            5,
+            "served (REFUSED)"
+        );
+        share.push(s);
+    }
+    // One more is closed at once, without an answer.
+    let mut extra = tcp_from("127.0.0.9", at).await.unwrap();
+    tcp_send(&mut extra, &msg::query(2, "api.example.com", 1)).await;
+    assert!(closed_by_peer(&mut extra, Duration::from_secs(3)).await);
+    assert_eq!(metrics.tcp_refused.get(), 1);
+    // Another client is served as usual.
+    let mut s = tcp_from("127.0.0.2", at).await.unwrap();
+    tcp_send(&mut s, &msg::query(3, "api.example.com", 1)).await;
+    let answer = tcp_recv(&mut s).await.expect("answered");
+    assert_eq!((answer[0..2].to_vec(), rcode(&answer)), (vec![0, 3], 0));
+    // Closing one of the share frees its slot.
+    drop(share.pop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut s = tcp_from("127.0.0.9", at).await.unwrap();
+        tcp_send(&mut s, &msg::query(4, "api.example.com", 1)).await;
+        if tcp_recv(&mut s).await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_that_never_reads_is_closed_and_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let up = tcp_upstream().await;
+    let metrics = ProxyMetrics::default();
+    let proxy = Proxy::start(
+        dns_config(up),
+        snapshot(up, VerdictConfig::default()),
+        Arc::new(NoopSink),
+        metrics.clone(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.tcp_addrs()[0];
+    // Denied queries pipelined without end, answers never read.
+    let hog = tcp_from("127.0.0.9", at).await.unwrap();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut hog = hog;
+        let q = msg::query(7, "api.example.com", 1);
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        let many: Vec<u8> = framed.repeat(1000);
+        loop {
+            if hog.write_all(&many).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Meanwhile another client is served.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut s = tcp_from("127.0.0.2", at).await.unwrap();
+    tcp_send(&mut s, &msg::query(3, "api.example.com", 1)).await;
+    assert_eq!(rcode(&tcp_recv(&mut s).await.expect("answered")), 0);
+    // The hog's connection is closed once an answer waited too long to be taken.
+    let limit = dnsfence_proxy::WRITE_TIMEOUT + Duration::from_secs(10);
+    tokio::time::timeout(limit, writer)
+        .await
+        .expect("the proxy closed the connection")
+        .unwrap();
+    assert!(started.elapsed() >= dnsfence_proxy::WRITE_TIMEOUT);
+    assert_eq!(metrics.tcp_write_timeouts.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
