@@ -112,7 +112,43 @@ pub fn write_reply(
     h[4..6].copy_from_slice(&qdcount.to_be_bytes());
     h[6..12].fill(0);
     q.copy_from_slice(question);
-    Some(len)
+    // RFC 6891: a query with EDNS gets an OPT record back.
+    let Some(do_bit) = question_end.and_then(|end| opt_after(query, end)) else {
+        return Some(len);
+    };
+    let [hi, lo] = EDNS_PAYLOAD.to_be_bytes();
+    let opt = [
+        0,
+        0,
+        41,
+        hi,
+        lo,
+        0,
+        0,
+        if do_bit { 0x80 } else { 0 },
+        0,
+        0,
+        0,
+    ];
+    out.get_mut(len..len + opt.len())?.copy_from_slice(&opt);
+    out.get_mut(10..12)?.copy_from_slice(&1u16.to_be_bytes());
+    Some(len + opt.len())
+}
+
+/// The UDP payload size the proxy's own replies advertise (the DNS flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// When the query's bytes from `at` on are exactly one well-formed OPT record: whether it
+/// sets the DO bit.
+fn opt_after(query: &[u8], at: usize) -> Option<bool> {
+    match query.get(at..)? {
+        [0, 0, 41, _, _, _, _, flags, _, hi, lo, options @ ..]
+            if usize::from(u16::from_be_bytes([*hi, *lo])) == options.len() =>
+        {
+            Some(flags & 0x80 != 0)
+        }
+        _ => None,
+    }
 }
 
 /// Writes a reply with `id`, the RD bit, `question` (wire bytes of one question) and
@@ -144,6 +180,30 @@ pub fn recursion_desired(packet: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_with_edns_gets_an_opt_record_back() {
+        // "a." A IN, then OPT: payload 4096, DO set, a 4-byte option.
+        let mut query = vec![
+            0, 7, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1, 1, b'a', 0, 0, 1, 0, 1,
+        ];
+        let question_end = query.len();
+        query.extend([0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 4, 0, 99, 0, 0]);
+        let mut out = [0u8; 64];
+        let n = write_reply(&query, Some(question_end), Rcode::Refused, &mut out).unwrap();
+        assert_eq!(&out[10..12], &[0, 1], "ARCOUNT");
+        assert_eq!(
+            &out[question_end..n],
+            &[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]
+        );
+        // A broken OPT (its length runs past the end) gets none.
+        query.truncate(query.len() - 1);
+        let n = write_reply(&query, Some(question_end), Rcode::FormErr, &mut out).unwrap();
+        assert_eq!((n, &out[10..12]), (question_end, &[0u8, 0][..]));
+        // Nor does a reply without the question.
+        let n = write_reply(&query, None, Rcode::FormErr, &mut out).unwrap();
+        assert_eq!(n, HEADER_LEN);
+    }
 
     #[test]
     fn reply_echoes_id_question_and_rd() {
