@@ -14,7 +14,8 @@ use dnsfence_fqdncache::{CacheConfig, Change, FqdnCache};
 use dnsfence_policy::{DnsReason, Protocol};
 
 use crate::flows::{self, Dns, Flow, FlowLog, Source};
-use tokio::sync::mpsc;
+use smallvec::SmallVec;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::config::DnsConfig;
@@ -94,12 +95,18 @@ pub struct Shared {
     /// Flow events.
     pub flows: Arc<FlowLog>,
     pub(crate) tcp_pool: crate::tcp::Pool,
+    /// IPs the sink is enforcing right now, each with the confirmation of its batch: a
+    /// later answer carrying one waits for the same confirmation as the first.
+    confirming: Arc<Mutex<foldhash::HashMap<IpAddr, Confirmation>>>,
     sources: ArcSwap<foldhash::HashMap<IpAddr, Arc<Source>>>,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
     started: Instant,
     snapshot_at: Mutex<Instant>,
 }
+
+/// Turns true when the sink is done with a batch of new IPs (confirmed or failed).
+pub(crate) type Confirmation = watch::Receiver<bool>;
 
 /// What to do with a client's query.
 #[allow(
@@ -145,6 +152,7 @@ impl Shared {
             metrics,
             flows,
             tcp_pool: crate::tcp::Pool::default(),
+            confirming: Arc::default(),
             sources: ArcSwap::from_pointee(sources),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
@@ -412,7 +420,7 @@ impl Shared {
         answer: &[u8],
         learn: bool,
         asked: Asked,
-    ) -> Option<Option<SinkFuture>> {
+    ) -> Option<Option<Confirmation>> {
         let checked = match check_answer(question, answer) {
             Ok(a) => a,
             Err(e) => {
@@ -448,11 +456,18 @@ impl Shared {
         if !learn || learned.ips.is_empty() {
             return Some(None);
         }
+        Some(self.learn(&learned, asked.answered))
+    }
+
+    /// Records what an answer taught; returns what its release must wait for: the sink's
+    /// confirmation of its new IPs, or of IPs another answer brought moments ago that the
+    /// sink has not confirmed yet.
+    fn learn(&self, learned: &dnsfence_dns::Learned, now: Instant) -> Option<Confirmation> {
         let changes = {
             let snapshot = self.snapshot.load();
             let mut cache = lock(&self.cache);
             let changes = cache.learn(
-                asked.answered,
+                now,
                 &learned.names,
                 &learned.ips,
                 std::time::Duration::from_secs(u64::from(learned.ttl)),
@@ -461,30 +476,68 @@ impl Shared {
             self.gauge(&cache);
             changes
         };
-        if changes.is_empty() {
-            return Some(None);
-        }
-        if changes
+        let new: SmallVec<[IpAddr; 8]> = changes
             .iter()
-            .any(|c| matches!(c, Change::Upsert { new: true, .. }))
-        {
-            return Some(Some(self.sink.apply(changes)));
+            .filter_map(|c| match c {
+                Change::Upsert { ip, new: true, .. } => Some(*ip),
+                _ => None,
+            })
+            .collect();
+        if new.is_empty() {
+            if !changes.is_empty() {
+                // Only refreshes: the IPs are already enforced.
+                let _ = self.refresh.send(changes);
+            }
+            let confirming = lock(&self.confirming);
+            return learned
+                .ips
+                .iter()
+                .find_map(|ip| confirming.get(ip).cloned());
         }
-        // Only refreshes: the IPs are already enforced.
-        let _ = self.refresh.send(changes);
-        Some(None)
+        Some(self.confirm(self.sink.apply(changes), new))
+    }
+
+    /// Drives `apply` (the sink enforcing the IPs `new`) to its end on a task of its own,
+    /// so every answer waiting for these IPs is released when it completes.
+    fn confirm(&self, apply: SinkFuture, new: SmallVec<[IpAddr; 8]>) -> Confirmation {
+        let (done, confirmation) = watch::channel(false);
+        {
+            let mut confirming = lock(&self.confirming);
+            for ip in &new {
+                confirming.insert(*ip, confirmation.clone());
+            }
+        }
+        let confirming = self.confirming.clone();
+        let mine = confirmation.clone();
+        tokio::spawn(async move {
+            if let Err(e) = apply.await {
+                warn!(error = %e, "enforcing learned IPs failed; releasing the answers");
+            }
+            let _ = done.send(true);
+            let mut confirming = lock(&confirming);
+            for ip in &new {
+                if confirming.get(ip).is_some_and(|c| c.same_channel(&mine)) {
+                    confirming.remove(ip);
+                }
+            }
+        });
+        confirmation
     }
 
     /// Waits for `apply` (new IPs reaching the datapath), at most `response_max_delay`.
-    pub(crate) async fn hold(&self, apply: SinkFuture) {
+    pub(crate) async fn hold(&self, mut confirmation: Confirmation) {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.response_max_delay, apply).await;
+        let result = tokio::time::timeout(
+            self.config.response_max_delay,
+            confirmation.wait_for(|done| *done),
+        )
+        .await;
         self.metrics
             .latency_hold
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "enforcing learned IPs failed; releasing the answer"),
+            // Done (the task driving the sink logs a failure), or the task is gone.
+            Ok(_) => {}
             Err(_) => {
                 self.metrics.hold_timeouts.inc();
                 warn!("learned IPs not confirmed within response_max_delay; releasing the answer");

@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use crate::shared::Confirmation;
 use crate::shared::{Shared, Step};
-use crate::sink::SinkFuture;
 
 /// Client connections served at once per listener; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
@@ -378,7 +378,7 @@ async fn exchange(
     question: &[u8],
     learn: bool,
     asked: crate::shared::Asked,
-) -> io::Result<(Vec<u8>, Option<SinkFuture>)> {
+) -> io::Result<(Vec<u8>, Option<Confirmation>)> {
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
     let sent = std::time::Instant::now();

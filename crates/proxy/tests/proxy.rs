@@ -615,6 +615,48 @@ async fn answers_are_held_until_the_sink_confirms_or_the_delay_runs_out() {
     assert_eq!(proxy.shared().metrics.hold_timeouts.get(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_with_an_ip_being_enforced_waits_for_it_too() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::new(SlowSink {
+        delay: Some(Duration::from_millis(400)),
+        seen: seen.clone(),
+    });
+    let cfg = DnsConfig {
+        response_max_delay: Duration::from_secs(3),
+        ..dns_config(up.addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), sink).await;
+    let at = proxy.udp_addrs()[0];
+    let first = tokio::spawn(ask("127.0.0.2", at, msg::query(1, "api.example.com", 1)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another query for the same name while the sink is still at work, over UDP and TCP.
+    let second = tokio::spawn(ask("127.0.0.2", at, msg::query(2, "api.example.com", 1)));
+    let mut s = tcp_from("127.0.0.2", proxy.tcp_addrs()[0]).await.unwrap();
+    tcp_send(&mut s, &msg::query(3, "api.example.com", 1)).await;
+    let over_tcp = tcp_recv(&mut s).await.expect("answered over TCP");
+    let tcp_answered = Instant::now();
+    let second = second.await.unwrap().expect("answered");
+    let second_answered = Instant::now();
+    assert_eq!(rcode(&first.await.unwrap().expect("answered")), 0);
+    assert_eq!((rcode(&second), rcode(&over_tcp)), (0, 0));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one batch of new IPs: {seen:?}");
+    assert!(
+        seen[0].0 <= second_answered,
+        "UDP answer released before the IP was enforced"
+    );
+    assert!(
+        seen[0].0 <= tcp_answered,
+        "TCP answer released before the IP was enforced"
+    );
+    assert_eq!(proxy.shared().metrics.hold_timeouts.get(), 0);
+}
+
 async fn tcp_send(stream: &mut tokio::net::TcpStream, msg: &[u8]) {
     use tokio::io::AsyncWriteExt;
     let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
