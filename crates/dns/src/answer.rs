@@ -19,6 +19,11 @@ use crate::wire::{self, HEADER_LEN};
 /// Longest CNAME chain followed.
 pub const MAX_CHAIN: usize = 16;
 
+/// The most distinct IPs one answer teaches (the first ones in the answer); a larger
+/// answer is still relayed whole. Bounds the work one answer costs the cache and the
+/// datapath.
+pub const MAX_IPS_PER_ANSWER: usize = 256;
+
 /// Why an answer was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AnswerError {
@@ -200,6 +205,9 @@ fn learn<'a>(msg: &Message<&'a [u8]>, qname: FoldedName) -> Learned {
         }
     }
     for (owner, ip, t) in &addrs {
+        if learned.ips.len() >= MAX_IPS_PER_ANSWER {
+            break;
+        }
         if learned.names.iter().any(|n| same_name(owner, n)) {
             push_ip(&mut learned.ips, *ip);
             ttl = ttl.min(*t);

@@ -15,7 +15,7 @@ mod query;
 mod snapshot;
 pub mod wire;
 
-pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN};
+pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN, MAX_IPS_PER_ANSWER};
 pub use query::{fold_name, parse_query, ParsedQuery, Query};
 pub use snapshot::{
     EndpointEntry, EndpointSpec, Reason, Snapshot, UnknownClients, Verdict, VerdictConfig,

@@ -34,6 +34,10 @@ pub struct CacheConfig {
     pub max_ttl: Duration,
     /// At most this many IPs per name (default 1000); the one closest to expiry goes first.
     pub max_ips_per_name: usize,
+    /// At most this many names (default 100,000); past it, learning a new name forgets
+    /// the one whose mapping expires first, so a pod resolving endless names under a
+    /// wildcard cannot grow the cache (and the datapath) without bound.
+    pub max_names: usize,
 }
 
 impl Default for CacheConfig {
@@ -42,6 +46,7 @@ impl Default for CacheConfig {
             min_ttl: Duration::ZERO,
             max_ttl: Duration::from_secs(86_400),
             max_ips_per_name: 1000,
+            max_names: 100_000,
         }
     }
 }
@@ -149,6 +154,7 @@ impl FqdnCache {
             let entry = match self.names.get_mut(name.as_str()) {
                 Some(entry) => entry,
                 None => {
+                    self.make_room(&mut changes);
                     let key: Arc<str> = name.as_str().into();
                     self.names.entry(key.clone()).or_insert(NameEntry {
                         name: key,
@@ -169,6 +175,26 @@ impl FqdnCache {
             }
         }
         changes
+    }
+
+    /// Forgets names, those whose mapping expires first, until one more fits.
+    fn make_room(&mut self, changes: &mut Vec<Change>) {
+        while self.names.len() >= self.config.max_names.max(1) {
+            let Some((_, name, _)) = self.expiry.first().cloned() else {
+                break;
+            };
+            let Some(entry) = self.names.remove(&name) else {
+                break;
+            };
+            for l in &entry.ips {
+                self.expiry.remove(&(l.expires, entry.name.clone(), l.ip));
+                changes.push(Change::Remove {
+                    name: entry.name.clone(),
+                    ip: l.ip,
+                    selectors: entry.selectors.clone(),
+                });
+            }
+        }
     }
 
     /// Removes every mapping that expired at or before `now`.

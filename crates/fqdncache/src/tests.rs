@@ -82,6 +82,7 @@ fn ttl_is_raised_and_capped() {
         min_ttl: Duration::from_secs(60),
         max_ttl: Duration::from_secs(3600),
         max_ips_per_name: 10,
+        ..CacheConfig::default()
     };
     let mut c = FqdnCache::new(cfg);
     let t0 = Instant::now();
@@ -235,4 +236,55 @@ fn a_zero_ttl_still_allows_the_ip_long_enough_to_connect() {
     );
     assert!(c.expire(t0).is_empty(), "not gone at once");
     assert_eq!(c.expire(t0 + CONNECT_GRACE).len(), 1);
+}
+
+#[test]
+fn past_max_names_the_name_expiring_first_is_forgotten() {
+    let set = set();
+    let mut c = FqdnCache::new(CacheConfig {
+        max_names: 2,
+        ..CacheConfig::default()
+    });
+    let t0 = Instant::now();
+    let secs = Duration::from_secs;
+    c.learn(
+        t0,
+        &[n("a.example.com")],
+        &[ip("192.0.2.1")],
+        secs(300),
+        &set,
+    );
+    c.learn(
+        t0,
+        &[n("b.example.com")],
+        &[ip("192.0.2.2")],
+        secs(60),
+        &set,
+    );
+    let changes = c.learn(
+        t0,
+        &[n("c.example.com")],
+        &[ip("192.0.2.3")],
+        secs(120),
+        &set,
+    );
+    // b expires first: it goes, and the datapath is told.
+    assert!(changes
+        .iter()
+        .any(|ch| matches!(ch, Change::Remove { name, .. } if &**name == "b.example.com")));
+    assert!(c.ips("b.example.com").is_empty());
+    assert_eq!(c.ips("a.example.com").len(), 1);
+    assert_eq!(c.ips("c.example.com").len(), 1);
+    assert_eq!(c.next_expiry(), Some(t0 + secs(120)));
+    // A known name is refreshed without forgetting anything.
+    let changes = c.learn(
+        t0 + secs(10),
+        &[n("a.example.com")],
+        &[ip("192.0.2.1")],
+        secs(300),
+        &set,
+    );
+    assert!(changes
+        .iter()
+        .all(|ch| !matches!(ch, Change::Remove { .. })));
 }

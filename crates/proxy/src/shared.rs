@@ -139,6 +139,7 @@ impl Shared {
             min_ttl: config.min_ttl,
             max_ttl: config.max_ttl,
             max_ips_per_name: config.max_ips_per_name,
+            ..CacheConfig::default()
         });
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
         let sources = Self::prepare_sources(&snapshot);

@@ -276,3 +276,18 @@ fn only_internet_class_records_teach_and_huge_ttls_count_as_zero() {
         0x7fff_ffff
     );
 }
+
+#[test]
+fn one_answer_teaches_at_most_its_first_ips() {
+    let q = query(4, "many.example.com", 1);
+    let records: Vec<_> = (0..MAX_IPS_PER_ANSWER + 50)
+        .map(|i| {
+            let [_, _, hi, lo] = u32::try_from(i).unwrap().to_be_bytes();
+            a("many.example.com", 60, [10, 1, hi, lo])
+        })
+        .collect();
+    let r = response(&q, 0, &records, &[]);
+    let ans = check_answer(question(&q), &r).unwrap();
+    assert_eq!(ans.learned.ips.len(), MAX_IPS_PER_ANSWER);
+    assert_eq!(ans.learned.ips[0], IpAddr::V4(Ipv4Addr::new(10, 1, 0, 0)));
+}
