@@ -145,7 +145,8 @@ fn start_agent_with(lab: &Lab, api: &FakeApiServer, kubernetes: &str) -> Daemon 
         lab,
         &DaemonSpec {
             exe: env!("CARGO_BIN_EXE_dnsfence").into(),
-            policy: String::new(),
+            // No policy in the file (an empty file is refused: it looks truncated).
+            policy: "apiVersion: v1\nkind: List\nitems: []\n".to_owned(),
             config_extra: format!(
                 "kubernetes: {{enabled: true, node_name: {NODE}, kubeconfig: {}{kubernetes}}}\n",
                 kubeconfig.display()

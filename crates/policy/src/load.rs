@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::diag::{Diagnostic, Severity};
 use crate::model::{Policy, PolicyId, Source};
 use crate::order;
-use crate::parse::parse_stream;
+use crate::parse::parse_documents;
 use crate::resolve::PolicySet;
 
 /// Accumulates policies from several YAML streams.
@@ -32,10 +32,22 @@ impl PolicyLoader {
         Self::default()
     }
 
-    /// Parses the YAML stream `text` read from `file`.
+    /// Parses the YAML stream `text` read from `file`. A file that holds no document (empty,
+    /// blank, or only comments) is an error: it is what a truncated file looks like, and
+    /// taking it for "no policies" would turn enforcement off.
     pub fn add(&mut self, file: &str, text: &str) {
         self.diagnostics.truncate(self.own);
-        for policy in parse_stream(file, text, &mut self.diagnostics) {
+        let (policies, documents) = parse_documents(file, text, &mut self.diagnostics);
+        if documents == 0 {
+            self.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: file.into(),
+                doc: 1,
+                path: "(file)".to_owned(),
+                message: "holds no policy documents (empty, or only comments): a policy file must hold at least one; remove it to have none".to_owned(),
+            });
+        }
+        for policy in policies {
             if let Some(first) = self.seen.get(&policy.id) {
                 self.diagnostics.push(Diagnostic {
                     severity: Severity::Error,
@@ -94,5 +106,50 @@ impl PolicyLoader {
             .filter(|(i, _)| !rejected.contains(i))
             .map(|(_, p)| p);
         (PolicySet::succeeding(policies, previous), self.diagnostics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: n}\nspec: {endpointSelector: {}}\n";
+
+    /// A truncated file must not read as "no policies": that would turn filtering off.
+    #[test]
+    fn a_file_without_documents_is_an_error() {
+        for text in [
+            "",
+            "\n  \n",
+            "# only a comment\n",
+            "---\n",
+            "---\n# x\n---\n",
+        ] {
+            let mut loader = PolicyLoader::new();
+            loader.add("good.yaml", POLICY);
+            loader.add("empty.yaml", text);
+            assert!(loader.has_errors(), "{text:?}");
+            let lines: Vec<String> = loader
+                .diagnostics()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(
+                lines,
+                ["empty.yaml:1: (file): holds no policy documents (empty, or only comments): a policy file must hold at least one; remove it to have none"],
+                "{text:?}"
+            );
+        }
+        // A file with a policy after an empty document, or an explicit empty list, holds
+        // documents.
+        let mut loader = PolicyLoader::new();
+        loader.add("late.yaml", &format!("---\n---\n{POLICY}"));
+        loader.add("list.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
+        assert!(!loader.has_errors(), "{:?}", loader.diagnostics());
+        // Broken YAML is reported as such, not as an empty file.
+        let mut loader = PolicyLoader::new();
+        loader.add("broken.yaml", "kind: [\n");
+        assert_eq!(loader.diagnostics().len(), 1);
+        assert!(loader.diagnostics()[0].message.contains("invalid YAML"));
     }
 }

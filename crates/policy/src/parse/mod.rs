@@ -22,8 +22,19 @@ use value::{fields, index, join, list, show, string};
 ///
 /// Returns the policies that validated; `diagnostics` receives errors and warnings.
 pub fn parse_stream(file: &str, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Policy> {
+    parse_documents(file, text, diagnostics).0
+}
+
+/// As [`parse_stream`]; also returns how many documents hold something (not empty, or
+/// invalid YAML): a file of none, blank or only comments, holds no policy at all.
+pub(crate) fn parse_documents(
+    file: &str,
+    text: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> (Vec<Policy>, usize) {
     let file: Arc<str> = file.into();
     let mut policies = Vec::new();
+    let mut documents = 0;
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let mut sink = Sink {
             file: &file,
@@ -32,15 +43,19 @@ pub fn parse_stream(file: &str, text: &str, diagnostics: &mut Vec<Diagnostic>) -
         };
         match Value::deserialize(document) {
             Ok(Value::Null) => {}
-            Ok(v) => parse_document(&mut sink, &v, &mut policies),
+            Ok(v) => {
+                documents += 1;
+                parse_document(&mut sink, &v, &mut policies);
+            }
             Err(e) => {
+                documents += 1;
                 sink.error("(document)", format!("invalid YAML: {e}"));
                 // The parser cannot resynchronise after a syntax error.
                 break;
             }
         }
     }
-    policies
+    (policies, documents)
 }
 
 fn parse_document(sink: &mut Sink<'_>, v: &Value, out: &mut Vec<Policy>) {
