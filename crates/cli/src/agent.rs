@@ -10,7 +10,6 @@
 //! last state while the API server is unreachable.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +21,7 @@ use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::{Datapath, RealKernel, Worker};
 use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::PolicySet;
-use dnsfence_proxy::config::{Backend, Config};
+use dnsfence_proxy::config::{Backend, Config, Listeners, Usage};
 use dnsfence_proxy::control::{
     read_message, write_message, Message, Role, SelectorSets, SnapshotData, CONTROL_PROTOCOL,
 };
@@ -42,6 +41,14 @@ pub(crate) struct AgentArgs {
     #[arg(long, short = 'c')]
     config: PathBuf,
 }
+
+/// `dnsfence agent`: it reads the policy files (and, in Kubernetes mode, the cluster's
+/// objects) and serves no DNS.
+const AGENT: Usage = Usage {
+    reads_policies: true,
+    listeners: Listeners::Optional,
+    files_only: false,
+};
 
 /// A snapshot with its version.
 type Versioned = Arc<(u64, SnapshotData)>;
@@ -118,8 +125,8 @@ struct Files {
 /// Reads and validates the configuration and its policy files; also returns their
 /// compiled policies.
 fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<(Files, PolicySet)> {
-    let mut config =
-        read_config(config_path).map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
+    let mut config = read_config(config_path, AGENT)
+        .map_err(|_| anyhow::anyhow!("the configuration is invalid"))?;
     crate::run::default_transparent(&mut config);
     let docs = policy_docs(config_path, &config)?;
     let set = compile(&docs, previous, config.audit)?;
@@ -205,7 +212,7 @@ fn load(
 }
 
 pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
-    let mut config = match read_config(&args.config) {
+    let mut config = match read_config(&args.config, AGENT) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -325,10 +332,17 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     ))
 }
 
-/// (device, inode) of a file.
-fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+/// The agent socket, bound unless a running process holds it (`None`: try again later).
+async fn bind_agent_socket(
+    path: &std::path::Path,
+) -> Result<Option<(UnixListener, dnsfence_proxy::api::SocketFile)>> {
+    let bound = dnsfence_proxy::api::bind_unix(path)
+        .await
+        .with_context(|| format!("binding the agent socket {}", path.display()))?;
+    if bound.is_some() {
+        info!(socket = %path.display(), "agent socket listening");
+    }
+    Ok(bound)
 }
 
 /// The host name, for the node name of last resort.
@@ -388,17 +402,19 @@ async fn serve(
     }
     let status = Arc::new(Mutex::new(Status::default()));
     let path = config.api.agent_socket.clone();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    // The socket, once bound. A running process holding it (the old agent during a rolling
+    // update) keeps it: proxies stay with that agent until it exits, and this one binds the
+    // socket then. The file is removed on exit only if it is still ours.
+    let mut socket = bind_agent_socket(&path).await?;
+    if socket.is_none() {
+        warn!(
+            socket = %path.display(),
+            "agent socket {} is in use by a running process (the old agent during an upgrade, or another one with the same api.agent_socket): left alone, and taken once that process is gone",
+            path.display()
+        );
     }
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    // The socket file this process made: a newer agent (a rolling update) may replace it,
-    // and then it is not ours to remove on exit.
-    let ours = socket_identity(&path);
-    info!(socket = %path.display(), "agent socket listening");
+    let mut retry = tokio::time::interval(dnsfence_proxy::api::SOCKET_RETRY);
+    let mut bind_failed = false;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -406,8 +422,8 @@ async fn serve(
     loop {
         let mut reload: Option<&str> = None;
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+            accepted = async { socket.as_ref()?.0.accept().await.ok() }, if socket.is_some() => {
+                let Some((stream, _)) = accepted else { continue };
                 let (rx, status, worker) = (rx.clone(), status.clone(), worker.clone());
                 let flows = flows.clone();
                 tokio::spawn(async move {
@@ -415,6 +431,16 @@ async fn serve(
                         debug!(error = %e, "agent connection ended");
                     }
                 });
+            }
+            _ = retry.tick(), if socket.is_none() => {
+                match bind_agent_socket(&path).await {
+                    Ok(bound) => socket = bound,
+                    Err(e) if !bind_failed => {
+                        warn!("{e:#}; retrying every 500 ms");
+                        bind_failed = true;
+                    }
+                    Err(e) => debug!("{e:#}"),
+                }
             }
             _ = hup.recv() => {
                 let path = config_path.clone();
@@ -442,9 +468,6 @@ async fn serve(
                     // Exit so that the DaemonSet restarts the agent; the table stays in
                     // force meanwhile and proxies keep enforcing.
                     error!("the Kubernetes watchers stopped; exiting so the agent restarts (the table stays in force)");
-                    if ours.is_some() && socket_identity(&path) == ours {
-                        let _ = std::fs::remove_file(&path);
-                    }
                     return Ok(ExitCode::from(1));
                 }
                 let latest = cluster.as_mut().and_then(|c| c.borrow_and_update().clone());
@@ -495,9 +518,8 @@ async fn serve(
             Err(e) => error!("reload failed: {e}"),
         }
     }
-    if ours.is_some() && socket_identity(&path) == ours {
-        let _ = std::fs::remove_file(&path);
-    }
+    // The socket file goes with it, if still ours.
+    drop(socket);
     info!("agent stopped; the table and the proxies keep enforcing");
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 //! prints what was expected and observed, cleans up, and exits 0 only if all matched.
 
 use std::fmt;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -313,7 +314,8 @@ pub(crate) fn run(args: &DemoArgs) -> Result<ExitCode> {
         .iter()
         .map(|step| execute(step, lab.pod(step.pod), &mut resolved))
         .collect();
-    print_table(&rows);
+    let mut out = crate::output::stdout();
+    print_table(&mut out, &rows)?;
     let matched = rows.iter().filter(|r| r.ok).count();
     let all = matched == rows.len();
     if !all || args.keep_log {
@@ -323,36 +325,42 @@ pub(crate) fn run(args: &DemoArgs) -> Result<ExitCode> {
         drop(daemon);
     }
     drop(lab);
-    println!();
+    writeln!(out)?;
     if all {
-        println!(
+        writeln!(
+            out,
             "PASS: {matched}/{} observations matched the policy ({:.1} s, lab removed)",
             rows.len(),
             started.elapsed().as_secs_f64()
-        );
+        )?;
+        out.flush()?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        writeln!(
+            out,
             "FAIL: {matched}/{} observations matched the policy (lab removed)",
             rows.len()
-        );
+        )?;
+        out.flush()?;
         Ok(ExitCode::from(1))
     }
 }
 
-fn print_table(rows: &[Row]) {
+fn print_table(out: &mut impl std::io::Write, rows: &[Row]) -> std::io::Result<()> {
     let w = |f: &dyn Fn(&Row) -> usize, title: &str| {
         rows.iter().map(f).max().unwrap_or(0).max(title.len())
     };
     let wa = w(&|r| r.action.len(), "action");
     let wt = w(&|r| r.target.len(), "target");
     let we = w(&|r| r.expected.to_string().len(), "expected");
-    println!(
+    writeln!(
+        out,
         "{:<6}  {:<wa$}  {:<wt$}  {:<we$}  {:>5}  {:<2}  observed",
         "pod", "action", "target", "expected", "ms", ""
-    );
+    )?;
     for r in rows {
-        println!(
+        writeln!(
+            out,
             "{:<6}  {:<wa$}  {:<wt$}  {:<we$}  {:>5}  {:<2}  {}",
             r.pod,
             r.action,
@@ -361,6 +369,7 @@ fn print_table(rows: &[Row]) {
             r.ms,
             if r.ok { "ok" } else { "!!" },
             r.observed
-        );
+        )?;
     }
+    Ok(())
 }

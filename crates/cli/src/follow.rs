@@ -295,25 +295,12 @@ async fn session(
             msg = read_message(&mut rd, &mut line) => match msg? {
                 None => return Ok(()),
                 Some(Message::Snapshot { version: v, snapshot }) => {
-                    let reply = match apply(shared, worker, config, &snapshot).await {
-                        Ok(()) => {
-                            *version = v;
-                            shared
-                                .snapshot_version
-                                .store(v, std::sync::atomic::Ordering::Relaxed);
-                            shared
-                                .metrics
-                                .snapshot_version
-                                .set(i64::try_from(v).unwrap_or(i64::MAX));
-                            save_snapshot(config, v, *snapshot);
-                            info!(version = v, "snapshot in force");
-                            Message::Ack { version: v }
-                        }
-                        Err(e) => {
-                            error!(version = v, "snapshot refused, the previous one stays in force: {e:#}");
-                            Message::Nack { version: v, reason: format!("{e:#}") }
-                        }
-                    };
+                    // One at a time, in the order sent: the next message is read only once
+                    // this snapshot is in force (or refused) and saved.
+                    let reply = take_snapshot(shared, worker, config, v, snapshot).await;
+                    if let Message::Ack { .. } = reply {
+                        *version = v;
+                    }
                     write_message(&mut wr, &reply).await?;
                 }
                 Some(other) => debug!(?other, "unexpected message from the agent"),
@@ -343,24 +330,69 @@ async fn session(
     }
 }
 
+/// Puts the agent's snapshot `v` in force and saves it, or refuses it (the running one stays
+/// in force); the answer for the agent. Compiling and saving (with an fsync) are blocking
+/// work: they run off the DNS thread, which keeps answering meanwhile.
+async fn take_snapshot(
+    shared: &Arc<Shared>,
+    worker: Option<&Worker>,
+    config: &Config,
+    v: u64,
+    data: Box<SnapshotData>,
+) -> Message {
+    let data = match apply(shared, worker, config, data).await {
+        Ok(data) => data,
+        Err(e) => {
+            error!(
+                version = v,
+                "snapshot refused, the previous one stays in force: {e:#}"
+            );
+            return Message::Nack {
+                version: v,
+                reason: format!("{e:#}"),
+            };
+        }
+    };
+    shared
+        .snapshot_version
+        .store(v, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .metrics
+        .snapshot_version
+        .set(i64::try_from(v).unwrap_or(i64::MAX));
+    let file = snapshot_file(config);
+    if let Err(e) = tokio::task::spawn_blocking(move || save_snapshot(&file, v, *data)).await {
+        warn!(error = %e, "saving the snapshot failed");
+    }
+    info!(version = v, "snapshot in force");
+    Message::Ack { version: v }
+}
+
+/// Compiles `data` (off the DNS thread) and puts it in force; gives `data` back for saving.
 async fn apply(
     shared: &Arc<Shared>,
     worker: Option<&Worker>,
     config: &Config,
-    data: &SnapshotData,
-) -> Result<()> {
+    data: Box<SnapshotData>,
+) -> Result<Box<SnapshotData>> {
     let previous = shared.snapshot().policies().clone();
-    let snapshot = compile_data(data, &config.dns, &previous)?;
+    let dns = config.dns.clone();
+    let (data, compiled) = tokio::task::spawn_blocking(move || {
+        let compiled = compile_data(&data, &dns, &previous);
+        (data, compiled)
+    })
+    .await?;
+    let snapshot = compiled?;
     if let Some(worker) = worker {
         // Selector sets first, so the moves of learned IPs below land in them.
         let (w, p) = (worker.clone(), snapshot.policies().clone());
         tokio::task::spawn_blocking(move || w.use_selectors(p)).await?;
     }
     shared.set_snapshot(snapshot).await;
-    Ok(())
+    Ok(data)
 }
 
-fn save_snapshot(config: &Config, version: u64, data: SnapshotData) {
+fn save_snapshot(file: &Path, version: u64, data: SnapshotData) {
     let body = match serde_json::to_string(&Saved { version, data }) {
         Ok(b) => b,
         Err(e) => {
@@ -368,7 +400,99 @@ fn save_snapshot(config: &Config, version: u64, data: SnapshotData) {
             return;
         }
     };
-    if let Err(e) = state::save(&snapshot_file(config), &body) {
+    if let Err(e) = state::save(file, &body) {
         warn!(error = %e, "saving the snapshot failed");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests: a panic is a failure")]
+mod tests {
+    use super::*;
+    use dnsfence_proxy::control::PolicyDoc;
+    use dnsfence_proxy::{NoopSink, Proxy, ProxyMetrics};
+
+    /// `n` policies, each with its own DNS rule and `toFQDNs` selectors.
+    fn snapshot_data(n: usize) -> SnapshotData {
+        let text: String = (0..n)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}, namespace: n}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a{i}}}}}\n  egress:\n    - toEndpoints: [{{matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}}}]\n      toPorts: [{{ports: [{{port: \"53\", protocol: ANY}}], rules: {{dns: [{{matchPattern: \"*.s{i}.example.com\"}}]}}}}]\n    - toFQDNs: [{{matchName: api.s{i}.example.com}}, {{matchPattern: \"*.cdn{i}.example.com\"}}]\n"
+                )
+            })
+            .collect();
+        SnapshotData {
+            policies: vec![PolicyDoc {
+                file: "policies.yaml".to_owned(),
+                text,
+            }],
+            endpoints: Vec::new(),
+            host_ips: Vec::new(),
+            selectors: Vec::new(),
+            table: None,
+            audit: false,
+        }
+    }
+
+    /// Applying a snapshot must not stall the single DNS thread: compiling it (and saving
+    /// it) happen on a blocking thread while the runtime keeps running its other tasks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_snapshot_is_compiled_off_the_dns_thread() {
+        let dir = std::env::temp_dir().join(format!("dnsfence-follow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = Config::parse("c.yaml", "").unwrap();
+        config.state_dir = dir.clone();
+        // Big enough that compiling it takes a while, even on a fast machine.
+        let mut n = 500;
+        let (data, took) = loop {
+            let data = snapshot_data(n);
+            let started = Instant::now();
+            compile_data(&data, &config.dns, &Default::default()).unwrap();
+            let took = started.elapsed();
+            if took >= Duration::from_millis(300) || n >= 64_000 {
+                break (data, took);
+            }
+            n *= 2;
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let flows = dnsfence_proxy::flows::FlowLog::new(
+            &crate::proxy::flow_settings(&config),
+            dnsfence_proxy::flows::FlowMetrics::default(),
+        );
+        let proxy = Proxy::start(
+            config.dns.clone(),
+            compile_data(&snapshot_data(1), &config.dns, &Default::default()).unwrap(),
+            Arc::new(NoopSink),
+            ProxyMetrics::register(&mut registry),
+            flows,
+        )
+        .await
+        .unwrap();
+        // A task standing for the DNS listeners: how long does it wait for its turn?
+        let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let ticker = tokio::spawn({
+            let longest = longest.clone();
+            async move {
+                loop {
+                    let before = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let gap = before.elapsed();
+                    let mut l = longest.lock().unwrap();
+                    *l = (*l).max(gap);
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let reply = take_snapshot(proxy.shared(), None, &config, 7, Box::new(data)).await;
+        ticker.abort();
+        assert!(matches!(reply, Message::Ack { version: 7 }), "{reply:?}");
+        assert_eq!(proxy.shared().snapshot().policies().policies().len(), n);
+        assert!(state::load(&snapshot_file(&config)).unwrap().is_some());
+        let longest = *longest.lock().unwrap();
+        assert!(
+            longest < took / 2,
+            "the runtime stalled {longest:?} while a snapshot that takes {took:?} to compile was applied"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

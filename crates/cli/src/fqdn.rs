@@ -49,22 +49,25 @@ pub(crate) fn run(cmd: &FqdnCommand) -> Result<ExitCode> {
     }
     let entries: Vec<FqdnEntry> =
         serde_json::from_value(reply.get("fqdns").cloned().unwrap_or_default())?;
+    let mut out = crate::output::stdout();
     match args.output {
-        Format::Json => println!("{}", serde_json::to_string(&entries)?),
+        Format::Json => writeln!(out, "{}", serde_json::to_string(&entries)?)?,
         Format::Text => {
-            println!("{:<40} {:<40} {:>7}  SELECTORS", "NAME", "IP", "TTL");
+            writeln!(out, "{:<40} {:<40} {:>7}  SELECTORS", "NAME", "IP", "TTL")?;
             for e in &entries {
                 for ip in &e.ips {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<40} {:<40} {:>6}s  {}",
                         e.name,
                         ip.ip,
                         ip.ttl,
                         e.selectors.join(",")
-                    );
+                    )?;
                 }
             }
         }
     }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

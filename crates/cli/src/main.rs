@@ -10,6 +10,7 @@ mod follow;
 mod fqdn;
 mod manifests;
 mod observe;
+mod output;
 mod policy;
 mod proxy;
 mod run;
@@ -113,6 +114,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of the output went away (`| head`): nothing more to say.
+        Err(e) if output::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dnsfence: {e:#}");
             ExitCode::from(2)

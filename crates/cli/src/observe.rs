@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dnsfence_policy::{FoldedName, NamePattern};
-use dnsfence_proxy::config::Config;
+use dnsfence_proxy::config::{Config, Usage};
 use dnsfence_proxy::control::{Message, Role, CONTROL_PROTOCOL};
 use dnsfence_proxy::API_VERSION;
 use serde_json::Value;
@@ -225,7 +225,7 @@ fn from_agent(socket: PathBuf, last: usize, follow: bool, tx: mpsc::Sender<Value
 
 pub(crate) fn run(args: &ObserveArgs) -> Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => match crate::proxy::read_config(path) {
+        Some(path) => match crate::proxy::read_config(path, Usage::default()) {
             Ok(c) => c,
             Err(code) => return Ok(code),
         },
@@ -257,24 +257,27 @@ pub(crate) fn run(args: &ObserveArgs) -> Result<ExitCode> {
     } else {
         drop(tx);
     }
-    let print = |f: &Value| -> Result<()> {
-        let mut out = std::io::stdout().lock();
+    let mut out = crate::output::stdout();
+    if args.output == Format::Table {
+        writeln!(
+            out,
+            "{:<24} {:<4} {:<9} {:<28} WHAT  WHY",
+            "TIME", "TYPE", "VERDICT", "SOURCE"
+        )?;
+    }
+    let mut print = |f: &Value| -> std::io::Result<()> {
         match args.output {
             Format::Json => writeln!(out, "{f}")?,
             Format::Table => writeln!(out, "{}", row(f))?,
         }
-        Ok(())
+        out.flush()
     };
-    if args.output == Format::Table {
-        println!(
-            "{:<24} {:<4} {:<9} {:<28} WHAT  WHY",
-            "TIME", "TYPE", "VERDICT", "SOURCE"
-        );
-    }
+    // A failure to print (the reader went away) ends the command at once: the readers'
+    // threads may be waiting for events that never come.
     if args.follow {
         for f in rx.iter() {
-            if filter.keeps(&f) && print(&f).is_err() {
-                break;
+            if filter.keeps(&f) {
+                print(&f)?;
             }
         }
     } else {

@@ -13,7 +13,7 @@ use dnsfence_datapath::Worker;
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
 use dnsfence_policy::{Labels, PolicyLoader, PolicySet};
 use dnsfence_proxy::config::{
-    Backend, Config, DenyRcode, DnsConfig, EndpointConfig, UnknownClientsConfig,
+    Backend, Config, DenyRcode, DnsConfig, EndpointConfig, Listeners, UnknownClientsConfig, Usage,
 };
 use dnsfence_proxy::control::PolicyDoc;
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
@@ -42,8 +42,32 @@ pub(crate) struct Follower {
     dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Reads and checks the configuration; problems are printed and mapped to exit code 2.
-pub(crate) fn read_config(path: &Path) -> Result<Config, ExitCode> {
+/// `dnsfence proxy` alone: it reads the policy files, serves DNS on the configured listeners
+/// only, and knows nothing of Kubernetes.
+const PROXY: Usage = Usage {
+    reads_policies: true,
+    listeners: Listeners::Required,
+    files_only: true,
+};
+
+/// `dnsfence proxy --agent`: its policies come from the agent (or its saved snapshot; the
+/// policy files only when neither is there), and the transparent listener has a default.
+const FOLLOWING: Usage = Usage {
+    reads_policies: false,
+    listeners: Listeners::Optional,
+    files_only: false,
+};
+
+/// A reload (SIGHUP) of `run` or `proxy`: only the policies are taken from the new file.
+const RELOAD: Usage = Usage {
+    reads_policies: true,
+    listeners: Listeners::Optional,
+    files_only: false,
+};
+
+/// Reads and checks the configuration for a command that uses it as `usage` says; problems
+/// are printed and mapped to exit code 2.
+pub(crate) fn read_config(path: &Path, usage: Usage) -> Result<Config, ExitCode> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -51,7 +75,7 @@ pub(crate) fn read_config(path: &Path) -> Result<Config, ExitCode> {
             return Err(ExitCode::from(2));
         }
     };
-    Config::parse(&path.display().to_string(), &text).map_err(|e| {
+    Config::parse_file(path, &text, usage).map_err(|e| {
         for p in &e.problems {
             eprintln!("{p}");
         }
@@ -147,28 +171,14 @@ pub(crate) fn build_snapshot(
     snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)
 }
 
-/// Kubernetes mode lives in `dnsfence agent`: a command that would silently ignore
-/// `kubernetes.enabled` (and so enforce none of the cluster's policies) refuses to start.
-pub(crate) fn kubernetes_needs_agent(config: &Config, command: &str) -> Option<ExitCode> {
-    if !config.kubernetes.enabled {
-        return None;
-    }
-    eprintln!(
-        "dnsfence: kubernetes.enabled: Kubernetes mode runs as `dnsfence agent` with `dnsfence proxy --agent` (the DaemonSet of `dnsfence manifests`); `dnsfence {command}` reads policies and endpoints from files only"
-    );
-    Some(ExitCode::from(2))
-}
-
 pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {
-    let config = match read_config(&args.config) {
+    let usage = if args.agent { FOLLOWING } else { PROXY };
+    let config = match read_config(&args.config, usage) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
     if args.agent {
         return run_following(args, config);
-    }
-    if let Some(code) = kubernetes_needs_agent(&config, "proxy") {
-        return Ok(code);
     }
     let snapshot = match build_snapshot(&args.config, &config, &PolicySet::default()) {
         Ok(s) => s,
@@ -355,7 +365,7 @@ async fn reload(config_path: &Path, proxy: &Proxy, datapath: Option<&Worker>) {
     let datapath = datapath.cloned();
     // Reading files, compiling policies and programming the kernel are blocking work:
     // keep them off the DNS thread.
-    let built = tokio::task::spawn_blocking(move || match read_config(&path) {
+    let built = tokio::task::spawn_blocking(move || match read_config(&path, RELOAD) {
         Ok(config) => Some(
             build_snapshot(&path, &config, &previous).and_then(|snapshot| {
                 if let Some(worker) = &datapath {

@@ -2,6 +2,7 @@
 //! embedded default). The proxy's sink is the datapath, so an answer with new IPs is
 //! released only once they are in the kernel. `dnsfence cleanup` removes the table.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,11 +11,20 @@ use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
 use dnsfence_policy::{Endpoint, Labels, PolicySet};
-use dnsfence_proxy::config::{self, Backend, Config, TransparentConfig};
+use dnsfence_proxy::config::{self, Backend, Config, Listeners, TransparentConfig, Usage};
 use dnsfence_proxy::{IpSink, NoopSink};
 use tracing::{info, warn};
 
 use crate::proxy::{build_snapshot, read_config, serve};
+
+/// `dnsfence run`: it reads the policy files and knows nothing of Kubernetes; with the
+/// nftables datapath the transparent listener has a default, without it a listener must be
+/// configured.
+const RUN: Usage = Usage {
+    reads_policies: true,
+    listeners: Listeners::RequiredWithoutDatapath,
+    files_only: true,
+};
 
 /// The transparent port `run` uses when the configuration names none.
 pub(crate) const DEFAULT_TRANSPARENT_PORT: u16 = 15053;
@@ -86,13 +96,10 @@ pub(crate) fn inventory(config: &Config, policies: &PolicySet) -> Result<Invento
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
-    let mut config = match read_config(&args.config) {
+    let mut config = match read_config(&args.config, RUN) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    if let Some(code) = crate::proxy::kubernetes_needs_agent(&config, "run") {
-        return Ok(code);
-    }
     if config.datapath.backend == Backend::Nftables {
         default_transparent(&mut config);
     }
@@ -150,7 +157,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
 
 pub(crate) fn cleanup(args: &CleanupArgs) -> Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => match read_config(path) {
+        Some(path) => match read_config(path, Usage::default()) {
             Ok(c) => c,
             Err(code) => return Ok(code),
         },
@@ -159,9 +166,12 @@ pub(crate) fn cleanup(args: &CleanupArgs) -> Result<ExitCode> {
     let mut kernel = RealKernel::default();
     kernel.check().context("cleanup")?;
     Datapath::cleanup(&mut kernel, &options(&config)).context("cleanup")?;
-    println!(
+    let mut out = crate::output::stdout();
+    writeln!(
+        out,
         "removed table inet {} and its routing rule",
         config.datapath.table
-    );
+    )?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dnsfence_proxy::config::Config;
+use dnsfence_proxy::config::{Config, Usage};
 use dnsfence_proxy::control::{Message, Role, CONTROL_PROTOCOL};
 use dnsfence_proxy::API_VERSION;
 
@@ -73,7 +73,7 @@ fn proxy_status(path: &Path) -> Result<serde_json::Value> {
 
 pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => match crate::proxy::read_config(path) {
+        Some(path) => match crate::proxy::read_config(path, Usage::default()) {
             Ok(c) => c,
             Err(code) => return Ok(code),
         },
@@ -85,26 +85,29 @@ pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
         Ok(v) => v.clone(),
         Err(e) => serde_json::json!({"error": format!("{e:#}")}),
     };
+    let mut out = crate::output::stdout();
     if args.output == "json" {
-        println!(
+        writeln!(
+            out,
             "{}",
             serde_json::json!({"agent": show(&agent), "proxy": show(&proxy)})
-        );
+        )?;
     } else {
         for (name, r) in [("agent", &agent), ("proxy", &proxy)] {
             match r {
                 Ok(v) => {
-                    println!("{name}: up");
+                    writeln!(out, "{name}: up")?;
                     if let Some(map) = v.as_object() {
                         for (k, v) in map {
-                            println!("  {k}: {v}");
+                            writeln!(out, "  {k}: {v}")?;
                         }
                     }
                 }
-                Err(e) => println!("{name}: DOWN ({e:#})"),
+                Err(e) => writeln!(out, "{name}: DOWN ({e:#})")?,
             }
         }
     }
+    out.flush()?;
     // 0 when both answer, 1 when either is down.
     Ok(if agent.is_ok() && proxy.is_ok() {
         ExitCode::SUCCESS

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
@@ -252,4 +252,170 @@ fn kubernetes_mode_outside_the_agent_is_refused_not_ignored() {
         assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
         assert!(stderr.contains("dnsfence agent"), "{command:?}: {stderr}");
     }
+}
+
+fn proxy_with(config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_config_problem_in_one_round_and_no_proxy_without_listeners() {
+    let tmp = TempDir::new("proxy-cli-round");
+    let config = tmp.path().join("c.yaml");
+    // The policy file is missing and the TTLs are inverted, next to a value that does not
+    // parse: all three in one round.
+    std::fs::write(
+        &config,
+        "policies: [missing.yaml]\ndns:\n  listen: [\"127.0.0.1:1\"]\n  upstreams: [\"127.0.0.1:53\"]\n  min_ttl: 2h\n  max_ttl: 1h\n  upstream_timeout: 0s\n  max_ips_per_name: x\n",
+    )
+    .unwrap();
+    let out = proxy_with(&config);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "policies[0]: cannot read",
+        "missing.yaml",
+        "dns.max_ttl: 1h must not be smaller than dns.min_ttl (2h)",
+        "dns.upstream_timeout: 0s is too short",
+        "dns.max_ips_per_name",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    // A proxy with no listener would serve nothing.
+    std::fs::write(&config, "datapath: {backend: none}\n").unwrap();
+    let out = proxy_with(&config);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dns: no listener"), "{err}");
+    // Nor would `run` without its datapath (and with it, it would need root: not tried).
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dns: no listener"), "{err}");
+}
+
+#[test]
+fn an_empty_policy_file_never_turns_filtering_off() {
+    if skip(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let up = Dnsmasq::start(
+        "example.com",
+        60,
+        &["--host-record=api.example.org,198.51.100.1".into()],
+    );
+    let port = free_port();
+    let r = start(up.addr, port, free_port());
+    let at: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(
+        dig("127.0.0.2", at, "api.example.org", &[]).status,
+        "REFUSED"
+    );
+    // Truncated: the reload is rejected and the running policy stays in force.
+    std::fs::write(r.dir.0.join("policy.yaml"), "").unwrap();
+    hup(&r);
+    let log = std::fs::read_to_string(r.dir.path().join("proxy.log")).unwrap();
+    assert!(log.contains("reload rejected"), "{log}");
+    assert!(
+        log.contains("policy.yaml:1: (file): holds no policy documents"),
+        "{log}"
+    );
+    assert_eq!(
+        dig("127.0.0.2", at, "api.example.org", &[]).status,
+        "REFUSED"
+    );
+    // And a proxy does not start on it.
+    let out = proxy_with(&r.dir.0.join("config.yaml"));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no policy documents"), "{err}");
+}
+
+fn status_pid(socket: &Path) -> Option<u64> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    writeln!(s, "{{\"version\":1,\"request\":\"status\"}}").ok()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    v["status"]["pid"].as_u64()
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// A second proxy given the same `api.socket` must not take the running one's API: it
+/// waits for it to be gone (as during an upgrade), and each removes the socket on exit only
+/// if it is still its own.
+#[test]
+fn a_second_proxy_waits_for_the_api_socket() {
+    let mut first = start("127.0.0.1:53".parse().unwrap(), free_port(), free_port());
+    let socket = first.dir.0.join("api.sock");
+    wait_until("the first proxy answers", || {
+        status_pid(&socket) == Some(u64::from(first.child.id()))
+    });
+    // The same configuration but for the ports.
+    let config = std::fs::read_to_string(first.dir.0.join("config.yaml")).unwrap();
+    let config: String = config
+        .lines()
+        .map(|l| {
+            if l.contains("listen:") {
+                let port = free_port();
+                if l.trim_start().starts_with("metrics") {
+                    format!("metrics: {{listen: \"127.0.0.1:{port}\"}}")
+                } else {
+                    format!("  listen: [\"127.0.0.1:{port}\"]")
+                }
+            } else {
+                l.to_owned()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(first.dir.0.join("second.yaml"), config).unwrap();
+    let log = first.dir.0.join("second.log");
+    let mut second = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(first.dir.0.join("second.yaml"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the second proxy says the socket is in use", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("is in use by a running process")
+    });
+    // The first one keeps its API.
+    assert_eq!(status_pid(&socket), Some(u64::from(first.child.id())));
+    // It stops: the second one takes the socket over.
+    terminate(&mut first.child);
+    wait_until("the second proxy answers", || {
+        status_pid(&socket) == Some(u64::from(second.id()))
+    });
+    // It stops too, and leaves no socket behind.
+    terminate(&mut second);
+    assert!(!socket.exists(), "the socket file stayed");
 }

@@ -1,11 +1,15 @@
 //! The configuration file: plain serde data, checked as a whole before anything starts.
 //!
 //! Unknown keys anywhere are errors, and all of them are reported at once together with
-//! every section that fails to parse, so an operator fixes a file in one round.
+//! every value that fails to parse and every value out of range or inconsistent with
+//! another, so an operator fixes a file in one round. Checks that depend on the command
+//! reading the file (policy files it reads, listeners it needs) come with
+//! [`Config::parse_file`] and a [`Usage`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -22,7 +26,7 @@ pub struct Config {
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
     /// The node's own addresses, for `toEntities: host` (default: none).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ip_addresses")]
     pub host_ips: Vec<IpAddr>,
     /// The DNS proxy.
     #[serde(default)]
@@ -237,6 +241,7 @@ pub struct EndpointConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Addresses.
+    #[serde(deserialize_with = "ip_addresses")]
     pub ips: Vec<IpAddr>,
     /// On another node, or the host (default false): `toEndpoints` selectors see it, but
     /// dnsfence does not enforce its egress here.
@@ -279,10 +284,10 @@ pub struct TransparentConfig {
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Explicit listeners, UDP and TCP (default: none).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "socket_addresses")]
     pub listen: Vec<SocketAddr>,
     /// Where explicit listeners forward allowed queries (default: none).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "socket_addresses")]
     pub upstreams: Vec<SocketAddr>,
     /// The transparent listener (default: off).
     #[serde(default)]
@@ -293,28 +298,30 @@ pub struct DnsConfig {
     /// Sources not in the inventory (default `refuse`).
     #[serde(default)]
     pub unknown_clients: UnknownClientsConfig,
-    /// Smallest TTL applied to learned IPs (default `0s`: honour the server).
+    /// Smallest TTL applied to learned IPs (default `0s`: honour the server; at most 7 days).
     #[serde(default, deserialize_with = "duration")]
     pub min_ttl: Duration,
-    /// Largest TTL applied to learned IPs (default `1day`).
+    /// Largest TTL applied to learned IPs (default `1day`; 1 s to 1 year, and at least
+    /// `min_ttl`).
     #[serde(default = "default_max_ttl", deserialize_with = "duration")]
     pub max_ttl: Duration,
-    /// At most this many IPs per name (default 1000).
+    /// At most this many IPs per name (default 1000; at least 1).
     #[serde(default = "default_max_ips")]
     pub max_ips_per_name: usize,
-    /// Longest an answer is held waiting for its IPs to be enforced (default `100ms`).
+    /// Longest an answer is held waiting for its IPs to be enforced (default `100ms`; 1 ms to
+    /// 10 s).
     #[serde(default = "default_response_max_delay", deserialize_with = "duration")]
     pub response_max_delay: Duration,
-    /// When an upstream has not answered, SERVFAIL (default `5s`).
+    /// When an upstream has not answered, SERVFAIL (default `5s`; 1 ms to 1 h).
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
     /// Queries in flight per client endpoint; more are answered SERVFAIL (default 256).
     #[serde(default = "default_max_inflight")]
     pub max_inflight_per_client: u32,
-    /// Idle TCP client connections are closed after this (default `10s`).
+    /// Idle TCP client connections are closed after this (default `10s`; 1 ms to 1 h).
     #[serde(default = "default_tcp_idle", deserialize_with = "duration")]
     pub tcp_idle_timeout: Duration,
-    /// On SIGTERM, how long queries in flight may take to finish (default 5s).
+    /// On SIGTERM, how long queries in flight may take to finish (default 5s; at most 1 h).
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
     /// The pods' DNS search domains: a query for an allowed name with one of them
@@ -376,11 +383,11 @@ fn default_agent_socket() -> PathBuf {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// `/metrics` and `/healthz` address of `run` and `proxy` (default: off).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "socket_address")]
     pub listen: Option<SocketAddr>,
     /// The same for `dnsfence agent` (default: off): datapath, refused packets, its
     /// snapshot version.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "socket_address")]
     pub agent_listen: Option<SocketAddr>,
 }
 
@@ -420,6 +427,122 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!("{s:?} is not a duration like 100ms, 5s or 1h: {e}"))
     })
+}
+
+/// Addresses are parsed one by one, so that each bad one is named by its index and value:
+/// one line each, starting with the index (`[1]: invalid IP address "x"`), which
+/// [`push_error`] appends to the key without a separator.
+fn addresses<'de, D: Deserializer<'de>, A: FromStr>(
+    d: D,
+    what: &str,
+    hint: &str,
+) -> Result<Vec<A>, D::Error> {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (i, v) in Vec::<Value>::deserialize(d)?.iter().enumerate() {
+        match address(v, what, hint) {
+            Ok(a) => good.push(a),
+            Err(m) => bad.push(format!("[{i}]: {m}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(good)
+    } else {
+        Err(serde::de::Error::custom(bad.join("\n")))
+    }
+}
+
+/// `v` as an address; `Err` says what is wrong with it.
+fn address<A: FromStr>(v: &Value, what: &str, hint: &str) -> Result<A, String> {
+    match v {
+        Value::String(s) => s.parse().map_err(|_| format!("invalid {what} {s:?}{hint}")),
+        other => Err(format!(
+            "invalid {what} {} (expected a string)",
+            show_value(other)
+        )),
+    }
+}
+
+fn ip_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    addresses(d, "IP address", "")
+}
+
+const SOCKET_HINT: &str = " (expected IP:port, like 127.0.0.1:53 or \"[::1]:53\")";
+
+fn socket_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    addresses(d, "socket address", SOCKET_HINT)
+}
+
+fn socket_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => address(&v, "socket address", SOCKET_HINT)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The range of each duration key, `(key, at least, at most)`. Zero timeouts would fail
+/// every query (or close every connection) at once; very long ones are mistakes, and past
+/// some point they overflow the clock arithmetic of timers.
+const DURATION_LIMITS: &[(&str, Duration, Duration)] = &[
+    (
+        "dns.min_ttl",
+        Duration::ZERO,
+        Duration::from_secs(7 * 86_400),
+    ),
+    // humantime's year (`1y`): 365.25 days.
+    (
+        "dns.max_ttl",
+        Duration::from_secs(1),
+        Duration::from_secs(31_557_600),
+    ),
+    // A client's resolver gives up after a few seconds (glibc: 5 s): an answer held
+    // longer reaches nobody.
+    (
+        "dns.response_max_delay",
+        Duration::from_millis(1),
+        Duration::from_secs(10),
+    ),
+    ("dns.upstream_timeout", Duration::from_millis(1), HOUR),
+    ("dns.tcp_idle_timeout", Duration::from_millis(1), HOUR),
+    ("dns.drain_timeout", Duration::ZERO, HOUR),
+];
+
+/// A duration as an operator writes it: `1h`, `7days`, `100ms`.
+fn show_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Which DNS listeners a command needs (see [`Usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Listeners {
+    /// None: the command serves no DNS, or gives `dns.transparent` its default port itself
+    /// (`dnsfence agent`, `dnsfence proxy --agent`).
+    #[default]
+    Optional,
+    /// At least one of `dns.listen` and `dns.transparent` (`dnsfence proxy`): without one
+    /// the proxy would serve nothing.
+    Required,
+    /// As `Required` with `datapath.backend: none`; the nftables datapath gives
+    /// `dns.transparent` its default port (`dnsfence run`).
+    RequiredWithoutDatapath,
+}
+
+/// What the command reading a configuration does with it, for the checks that depend on it
+/// (see [`Config::parse_file`]). The default checks the file alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// It reads the `policies` files: each must be readable (relative paths are read from
+    /// the configuration file's directory).
+    pub reads_policies: bool,
+    /// The DNS listeners it needs.
+    pub listeners: Listeners,
+    /// It takes policies and endpoints from files only, so `kubernetes.enabled` (which only
+    /// `dnsfence agent` honours) is refused rather than silently ignored.
+    pub files_only: bool,
 }
 
 /// Why a configuration was refused: every problem found, one per line.
@@ -541,8 +664,25 @@ fn unknown_keys(v: &Value, path: &str, known_path: &str, out: &mut Vec<String>) 
 }
 
 impl Config {
-    /// Parses and checks a configuration file's text. `origin` names it in messages.
+    /// Parses and checks a configuration file's text. `origin` names it in messages. Checks
+    /// that depend on the command reading it are left to [`Config::parse_file`].
     pub fn parse(origin: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(origin, text, None, Usage::default())
+    }
+
+    /// Parses and checks the text of the configuration file at `path` for a command that
+    /// uses it as `usage` says: relative `policies` are read from the file's directory.
+    pub fn parse_file(path: &Path, text: &str, usage: Usage) -> Result<Self, ConfigError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse_with(&path.display().to_string(), text, Some(dir), usage)
+    }
+
+    fn parse_with(
+        origin: &str,
+        text: &str,
+        dir: Option<&Path>,
+        usage: Usage,
+    ) -> Result<Self, ConfigError> {
         let value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError {
             problems: vec![format!("{origin}: invalid YAML: {e}")],
         })?;
@@ -553,60 +693,85 @@ impl Config {
         };
         let mut problems = Vec::new();
         unknown_keys(&value, "", "", &mut problems);
-        // Parse each field alone so a bad value in one does not hide the others.
-        match &value {
-            Value::Mapping(m) => {
-                for (k, v) in m {
-                    let Some(k) = k.as_str() else { continue };
-                    match (k, v) {
-                        ("dns", Value::Mapping(inner)) => {
-                            field_errors::<DnsConfig>("dns", inner, &mut problems)
-                        }
-                        ("api", Value::Mapping(inner)) => {
-                            field_errors::<ApiConfig>("api", inner, &mut problems)
-                        }
-                        ("metrics", Value::Mapping(inner)) => {
-                            field_errors::<MetricsConfig>("metrics", inner, &mut problems)
-                        }
-                        ("datapath", Value::Mapping(inner)) => {
-                            field_errors::<DatapathConfig>("datapath", inner, &mut problems)
-                        }
-                        ("flows", Value::Mapping(inner)) => {
-                            field_errors::<FlowsConfig>("flows", inner, &mut problems)
-                        }
-                        ("log", Value::Mapping(inner)) => {
-                            field_errors::<LogConfig>("log", inner, &mut problems)
-                        }
-                        ("endpoints", Value::Sequence(items)) => {
-                            for (i, item) in items.iter().enumerate() {
-                                if let Err(e) =
-                                    serde_yaml_ng::from_value::<EndpointConfig>(item.clone())
-                                {
-                                    push_error(&format!("endpoints[{i}]"), &e, &mut problems);
-                                }
-                            }
-                        }
-                        _ => {
-                            let mut single = serde_yaml_ng::Mapping::new();
-                            single.insert(Value::from(k), v.clone());
-                            if let Err(e) =
-                                serde_yaml_ng::from_value::<Config>(Value::Mapping(single))
-                            {
-                                push_error(k, &e, &mut problems);
-                            }
+        let Value::Mapping(m) = &value else {
+            problems.push("expected a mapping at the top level".to_owned());
+            return Err(ConfigError {
+                problems: prefixed(origin, problems),
+            });
+        };
+        // Parse each field alone so a bad value in one does not hide the others. What
+        // parses is kept, so that the checks between values run on the rest (`failed`
+        // names the keys left out: checks involving them are skipped).
+        let mut kept = serde_yaml_ng::Mapping::new();
+        let mut failed = Vec::new();
+        for (k, v) in m {
+            let Some(k) = k.as_str() else {
+                problems.push(format!("{}: keys must be strings", show_value(k)));
+                continue;
+            };
+            let section = match (k, v) {
+                ("dns", Value::Mapping(inner)) => Some(valid_fields::<DnsConfig>(
+                    "dns",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("api", Value::Mapping(inner)) => Some(valid_fields::<ApiConfig>(
+                    "api",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("metrics", Value::Mapping(inner)) => Some(valid_fields::<MetricsConfig>(
+                    "metrics",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("datapath", Value::Mapping(inner)) => Some(valid_fields::<DatapathConfig>(
+                    "datapath",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("flows", Value::Mapping(inner)) => Some(valid_fields::<FlowsConfig>(
+                    "flows",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("log", Value::Mapping(inner)) => Some(valid_fields::<LogConfig>(
+                    "log",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
+                ("endpoints", Value::Sequence(items)) => Some(Value::Sequence(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, item)| valid_endpoint(i, item, &mut problems))
+                        .collect(),
+                )),
+                _ => {
+                    let mut single = serde_yaml_ng::Mapping::new();
+                    single.insert(Value::from(k), v.clone());
+                    match serde_yaml_ng::from_value::<Config>(Value::Mapping(single)) {
+                        Ok(_) => Some(v.clone()),
+                        Err(e) => {
+                            push_error(k, &e, &mut problems);
+                            failed.push(k.to_owned());
+                            None
                         }
                     }
                 }
+            };
+            if let Some(section) = section {
+                kept.insert(Value::from(k), section);
             }
-            _ => problems.push("expected a mapping at the top level".to_owned()),
         }
-        let config = match serde_yaml_ng::from_value::<Config>(value) {
-            Ok(c) if problems.is_empty() => c,
-            Ok(_) => {
-                return Err(ConfigError {
-                    problems: prefixed(origin, problems),
-                })
-            }
+        let config = match serde_yaml_ng::from_value::<Config>(Value::Mapping(kept)) {
+            Ok(c) => c,
             Err(e) => {
                 if problems.is_empty() {
                     problems.push(e.to_string());
@@ -616,24 +781,74 @@ impl Config {
                 });
             }
         };
-        config.check().map_err(|p| ConfigError {
-            problems: prefixed(origin, p),
-        })?;
-        Ok(config)
+        config.check(&failed, dir, usage, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                problems: prefixed(origin, problems),
+            })
+        }
     }
 
-    fn check(&self) -> Result<(), Vec<String>> {
-        let mut p = Vec::new();
-        if !self.dns.listen.is_empty() && self.dns.upstreams.is_empty() {
+    /// The checks between values and of ranges. Keys in `failed` did not parse (their
+    /// defaults stand in): checks involving them are skipped.
+    fn check(&self, failed: &[String], dir: Option<&Path>, usage: Usage, p: &mut Vec<String>) {
+        let parsed = |key: &str| {
+            !failed.iter().any(|f| {
+                key == f
+                    || key
+                        .strip_prefix(f.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
+        };
+        if parsed("dns.listen")
+            && parsed("dns.upstreams")
+            && !self.dns.listen.is_empty()
+            && self.dns.upstreams.is_empty()
+        {
             p.push(
                 "dns.upstreams: explicit listeners (dns.listen) need at least one upstream"
                     .to_owned(),
             );
         }
-        if self.dns.max_ttl < self.dns.min_ttl {
-            p.push("dns.max_ttl: must not be smaller than dns.min_ttl".to_owned());
+        let dns = &self.dns;
+        for (key, value) in [
+            ("dns.min_ttl", dns.min_ttl),
+            ("dns.max_ttl", dns.max_ttl),
+            ("dns.response_max_delay", dns.response_max_delay),
+            ("dns.upstream_timeout", dns.upstream_timeout),
+            ("dns.tcp_idle_timeout", dns.tcp_idle_timeout),
+            ("dns.drain_timeout", dns.drain_timeout),
+        ] {
+            let Some((_, least, most)) = DURATION_LIMITS.iter().find(|(k, _, _)| *k == key) else {
+                continue;
+            };
+            if value < *least {
+                p.push(format!(
+                    "{key}: {} is too short: at least {}",
+                    show_duration(value),
+                    show_duration(*least)
+                ));
+            } else if value > *most {
+                p.push(format!(
+                    "{key}: {} is too long: at most {}",
+                    show_duration(value),
+                    show_duration(*most)
+                ));
+            }
         }
-        if self.dns.max_inflight_per_client == 0 {
+        if parsed("dns.min_ttl") && parsed("dns.max_ttl") && dns.max_ttl < dns.min_ttl {
+            p.push(format!(
+                "dns.max_ttl: {} must not be smaller than dns.min_ttl ({})",
+                show_duration(dns.max_ttl),
+                show_duration(dns.min_ttl)
+            ));
+        }
+        if dns.max_ips_per_name == 0 {
+            p.push("dns.max_ips_per_name: must be at least 1".to_owned());
+        }
+        if dns.max_inflight_per_client == 0 {
             p.push("dns.max_inflight_per_client: must be at least 1".to_owned());
         }
         let table = &self.datapath.table;
@@ -674,35 +889,146 @@ impl Config {
                 }
             }
         }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(p)
+        if usage.files_only && parsed("kubernetes") && self.kubernetes.enabled {
+            p.push(
+                "kubernetes.enabled: Kubernetes mode runs as `dnsfence agent` with `dnsfence proxy --agent` (the DaemonSet of `dnsfence manifests`); this command reads policies and endpoints from files only"
+                    .to_owned(),
+            );
+        } else if parsed("dns.listen") && parsed("dns.transparent") && parsed("datapath.backend") {
+            let needed = match usage.listeners {
+                Listeners::Optional => false,
+                Listeners::Required => true,
+                Listeners::RequiredWithoutDatapath => self.datapath.backend == Backend::None,
+            };
+            if needed && self.dns.listen.is_empty() && self.dns.transparent.is_none() {
+                p.push(if usage.listeners == Listeners::Required {
+                    "dns: no listener: set dns.listen (with dns.upstreams) or dns.transparent, or the proxy serves nothing".to_owned()
+                } else {
+                    "dns: no listener: with datapath.backend: none there is no default transparent listener; set dns.listen (with dns.upstreams) or dns.transparent".to_owned()
+                });
+            }
+        }
+        if let (true, Some(dir)) = (usage.reads_policies && parsed("policies"), dir) {
+            for (i, policy) in self.policies.iter().enumerate() {
+                let path = dir.join(policy);
+                if let Err(e) = readable(&path) {
+                    p.push(format!(
+                        "policies[{i}]: cannot read {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
         }
     }
+}
+
+/// Whether a policy path can be read: a file opened, a directory listed.
+fn readable(path: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(path)?.is_dir() {
+        std::fs::read_dir(path).map(drop)
+    } else {
+        std::fs::File::open(path).map(drop)
+    }
+}
+
+fn show_value(v: &Value) -> String {
+    serde_yaml_ng::to_string(v)
+        .map(|t| t.trim_end().to_owned())
+        .unwrap_or_default()
 }
 
 /// Records `e` at `path` unless it is about an unknown key (reported by `unknown_keys`).
 fn push_error(path: &str, e: &serde_yaml_ng::Error, problems: &mut Vec<String>) {
     let msg = e.to_string();
-    if !msg.contains("unknown field") {
-        problems.push(format!("{path}: {msg}"));
+    if msg.contains("unknown field") {
+        return;
+    }
+    // Elements of a list name themselves by their index, one line each (see `addresses`).
+    for line in msg.lines() {
+        if line.starts_with('[') {
+            problems.push(format!("{path}{line}"));
+        } else {
+            problems.push(format!("{path}: {line}"));
+        }
     }
 }
 
-/// Deserializes each field of a section alone into `T` (whose fields all have defaults).
-fn field_errors<T: serde::de::DeserializeOwned>(
+/// Deserializes each field of a section alone into `T` (whose fields all have defaults),
+/// recording the problems, and returns the section with only the fields that parsed.
+fn valid_fields<T: serde::de::DeserializeOwned>(
     section: &str,
     map: &serde_yaml_ng::Mapping,
     problems: &mut Vec<String>,
-) {
+    failed: &mut Vec<String>,
+) -> Value {
+    let mut kept = serde_yaml_ng::Mapping::new();
     for (k, v) in map {
-        let Some(k) = k.as_str() else { continue };
+        let Some(k) = k.as_str() else {
+            problems.push(format!("{section}.{}: keys must be strings", show_value(k)));
+            continue;
+        };
         let mut single = serde_yaml_ng::Mapping::new();
         single.insert(Value::from(k), v.clone());
-        if let Err(e) = serde_yaml_ng::from_value::<T>(Value::Mapping(single)) {
-            push_error(&format!("{section}.{k}"), &e, problems);
+        match serde_yaml_ng::from_value::<T>(Value::Mapping(single)) {
+            Ok(_) => {
+                kept.insert(Value::from(k), v.clone());
+            }
+            Err(e) => {
+                push_error(&format!("{section}.{k}"), &e, problems);
+                failed.push(format!("{section}.{k}"));
+            }
         }
+    }
+    Value::Mapping(kept)
+}
+
+/// Checks the endpoint `endpoints[i]` field by field, recording the problems. An endpoint
+/// with any is replaced by an empty one (no addresses, no labels), which no check between
+/// endpoints trips on, so that those checks still run on the others with their indices.
+fn valid_endpoint(i: usize, item: &Value, problems: &mut Vec<String>) -> Value {
+    let placeholder = || {
+        let mut m = serde_yaml_ng::Mapping::new();
+        m.insert(Value::from("name"), Value::from(""));
+        m.insert(Value::from("ips"), Value::Sequence(Vec::new()));
+        Value::Mapping(m)
+    };
+    let Value::Mapping(map) = item else {
+        if let Err(e) = serde_yaml_ng::from_value::<EndpointConfig>(item.clone()) {
+            push_error(&format!("endpoints[{i}]"), &e, problems);
+        }
+        return placeholder();
+    };
+    let before = problems.len();
+    let mut bad = false;
+    for required in ["name", "ips"] {
+        if !map.contains_key(required) {
+            problems.push(format!("endpoints[{i}].{required}: missing"));
+            bad = true;
+        }
+    }
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            problems.push(format!(
+                "endpoints[{i}].{}: keys must be strings",
+                show_value(k)
+            ));
+            bad = true;
+            continue;
+        };
+        // The field alone, with stand-ins for the required fields it is not.
+        let Value::Mapping(mut single) = placeholder() else {
+            continue;
+        };
+        single.insert(Value::from(k), v.clone());
+        if let Err(e) = serde_yaml_ng::from_value::<EndpointConfig>(Value::Mapping(single)) {
+            push_error(&format!("endpoints[{i}].{k}"), &e, problems);
+            bad = true;
+        }
+    }
+    if bad || problems.len() > before {
+        placeholder()
+    } else {
+        item.clone()
     }
 }
 

@@ -1,17 +1,18 @@
 //! `/metrics` (Prometheus text) and `/healthz` over plain HTTP/1.1, for scrapers and probes.
 //!
-//! Deliberately tiny: GET only, one request per connection, bounded request size and time.
+//! Deliberately tiny: GET and HEAD only, one request per connection, bounded request size
+//! and time. A query string is ignored (`/metrics?x=1` is `/metrics`).
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::debug;
+use tracing::{debug, warn};
 
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -29,10 +30,46 @@ pub fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Serves `/metrics` from `registry` and `/healthz` on `listener` until it fails.
+/// Serves `/metrics` from `registry` and `/healthz` on `listener`. It does not stop on an
+/// accept error (out of file descriptors, say): the error is logged at most once a second
+/// and accepting resumes 100 ms later.
 pub async fn serve_metrics(listener: TcpListener, registry: Arc<Registry>) -> io::Result<()> {
+    serve_on(&listener, registry).await
+}
+
+/// The pause after a failed accept: errors such as EMFILE persist for a while, and retrying
+/// at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Where connections come from: the listener, or a test's stand-in.
+trait Accept {
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)>;
+}
+
+impl Accept for TcpListener {
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        TcpListener::accept(self).await
+    }
+}
+
+async fn serve_on(listener: &impl Accept, registry: Arc<Registry>) -> io::Result<()> {
+    let mut last_logged: Option<Instant> = None;
+    let mut unlogged = 0u64;
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(error = %e, also_since_last_log = unlogged, "metrics listener: accept failed; retrying");
+                    last_logged = Some(Instant::now());
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let served =
@@ -56,12 +93,14 @@ async fn respond(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
     }
     let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
+    let (method, target) = (
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let head_only = method == b"HEAD";
     let (status, ctype, body) = match (method, path) {
-        (b"GET", b"/metrics") => {
+        (b"GET" | b"HEAD", b"/metrics") => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {
                 Ok(()) => (
@@ -76,20 +115,28 @@ async fn respond(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
                 ),
             }
         }
-        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        (b"GET" | b"HEAD", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (b"GET" | b"HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET only\n".to_owned(),
+            "GET or HEAD only\n".to_owned(),
         ),
     };
+    let allow = if status.starts_with("405") {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    // HEAD: the headers GET would have, without the body.
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.shutdown().await
 }
 
@@ -116,5 +163,90 @@ mod tests {
         let mut reply = String::new();
         stream.read_to_string(&mut reply).await.unwrap();
         assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    }
+
+    async fn request(addr: SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    fn registry() -> Arc<Registry> {
+        let mut registry = Registry::with_prefix("dnsfence");
+        let counter: prometheus_client::metrics::counter::Counter = Default::default();
+        counter.inc();
+        registry.register("probe", "A counter", counter);
+        Arc::new(registry)
+    }
+
+    /// Scrapers add query strings; load balancers and probes send HEAD.
+    #[tokio::test]
+    async fn query_strings_are_ignored_and_head_has_no_body() {
+        let listener = bind_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_metrics(listener, registry()));
+        let get = request(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n").await;
+        assert!(get.starts_with("HTTP/1.1 200 OK"), "{get}");
+        assert!(get.contains("dnsfence_probe_total 1"), "{get}");
+        let health = request(addr, "GET /healthz?verbose HTTP/1.1\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 200 OK") && health.ends_with("\r\n\r\nok\n"));
+        for path in ["/healthz", "/metrics"] {
+            let get = request(addr, &format!("GET {path} HTTP/1.1\r\n\r\n")).await;
+            let head = request(addr, &format!("HEAD {path} HTTP/1.1\r\n\r\n")).await;
+            let (get_head, _) = get.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+            assert_eq!(head, format!("{get_head}\r\n\r\n"), "HEAD {path}");
+        }
+        let missing = request(addr, "HEAD /nope HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404") && missing.ends_with("\r\n\r\n"));
+        let post = request(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405") && post.contains("Allow: GET, HEAD\r\n"));
+    }
+
+    /// Fails to accept `failures` times (as when out of file descriptors), then accepts.
+    struct Flaky {
+        listener: TcpListener,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    impl Accept for Flaky {
+        async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+            let left = self.failures.load(std::sync::atomic::Ordering::Relaxed);
+            if left > 0 {
+                self.failures
+                    .store(left - 1, std::sync::atomic::Ordering::Relaxed);
+                return Err(io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            self.listener.accept().await
+        }
+    }
+
+    #[tokio::test]
+    async fn accept_errors_do_not_stop_the_listener() {
+        let listener = bind_metrics("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let flaky = Flaky {
+            listener,
+            failures: 3.into(),
+        };
+        let server = tokio::spawn(async move { serve_on(&flaky, registry()).await });
+        let started = Instant::now();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            request(addr, "GET /healthz HTTP/1.1\r\n\r\n"),
+        )
+        .await
+        .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        // It backed off between the failures.
+        assert!(
+            started.elapsed() >= ACCEPT_BACKOFF * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!server.is_finished());
+        server.abort();
     }
 }

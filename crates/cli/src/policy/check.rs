@@ -1,5 +1,6 @@
 //! `dnsfence policy check`: explain what one endpoint may resolve and reach by name.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -121,10 +122,12 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         &selectors,
         &deny_selectors,
     );
+    let mut out = crate::output::stdout();
     match args.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Text => print_text(&report),
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Text => print_text(&mut out, &report)?,
     }
+    out.flush()?;
     Ok(if decision.allowed {
         ExitCode::SUCCESS
     } else {
@@ -362,13 +365,14 @@ fn report(
     })
 }
 
-fn print_text(r: &Value) {
+fn print_text(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
     let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-").to_owned();
     let server = r
         .get("server")
         .and_then(Value::as_str)
         .unwrap_or("any DNS server its rules cover");
-    println!(
+    writeln!(
+        out,
         "endpoint   {}/{{{}}} (egress {})",
         r.pointer("/endpoint/namespace")
             .and_then(Value::as_str)
@@ -381,33 +385,38 @@ fn print_text(r: &Value) {
         } else {
             "not enforced"
         }
-    );
+    )?;
     if r.get("mode").and_then(Value::as_str) == Some("audit") {
-        println!("mode       audit (denials are recorded, not enforced)");
+        writeln!(out, "mode       audit (denials are recorded, not enforced)")?;
     } else {
-        println!("mode       enforce");
+        writeln!(out, "mode       enforce")?;
     }
-    println!(
+    writeln!(
+        out,
         "query      {} via {server} port {}/{}",
         s("name"),
         r.get("port").map(ToString::to_string).unwrap_or_default(),
         s("protocol")
-    );
-    println!("dns        {}: {}", s("verdict"), s("explanation"));
+    )?;
+    writeln!(out, "dns        {}: {}", s("verdict"), s("explanation"))?;
     let selectors = r
         .get("fqdn_selectors")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     if selectors.is_empty() {
-        println!("toFQDNs    no selector matches: IPs in the answer would not be allowed");
+        writeln!(
+            out,
+            "toFQDNs    no selector matches: IPs in the answer would not be allowed"
+        )?;
     }
     for sel in selectors {
-        println!(
+        writeln!(
+            out,
             "toFQDNs    {} allows the answer's IPs on {}",
             selector_text(&sel),
             ports_text(&sel)
-        );
+        )?;
     }
     let denies = r
         .get("fqdn_deny_selectors")
@@ -420,12 +429,14 @@ fn print_text(r: &Value) {
         } else {
             "denies"
         };
-        println!(
+        writeln!(
+            out,
             "toFQDNs    egressDeny {} {verb} the answer's IPs on {}, whatever allows them",
             selector_text(&sel),
             ports_text(&sel)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `matchName "x" of ns/name (path)`, from a selector's JSON.

@@ -2,6 +2,7 @@
 
 mod check;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -67,9 +68,12 @@ fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
     let errors = diags.iter().filter(|d| d.is_error()).count();
     let warnings = diags.len() - errors;
     let policies = set.policies().len();
-    println!(
+    let mut out = crate::output::stdout();
+    writeln!(
+        out,
         "{files} file(s), {policies} valid policy object(s), {errors} error(s), {warnings} warning(s)"
-    );
+    )?;
+    out.flush()?;
     Ok(if errors > 0 {
         ExitCode::from(1)
     } else {

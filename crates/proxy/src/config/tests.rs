@@ -17,6 +17,205 @@ fn every_example_config_parses() {
     assert!(n >= 2);
 }
 
+/// How each command uses a configuration (as the CLI does).
+const USAGES: [Usage; 4] = [
+    Usage {
+        reads_policies: true,
+        listeners: Listeners::Required,
+        files_only: true,
+    },
+    Usage {
+        reads_policies: true,
+        listeners: Listeners::RequiredWithoutDatapath,
+        files_only: true,
+    },
+    Usage {
+        reads_policies: true,
+        listeners: Listeners::Optional,
+        files_only: false,
+    },
+    Usage {
+        reads_policies: false,
+        listeners: Listeners::Optional,
+        files_only: false,
+    },
+];
+
+#[test]
+fn every_example_config_is_fit_for_every_command() {
+    for entry in std::fs::read_dir(examples()).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for usage in USAGES {
+            Config::parse_file(&path, &text, usage)
+                .unwrap_or_else(|e| panic!("{} ({usage:?}):\n{e}", path.display()));
+        }
+    }
+}
+
+/// A scratch directory holding `c.yaml`.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("dnsfence-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn parse(&self, text: &str, usage: Usage) -> Result<Config, ConfigError> {
+        Config::parse_file(&self.0.join("c.yaml"), text, usage)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PROXY: Usage = USAGES[0];
+const RUN: Usage = USAGES[1];
+
+/// Problems found by the checks between values (a missing policy file, `min_ttl` over
+/// `max_ttl`) come in the same round as values that do not parse, not one round later.
+#[test]
+fn checks_between_values_run_despite_bad_values() {
+    let dir = Dir::new("all");
+    std::fs::write(dir.0.join("present.yaml"), "kind: x\n").unwrap();
+    std::fs::create_dir(dir.0.join("policies.d")).unwrap();
+    let text = r#"
+policies: [present.yaml, missing.yaml, policies.d, gone.d/]
+endpoints:
+  - {name: a, ips: [10.0.0.1, x]}
+  - {name: b, ips: [10.0.0.2]}
+  - {name: c, ips: [10.0.0.2], lables: {}}
+  - {ips: [10.0.0.9]}
+  - {name: e, ips: [10.0.0.2]}
+host_ips: [10.0.0.1, "10.0.0"]
+dns:
+  listen: ["127.0.0.1:5353", "nope", 53]
+  upstreams: ["1.1.1.1:53"]
+  min_ttl: 2h
+  max_ttl: 1h
+  upstream_timeout: soon
+metrics: {listen: "localhost:9963"}
+"#;
+    let err = dir.parse(text, PROXY).unwrap_err();
+    let c = dir.0.join("c.yaml").display().to_string();
+    let missing = dir.0.join("missing.yaml").display().to_string();
+    let gone = dir.0.join("gone.d/").display().to_string();
+    let want = [
+        format!("{c}: endpoints[2].lables: unknown key (expected one of: name, namespace, labels, ips, remote)"),
+        format!("{c}: endpoints[0].ips[1]: invalid IP address \"x\""),
+        format!("{c}: endpoints[2].lables: unknown key"),
+        format!("{c}: endpoints[3].name: missing"),
+        format!("{c}: host_ips[1]: invalid IP address \"10.0.0\""),
+        format!("{c}: dns.listen[1]: invalid socket address \"nope\" (expected IP:port, like 127.0.0.1:53 or \"[::1]:53\")"),
+        format!("{c}: dns.upstream_timeout: \"soon\" is not a duration"),
+        format!("{c}: metrics.listen: invalid socket address \"localhost:9963\""),
+        format!("{c}: dns.max_ttl: 1h must not be smaller than dns.min_ttl (2h)"),
+        format!("{c}: endpoints[4].ips: 10.0.0.2 is already used by endpoints[1]"),
+        format!("{c}: policies[1]: cannot read {missing}: "),
+        format!("{c}: policies[3]: cannot read {gone}: "),
+    ];
+    let all = err.problems.join("\n");
+    for needle in &want {
+        assert!(
+            all.contains(needle.as_str()),
+            "missing {needle:?} in:\n{all}"
+        );
+    }
+    assert!(
+        all.contains("dns.listen[2]: invalid socket address 53 (expected a string)"),
+        "{all}"
+    );
+    // Nothing else: in particular no "no upstream" (dns.listen did not parse), nor a
+    // duplicate with the endpoint that failed.
+    assert_eq!(err.problems.len(), 12, "{all}");
+}
+
+#[test]
+fn zero_and_huge_values_are_refused_with_their_range() {
+    let err = Config::parse(
+        "c.yaml",
+        "dns: {upstream_timeout: 0s, tcp_idle_timeout: 0s, max_ips_per_name: 0, response_max_delay: 0ms, max_ttl: 0s}",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.problems,
+        [
+            "c.yaml: dns.max_ttl: 0s is too short: at least 1s",
+            "c.yaml: dns.response_max_delay: 0s is too short: at least 1ms",
+            "c.yaml: dns.upstream_timeout: 0s is too short: at least 1ms",
+            "c.yaml: dns.tcp_idle_timeout: 0s is too short: at least 1ms",
+            "c.yaml: dns.max_ips_per_name: must be at least 1",
+        ]
+    );
+    // Past some point a duration overflows the clock arithmetic of timers: the process
+    // would panic on the first query.
+    let err = Config::parse(
+        "c.yaml",
+        "dns: {upstream_timeout: 500000000000y, tcp_idle_timeout: 2h, drain_timeout: 1day, response_max_delay: 11s, min_ttl: 8days, max_ttl: 2y}",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.problems,
+        [
+            "c.yaml: dns.min_ttl: 8days is too long: at most 7days",
+            "c.yaml: dns.max_ttl: 2years is too long: at most 1year",
+            "c.yaml: dns.response_max_delay: 11s is too long: at most 10s",
+            "c.yaml: dns.upstream_timeout: 500000000000years is too long: at most 1h",
+            "c.yaml: dns.tcp_idle_timeout: 2h is too long: at most 1h",
+            "c.yaml: dns.drain_timeout: 1day is too long: at most 1h",
+        ]
+    );
+    // The bounds themselves are fine.
+    Config::parse(
+        "c.yaml",
+        "dns: {upstream_timeout: 1h, tcp_idle_timeout: 1ms, drain_timeout: 0s, response_max_delay: 10s, min_ttl: 7days, max_ttl: 1y}",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_command_that_serves_dns_needs_a_listener() {
+    let dir = Dir::new("listeners");
+    let none = "datapath: {backend: none}\n";
+    let problem = |text: &str, usage: Usage| dir.parse(text, usage).err().map(|e| e.problems);
+    let c = dir.0.join("c.yaml").display().to_string();
+    assert_eq!(
+        problem("", PROXY),
+        Some(vec![format!("{c}: dns: no listener: set dns.listen (with dns.upstreams) or dns.transparent, or the proxy serves nothing")])
+    );
+    assert_eq!(
+        problem(none, RUN),
+        Some(vec![format!("{c}: dns: no listener: with datapath.backend: none there is no default transparent listener; set dns.listen (with dns.upstreams) or dns.transparent")])
+    );
+    // `run` with the nftables datapath, the agent and `proxy --agent` give the
+    // transparent listener its default port.
+    for (text, usage) in [("", RUN), ("", USAGES[2]), (none, USAGES[3])] {
+        assert_eq!(problem(text, usage), None, "{text:?} {usage:?}");
+    }
+    for text in [
+        "dns: {transparent: {port: 15053}}\n",
+        "dns: {listen: [\"127.0.0.1:53\"], upstreams: [\"127.0.0.1:5353\"]}\n",
+    ] {
+        assert_eq!(problem(text, PROXY), None, "{text}");
+        assert_eq!(problem(&format!("{text}{none}"), RUN), None, "{text}");
+    }
+    // A listener that fails to parse is reported as such, not as missing.
+    let err = problem("dns: {listen: [x]}\n", PROXY).unwrap();
+    assert_eq!(err.len(), 1, "{err:?}");
+    // Kubernetes mode outside the agent: that is the problem to report.
+    let err = problem("kubernetes: {enabled: true}\n", PROXY).unwrap();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("kubernetes.enabled: Kubernetes mode runs as `dnsfence agent`"));
+    assert_eq!(problem("kubernetes: {enabled: true}\n", USAGES[2]), None);
+}
+
 #[test]
 fn defaults() {
     let c = Config::parse("c.yaml", "").unwrap();
