@@ -796,16 +796,8 @@ async fn closed_by_peer(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_take_every_tcp_connection() {
     let up = tcp_upstream().await;
-    let metrics = ProxyMetrics::default();
-    let proxy = Proxy::start(
-        dns_config(up),
-        snapshot(up, VerdictConfig::default()),
-        Arc::new(NoopSink),
-        metrics.clone(),
-        flow_log(),
-    )
-    .await
-    .unwrap();
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let metrics = proxy.shared().metrics.clone();
     let at = proxy.tcp_addrs()[0];
     // An unknown client opens its share, and keeps it open.
     let mut share = Vec::new();
@@ -847,16 +839,8 @@ async fn one_client_cannot_take_every_tcp_connection() {
 async fn a_tcp_client_that_never_reads_is_closed_and_others_are_served() {
     use tokio::io::AsyncWriteExt;
     let up = tcp_upstream().await;
-    let metrics = ProxyMetrics::default();
-    let proxy = Proxy::start(
-        dns_config(up),
-        snapshot(up, VerdictConfig::default()),
-        Arc::new(NoopSink),
-        metrics.clone(),
-        flow_log(),
-    )
-    .await
-    .unwrap();
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let metrics = proxy.shared().metrics.clone();
     let at = proxy.tcp_addrs()[0];
     // Denied queries pipelined without end, answers never read.
     let hog = tcp_from("127.0.0.9", at).await.unwrap();
