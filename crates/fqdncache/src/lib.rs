@@ -258,6 +258,22 @@ impl FqdnCache {
         changes
     }
 
+    /// Forgets `ip` for `name` (folded form) without a change to mirror: for mappings the
+    /// datapath never took (its update failed), so the next answer carrying them counts
+    /// them as new and they are applied again.
+    pub fn forget(&mut self, name: &str, ip: IpAddr) {
+        let Some(entry) = self.names.get_mut(name) else {
+            return;
+        };
+        if let Some(at) = entry.ips.iter().position(|l| l.ip == ip) {
+            let gone = entry.ips.swap_remove(at);
+            self.expiry.remove(&(gone.expires, entry.name.clone(), ip));
+        }
+        if entry.ips.is_empty() {
+            self.names.remove(name);
+        }
+    }
+
     /// The IPs learned for `name` (folded form).
     pub fn ips(&self, name: &str) -> &[LearnedIp] {
         self.names.get(name).map(|e| &e.ips[..]).unwrap_or_default()

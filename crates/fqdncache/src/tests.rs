@@ -288,3 +288,28 @@ fn past_max_names_the_name_expiring_first_is_forgotten() {
         .iter()
         .all(|ch| !matches!(ch, Change::Remove { .. })));
 }
+
+#[test]
+fn a_forgotten_mapping_is_new_again() {
+    let set = set();
+    let mut c = FqdnCache::new(CacheConfig::default());
+    let t0 = Instant::now();
+    let learn = |c: &mut FqdnCache| {
+        c.learn(
+            t0,
+            &[n("a.example.com")],
+            &[ip("192.0.2.1")],
+            Duration::from_secs(60),
+            &set,
+        )
+    };
+    learn(&mut c);
+    assert!(learn(&mut c).is_empty(), "known: nothing to apply");
+    c.forget("a.example.com", ip("192.0.2.1"));
+    assert!(c.ips("a.example.com").is_empty());
+    assert_eq!(c.next_expiry(), None);
+    assert!(matches!(
+        &learn(&mut c)[..],
+        [Change::Upsert { new: true, .. }]
+    ));
+}

@@ -86,7 +86,7 @@ fn reason_text(reason: &Reason<'_>) -> String {
 pub struct Shared {
     pub(crate) config: DnsConfig,
     snapshot: ArcSwap<Snapshot>,
-    cache: Mutex<FqdnCache>,
+    cache: Arc<Mutex<FqdnCache>>,
     sink: Arc<dyn IpSink>,
     refresh: mpsc::UnboundedSender<Vec<Change>>,
     inflight: Mutex<foldhash::HashMap<IpAddr, u32>>,
@@ -146,7 +146,7 @@ impl Shared {
         let shared = Self {
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
-            cache: Mutex::new(cache),
+            cache: Arc::new(Mutex::new(cache)),
             sink,
             refresh,
             inflight: Mutex::default(),
@@ -477,10 +477,15 @@ impl Shared {
             self.gauge(&cache);
             changes
         };
-        let new: SmallVec<[IpAddr; 8]> = changes
+        let new: SmallVec<[(Arc<str>, IpAddr); 8]> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Upsert { ip, new: true, .. } => Some(*ip),
+                Change::Upsert {
+                    name,
+                    ip,
+                    new: true,
+                    ..
+                } => Some((name.clone(), *ip)),
                 _ => None,
             })
             .collect();
@@ -498,25 +503,32 @@ impl Shared {
         Some(self.confirm(self.sink.apply(changes), new))
     }
 
-    /// Drives `apply` (the sink enforcing the IPs `new`) to its end on a task of its own,
-    /// so every answer waiting for these IPs is released when it completes.
-    fn confirm(&self, apply: SinkFuture, new: SmallVec<[IpAddr; 8]>) -> Confirmation {
+    /// Drives `apply` (the sink enforcing the mappings `new`) to its end on a task of its
+    /// own, so every answer waiting for these IPs is released when it completes. When the
+    /// sink fails, the mappings are forgotten, so the next answer carrying them applies
+    /// them again.
+    fn confirm(&self, apply: SinkFuture, new: SmallVec<[(Arc<str>, IpAddr); 8]>) -> Confirmation {
         let (done, confirmation) = watch::channel(false);
         {
             let mut confirming = lock(&self.confirming);
-            for ip in &new {
+            for (_, ip) in &new {
                 confirming.insert(*ip, confirmation.clone());
             }
         }
         let confirming = self.confirming.clone();
+        let cache = self.cache.clone();
         let mine = confirmation.clone();
         tokio::spawn(async move {
             if let Err(e) = apply.await {
-                warn!(error = %e, "enforcing learned IPs failed; releasing the answers");
+                warn!(error = %e, "enforcing learned IPs failed; releasing the answers, and the next answers carrying these IPs try again");
+                let mut cache = lock(&cache);
+                for (name, ip) in &new {
+                    cache.forget(name, *ip);
+                }
             }
             let _ = done.send(true);
             let mut confirming = lock(&confirming);
-            for ip in &new {
+            for (_, ip) in &new {
                 if confirming.get(ip).is_some_and(|c| c.same_channel(&mine)) {
                     confirming.remove(ip);
                 }

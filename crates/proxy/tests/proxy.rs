@@ -657,6 +657,57 @@ async fn a_second_answer_with_an_ip_being_enforced_waits_for_it_too() {
     assert_eq!(proxy.shared().metrics.hold_timeouts.get(), 0);
 }
 
+/// A sink whose first batch fails; it records every batch of new IPs it gets.
+#[derive(Clone, Default)]
+struct FailsFirst(Arc<Mutex<Vec<Vec<Change>>>>);
+
+impl IpSink for FailsFirst {
+    fn apply(&self, changes: Vec<Change>) -> SinkFuture {
+        let mut seen = self.0.lock().unwrap();
+        let first = seen.is_empty();
+        seen.push(changes);
+        Box::pin(async move {
+            if first {
+                Err(dnsfence_proxy::SinkError {
+                    reason: "the datapath is down".into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ips_the_sink_failed_to_enforce_are_applied_again_by_the_next_answer() {
+    if skip(&["dnsmasq"]) {
+        return;
+    }
+    let up = example_zone();
+    let sink = FailsFirst::default();
+    let proxy = start(
+        dns_config(up.addr),
+        VerdictConfig::default(),
+        Arc::new(sink.clone()),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    for id in 1..=3 {
+        let reply = ask("127.0.0.2", at, msg::query(id, "edge.example.com", 1)).await;
+        assert_eq!(reply.map(|r| rcode(&r)), Some(0));
+        // The failure is handled on a task of its own, right after the release.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let batches = sink.0.lock().unwrap().clone();
+    let new_edge = |b: &Vec<Change>| {
+        b.iter().any(|c| matches!(c, Change::Upsert { name, new: true, .. } if &**name == "edge.example.com"))
+    };
+    // The first batch failed, the second answer brought the IP again as new and it took;
+    // the third found it enforced.
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert!(batches.iter().all(new_edge));
+}
+
 async fn tcp_send(stream: &mut tokio::net::TcpStream, msg: &[u8]) {
     use tokio::io::AsyncWriteExt;
     let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
