@@ -25,6 +25,9 @@ pub enum VerdictLabel {
     Fairness,
     /// Denied by a policy in audit mode, forwarded.
     Audit,
+    /// Forwarded without a policy check: from an endpoint no policy enforces, or from an
+    /// unknown client with `dns.unknown_clients: forward`. Its answer teaches nothing.
+    Unfiltered,
 }
 
 /// UDP or TCP.
@@ -99,7 +102,7 @@ pub struct ProxyMetrics {
     queries: Family<QueryLabels, Counter>,
     upstream_rcodes: Family<RcodeLabels, Counter>,
     /// Resolved handles: `[verdict][transport]`.
-    query_handles: [[Counter; 2]; 5],
+    query_handles: [[Counter; 2]; 6],
     /// Resolved handles, by `RcodeLabel` order.
     rcode_handles: [Counter; 6],
     /// Upstream timeouts (answered SERVFAIL).
@@ -133,12 +136,13 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.000_01, 2.5, 15))
 }
 
-const VERDICTS: [VerdictLabel; 5] = [
+const VERDICTS: [VerdictLabel; 6] = [
     VerdictLabel::Allowed,
     VerdictLabel::Denied,
     VerdictLabel::Malformed,
     VerdictLabel::Fairness,
     VerdictLabel::Audit,
+    VerdictLabel::Unfiltered,
 ];
 const RCODES: [RcodeLabel; 6] = [
     RcodeLabel::Noerror,

@@ -336,8 +336,10 @@ impl Shared {
         self.metrics.query(
             if audited {
                 VerdictLabel::Audit
-            } else {
+            } else if learn {
                 VerdictLabel::Allowed
+            } else {
+                VerdictLabel::Unfiltered
             },
             t,
         );
@@ -433,7 +435,9 @@ impl Shared {
         self.metrics.upstream_rcode(checked.rcode);
         let learned = checked.learned;
         {
-            let mut flow = Flow::new("dns", "allowed", self.source(asked.client));
+            // Answers to queries no policy vetted are told apart from allowed ones.
+            let verdict = if learn { "allowed" } else { "unfiltered" };
+            let mut flow = Flow::new("dns", verdict, self.source(asked.client));
             let (name, qtype) = flows::question_name(question);
             flow.dns = Some(Dns {
                 query: name,

@@ -256,6 +256,18 @@ async fn only_answers_to_policy_vetted_queries_teach_ips() {
         0
     );
     assert_eq!(proxy.shared().with_cache(|c| c.len()), 1);
+    // Counted apart: two forwarded without a policy check, one allowed by a rule.
+    let m = &proxy.shared().metrics;
+    assert_eq!(m.queries(VerdictLabel::Unfiltered, TransportLabel::Udp), 2);
+    assert_eq!(m.queries(VerdictLabel::Allowed, TransportLabel::Udp), 1);
+    let verdicts: Vec<_> = proxy
+        .shared()
+        .flows
+        .last(10)
+        .iter()
+        .map(|f| f.verdict)
+        .collect();
+    assert_eq!(verdicts, ["unfiltered", "unfiltered", "allowed"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
