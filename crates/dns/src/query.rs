@@ -21,6 +21,15 @@ pub struct Query {
     pub question_end: usize,
 }
 
+impl Query {
+    /// The question's wire bytes in `packet`, the message this query was parsed from.
+    pub fn question<'p>(&self, packet: &'p [u8]) -> &'p [u8] {
+        packet
+            .get(wire::HEADER_LEN..self.question_end)
+            .unwrap_or_default()
+    }
+}
+
 /// What to do with bytes a client sent.
 #[derive(Debug, Clone)]
 #[allow(

@@ -279,9 +279,7 @@ impl Shared {
                 None => {
                     if verdict.audit {
                         let mut flow = Flow::new("dns", "audit", self.source(client.ip()));
-                        let (name, _) = flows::question_name(
-                            packet.get(12..query.question_end).unwrap_or_default(),
-                        );
+                        let (name, _) = flows::question_name(query.question(packet));
                         flow.dns = Some(Dns {
                             query: name,
                             qtypes: vec![flows::qtype_name(query.qtype)],
@@ -299,9 +297,7 @@ impl Shared {
                     if denied.is_none() {
                         debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
                         let mut flow = Flow::new("dns", "denied", self.source(client.ip()));
-                        let (name, _) = flows::question_name(
-                            packet.get(12..query.question_end).unwrap_or_default(),
-                        );
+                        let (name, _) = flows::question_name(query.question(packet));
                         flow.dns = Some(Dns {
                             query: name,
                             qtypes: vec![flows::qtype_name(query.qtype)],

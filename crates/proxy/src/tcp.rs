@@ -264,10 +264,7 @@ async fn forward(
     upstream: SocketAddr,
     received: Instant,
 ) -> Vec<u8> {
-    let question = msg
-        .get(wire::HEADER_LEN..query.question_end)
-        .unwrap_or_default()
-        .to_vec();
+    let question = query.question(&msg).to_vec();
     let rd = wire::recursion_desired(&msg);
     let asked = crate::shared::Asked {
         client: client.ip(),

@@ -203,9 +203,7 @@ impl UpstreamSocket {
         upstream: SocketAddr,
         timeout: Duration,
     ) -> Option<Outbound> {
-        let question = packet
-            .get(wire::HEADER_LEN..query.question_end)
-            .unwrap_or_default();
+        let question = query.question(packet);
         let now = client.received;
         let pending = Pending {
             client: client.addr,
