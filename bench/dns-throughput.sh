@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# DNS load benchmark: dnsperf against a real upstream (dnsmasq) directly, then through the
-# dnsfence proxy (allowed names whose answers carry known IPs), in one run on this machine.
+# DNS load benchmark: dnsperf against a real upstream (dnsmasq) directly, through dnsdist
+# (a peer forwarder, when installed), then through the dnsfence proxy (allowed names whose
+# answers carry known IPs), in one run on this machine.
 # Prints qps, p50/p99 latency and CPU time per query of the process under test.
 #
 # Two phases per target: saturated (as many queries per second as it takes, OUTSTANDING in
@@ -8,7 +9,7 @@
 # load both targets sustain, so the difference is the latency the proxy adds).
 #
 # Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding, default 100] [rate, default 20000]
-# ONLY_RATE=1 skips the saturated phase, ONLY_PROXY=1 the two baselines (handy while profiling).
+# ONLY_RATE=1 skips the saturated phase, ONLY_PROXY=1 the baselines (handy while profiling).
 # Needs root only to install dnsperf/dnsmasq when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port)
 PX=$(free_port)
+DD=$(free_port)
 FL=$(free_port)
 
 # 1000 names, each with one A record, served by dnsmasq from its configuration.
@@ -76,6 +78,21 @@ YAML
 RUST_LOG=warn "$BIN" proxy --config "$work/config.yaml" &
 pids+=($!)
 PROXY_PID=$!
+# A peer for scale, when installed (`apt-get install dnsdist`; not installed here, as its
+# package enables a system service): dnsdist forwarding to the same upstream, no packet
+# cache, batched receives.
+DNSDIST_PID=
+if command -v dnsdist >/dev/null; then
+cat > "$work/dnsdist.conf" <<LUA
+setLocal("127.0.0.1:$DD")
+setUDPMultipleMessagesVectorSize(32)
+setSecurityPollSuffix("")
+newServer({address="127.0.0.1:$UP", checkName="h0.bench.example.com."})
+LUA
+dnsdist --supervised --disable-syslog -C "$work/dnsdist.conf" > "$work/dnsdist.log" 2>&1 &
+pids+=($!)
+DNSDIST_PID=$!
+fi
 # The floor: a trivial tokio responder (REFUSED to everything), one socket round trip.
 target/release/examples/udp_floor "127.0.0.1:$FL" &
 pids+=($!)
@@ -127,12 +144,16 @@ poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 [ -r "$poll" ] && echo "guest halt polling (cpuidle-haltpoll): $(cat "$poll") ns"
 printf '%-26s %10s %9s %9s %12s %8s %8s %10s %6s\n' "target" "qps" "p50_us" "p99_us" "cpu_us/query" "of_user" "lost" "queries" "steal"
 base=${ONLY_PROXY:-}
+peer=$([ -n "$DNSDIST_PID" ] || echo none)
 [ -n "${ONLY_RATE:-}$base" ] || run "floor-echo" "$FL" "$FLOOR_PID"
 [ -n "${ONLY_RATE:-}$base" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
+[ -n "${ONLY_RATE:-}$base$peer" ] || run "dnsdist-forward" "$DD" "$DNSDIST_PID"
 [ -n "${ONLY_RATE:-}" ] || run "through-dnsfence" "$PX" "$PROXY_PID"
 [ -n "$base" ] || run "floor-echo@$RATE" "$FL" "$FLOOR_PID" -Q "$RATE"
 [ -n "$base" ] || run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
+[ -n "$base$peer" ] || run "dnsdist-forward@$RATE" "$DD" "$DNSDIST_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
-echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, or the dnsfence proxy;"
+[ -z "$peer" ] || echo "(dnsdist is not installed: no peer row; apt-get install dnsdist adds it)"
+echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, dnsdist, or the dnsfence proxy;"
 echo " of_user: the part of it spent in user space, the rest is the kernel's;"
 echo " steal: the share of the VM's vCPU time the hypervisor gave to others during the run)"
