@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod flows;
+mod health;
 mod http;
 pub mod metrics;
 mod shared;

@@ -115,6 +115,8 @@ pub struct ProxyMetrics {
     pub tcp_refused: Counter,
     /// TCP client connections closed because the client did not read its answers.
     pub tcp_write_timeouts: Counter,
+    /// Configured upstreams marked down (passed over until they answer a probe).
+    pub upstreams_down: Gauge,
     /// Seconds from a query's arrival to its answer leaving, for forwarded queries.
     pub latency_total: Histogram,
     /// Seconds the upstream took.
@@ -179,6 +181,7 @@ impl Default for ProxyMetrics {
             hold_timeouts: Counter::default(),
             tcp_refused: Counter::default(),
             tcp_write_timeouts: Counter::default(),
+            upstreams_down: Gauge::default(),
             latency_total: latency(),
             latency_upstream: latency(),
             latency_hold: latency(),
@@ -231,6 +234,11 @@ impl ProxyMetrics {
             "upstream_timeouts",
             "Queries the upstream did not answer in time (SERVFAIL)",
             m.upstream_timeouts.clone(),
+        );
+        r.register(
+            "upstreams_down",
+            "Configured upstreams passed over because they stopped answering",
+            m.upstreams_down.clone(),
         );
         r.register(
             "answers_rejected",

@@ -95,6 +95,8 @@ pub struct Shared {
     /// Flow events.
     pub flows: Arc<FlowLog>,
     pub(crate) tcp_pool: crate::tcp::Pool,
+    /// Which configured upstreams stopped answering.
+    pub(crate) upstreams: crate::health::Health,
     /// IPs the sink is enforcing right now, each with the confirmation of its batch: a
     /// later answer carrying one waits for the same confirmation as the first.
     confirming: Arc<Mutex<foldhash::HashMap<IpAddr, Confirmation>>>,
@@ -143,7 +145,13 @@ impl Shared {
         });
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
         let sources = Self::prepare_sources(&snapshot);
+        let upstreams = crate::health::Health::new(
+            &config.upstreams,
+            config.upstream_timeout,
+            metrics.upstreams_down.clone(),
+        );
         let shared = Self {
+            upstreams,
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
             cache: Arc::new(Mutex::new(cache)),
@@ -227,8 +235,9 @@ impl Shared {
 
     /// Judges the query in `packet` from `client`, to be sent to one of `servers` (tried
     /// from index `start` on, round robin): the first server the client's policy allows
-    /// this name on is chosen, and the query is denied only when none is. A reply goes to
-    /// `out`.
+    /// this name on and that is not marked down is chosen (the first allowed one when
+    /// every allowed one is down), and the query is denied only when none is allowed. A
+    /// reply goes to `out`.
     pub(crate) fn judge(
         &self,
         packet: &[u8],
@@ -268,8 +277,10 @@ impl Shared {
         };
         let snapshot = self.snapshot.load();
         let mut chosen = None;
+        // Allowed, but marked down: used only when no allowed server is up.
+        let mut fallback = None;
         let mut denied = None;
-        let mut audited = false;
+        let now = Instant::now();
         for k in 0..servers.len() {
             let Some(&server) = servers.get(start.wrapping_add(k) % servers.len()) else {
                 continue;
@@ -277,20 +288,13 @@ impl Shared {
             let verdict = snapshot.decide(client.ip(), server, protocol, &query);
             match verdict.deny {
                 None => {
-                    if verdict.audit {
-                        let mut flow = Flow::new("dns", "audit", self.source(client.ip()));
-                        let (name, _) = flows::question_name(query.question(packet));
-                        flow.dns = Some(Dns {
-                            query: name,
-                            qtypes: vec![flows::qtype_name(query.qtype)],
-                            server: Some(server),
-                            ..Dns::default()
-                        });
-                        flow.policy = Some(reason_text(&verdict.reason));
-                        self.flows.push(flow);
-                        audited = true;
+                    if servers.len() > 1 && !self.upstreams.try_use(server, now) {
+                        if fallback.is_none() {
+                            fallback = Some((server, verdict));
+                        }
+                        continue;
                     }
-                    chosen = Some((server, verdict.learn));
+                    chosen = Some((server, verdict));
                     break;
                 }
                 Some(rcode) => {
@@ -312,7 +316,7 @@ impl Shared {
                 }
             }
         }
-        let Some((server, learn)) = chosen else {
+        let Some((server, verdict)) = chosen.or(fallback) else {
             self.metrics.query(VerdictLabel::Denied, t);
             let rcode = denied.unwrap_or(Rcode::Refused);
             return match write_reply(packet, Some(query.question_end), rcode, out) {
@@ -320,6 +324,20 @@ impl Shared {
                 None => Step::Drop,
             };
         };
+        let learn = verdict.learn;
+        let audited = verdict.audit;
+        if audited {
+            let mut flow = Flow::new("dns", "audit", self.source(client.ip()));
+            let (name, _) = flows::question_name(query.question(packet));
+            flow.dns = Some(Dns {
+                query: name,
+                qtypes: vec![flows::qtype_name(query.qtype)],
+                server: Some(server),
+                ..Dns::default()
+            });
+            flow.policy = Some(reason_text(&verdict.reason));
+            self.flows.push(flow);
+        }
         if !self.enter(client.ip()) {
             self.metrics.query(VerdictLabel::Fairness, t);
             self.flows

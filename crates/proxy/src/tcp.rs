@@ -280,6 +280,7 @@ async fn forward(
     .await;
     match answer {
         Ok(Ok((mut a, hold))) => {
+            shared.upstreams.answered(upstream);
             if let Some(apply) = hold {
                 shared.hold(apply).await;
             }
@@ -294,6 +295,7 @@ async fn forward(
             if other.is_err() {
                 shared.metrics.upstream_timeouts.inc();
             }
+            shared.upstreams.failed(upstream, Instant::now());
             let mut buf = [0u8; 512];
             let n = write_reply_to(query.id, rd, &question, Rcode::ServFail, &mut buf).unwrap_or(0);
             buf.get(..n).unwrap_or_default().to_vec()

@@ -259,6 +259,7 @@ async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outboun
             continue;
         };
         debug!(upstream = %o.upstream, error = %e, "sending upstream failed");
+        shared.upstreams.failed(o.upstream, Instant::now());
         let p = lock(&o.sock.pending).remove(&o.id);
         if let Some(p) = p {
             fail(shared, &p, Rcode::ServFail).await;
@@ -365,6 +366,7 @@ fn answer_from_upstream(
         shared.metrics.answers_rejected.inc();
         return None;
     };
+    shared.upstreams.answered(p.upstream);
     shared
         .metrics
         .latency_upstream
@@ -433,6 +435,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
             };
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
+                shared.upstreams.failed(p.upstream, now);
                 let mut flow =
                     crate::flows::Flow::new("dns", "timeout", shared.source(p.client.ip()));
                 let (name, qtype) = crate::flows::question_name(&p.question);

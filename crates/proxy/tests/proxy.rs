@@ -1213,3 +1213,121 @@ async fn a_pooled_upstream_connection_the_server_closed_is_replaced() {
         assert_eq!(rcode(&r), 0, "query {id}");
     }
 }
+
+/// A scripted upstream on `addr` that answers every query for `api.example.com` with
+/// 192.0.2.1 and counts the queries it answered.
+fn answering_upstream(sock: Arc<UdpSocket>) -> Arc<std::sync::atomic::AtomicUsize> {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let r = msg::response(
+                &buf[..n],
+                0,
+                &[msg::a("api.example.com", 60, [192, 0, 2, 1])],
+                &[],
+            );
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = sock.send_to(&r, from).await;
+        }
+    });
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
+    // Two upstreams the policy allows (both are kube-dns), on the same port: one answers,
+    // the other is silent.
+    let good = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let good_addr = good.local_addr().unwrap();
+    let silent_addr: SocketAddr = format!("127.0.0.5:{}", good_addr.port()).parse().unwrap();
+    let silent = Arc::new(UdpSocket::bind(silent_addr).await.unwrap());
+    let answered_by_good = answering_upstream(good);
+    let mut loader = PolicyLoader::new();
+    loader.add("policy.yaml", &policy(good_addr.port()));
+    let (set, _) = loader.finish();
+    let ep = |name: &str, ns: &str, k: &str, v: &str, ips: &[&str]| EndpointSpec {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: Labels::new([(k, v)]).unwrap(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+    };
+    let snapshot = Snapshot::new(
+        Arc::new(set),
+        &[
+            ep("web-1", "default", "app", "web", &["127.0.0.2"]),
+            ep(
+                "coredns",
+                "kube-system",
+                "k8s-app",
+                "kube-dns",
+                &["127.0.0.1", "127.0.0.5"],
+            ),
+        ],
+        vec![],
+        VerdictConfig::default(),
+    );
+    let timeout = Duration::from_millis(300);
+    let cfg = DnsConfig {
+        upstreams: vec![silent_addr, good_addr],
+        upstream_timeout: timeout,
+        ..dns_config(good_addr)
+    };
+    let proxy = Proxy::start(
+        cfg,
+        snapshot,
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.udp_addrs()[0];
+    // Round robin: every other query goes to the silent one, until it has left three
+    // queries unanswered.
+    let mut servfails = 0;
+    for id in 0..12u16 {
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        match rcode(&r) {
+            0 => {}
+            2 => servfails += 1,
+            other => panic!("query {id}: rcode {other}"),
+        }
+    }
+    assert_eq!(
+        servfails, 3,
+        "three timeouts mark it down, then it is passed over"
+    );
+    assert_eq!(proxy.shared().metrics.upstreams_down.get(), 1);
+    for id in 20..30u16 {
+        let started = Instant::now();
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+        assert!(
+            started.elapsed() < timeout,
+            "query {id} did not wait for the silent one"
+        );
+    }
+    // It comes back: after the one-second back-off a probe reaches it, and it is used
+    // again.
+    let _ = answering_upstream(silent);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = answered_by_good.load(std::sync::atomic::Ordering::SeqCst);
+    for id in 40..50u16 {
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+    }
+    let by_good = answered_by_good.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        by_good < 10,
+        "the recovered upstream took some of them ({by_good} of 10 went to the other)"
+    );
+    assert_eq!(proxy.shared().metrics.upstreams_down.get(), 0);
+}
