@@ -88,7 +88,8 @@ pub struct Flow {
     /// `dns` or `drop`.
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// `allowed`, `denied`, `audit`, `malformed`, `fairness`, `timeout` (DNS); `denied`
+    /// `allowed`, `unfiltered`, `denied`, `audit`, `malformed`, `fairness`, `timeout`,
+    /// `unreachable` (DNS); `denied`
     /// or `audit` (packets, with `drop_reason_desc`).
     pub verdict: &'static str,
     /// The sender (shared by the events of one endpoint).

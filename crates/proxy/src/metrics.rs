@@ -107,6 +107,9 @@ pub struct ProxyMetrics {
     rcode_handles: [Counter; 6],
     /// Upstream timeouts (answered SERVFAIL).
     pub upstream_timeouts: Counter,
+    /// Queries answered SERVFAIL at once because the upstream could not be reached (its
+    /// port unreachable, the TCP connection refused or broken).
+    pub upstream_errors: Counter,
     /// Messages from upstream sockets that were not the awaited answer.
     pub answers_rejected: Counter,
     /// Answers released after `response_max_delay` without the sink's confirmation.
@@ -177,6 +180,7 @@ impl Default for ProxyMetrics {
             query_handles,
             rcode_handles,
             upstream_timeouts: Counter::default(),
+            upstream_errors: Counter::default(),
             answers_rejected: Counter::default(),
             hold_timeouts: Counter::default(),
             tcp_refused: Counter::default(),
@@ -234,6 +238,11 @@ impl ProxyMetrics {
             "upstream_timeouts",
             "Queries the upstream did not answer in time (SERVFAIL)",
             m.upstream_timeouts.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Queries answered SERVFAIL at once because the upstream could not be reached",
+            m.upstream_errors.clone(),
         );
         r.register(
             "upstreams_down",

@@ -180,10 +180,21 @@ impl Batch {
 
     /// Waits until `socket` is readable, then receives every datagram queued (up to the
     /// batch size) with one system call. Returns how many arrived.
+    ///
+    /// A pending socket error wakes it too and is returned: on a connected socket,
+    /// `ConnectionRefused` says the server's port was unreachable (ICMP).
     pub(crate) async fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         let fd = socket.as_raw_fd();
         loop {
-            socket.readable().await?;
+            // Readable, or an error to report (which alone never makes it readable). The
+            // receive below goes with the one interest that woke it: tokio's `try_io`
+            // sees no readiness at all for a combined interest.
+            let ready = socket.ready(Interest::READABLE | Interest::ERROR).await?;
+            let interest = if ready.is_error() && !ready.is_readable() && !ready.is_read_closed() {
+                Interest::ERROR
+            } else {
+                Interest::READABLE
+            };
             let Self {
                 bufs,
                 orig_dst,
@@ -191,7 +202,7 @@ impl Batch {
             } = self;
             got.clear();
             let capacity = bufs.len();
-            let received = socket.try_io(Interest::READABLE, || {
+            let received = socket.try_io(interest, || {
                 // The kernel's headers hold raw pointers (not `Send`): built per call, so
                 // the batch can live across awaits; a few allocations per batch, not per
                 // query.

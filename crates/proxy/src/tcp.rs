@@ -294,6 +294,8 @@ async fn forward(
         other => {
             if other.is_err() {
                 shared.metrics.upstream_timeouts.inc();
+            } else {
+                shared.metrics.upstream_errors.inc();
             }
             shared.upstreams.failed(upstream, Instant::now());
             let mut buf = [0u8; 512];

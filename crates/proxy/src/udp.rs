@@ -316,6 +316,10 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
     loop {
         let count = match batch.recv(&sock.socket).await {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && sock.connected => {
+                unreachable(&shared, &sock).await;
+                continue;
+            }
             Err(e) => {
                 debug!(error = %e, "upstream receive failed");
                 continue;
@@ -341,6 +345,36 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
             delivered(&shared, &p, now);
         }
     }
+}
+
+/// The server a connected socket sends to reported its port unreachable (ICMP): the
+/// queries waiting on this socket will get no answer, so their clients get SERVFAIL now
+/// rather than after `dns.upstream_timeout`, and each counts against the server's health.
+async fn unreachable(shared: &Shared, sock: &UpstreamSocket) {
+    let waiting: Vec<Pending> = lock(&sock.pending).drain().map(|(_, p)| p).collect();
+    let now = Instant::now();
+    for p in waiting {
+        debug!(upstream = %p.upstream, client = %p.client, "upstream unreachable; answering SERVFAIL");
+        shared.metrics.upstream_errors.inc();
+        shared.upstreams.failed(p.upstream, now);
+        shared.flows.push(failure_flow(shared, &p, "unreachable"));
+        fail(shared, &p, Rcode::ServFail).await;
+    }
+}
+
+/// The flow event of a query that got SERVFAIL because its upstream failed (`verdict`:
+/// `timeout` or `unreachable`).
+fn failure_flow(shared: &Shared, p: &Pending, verdict: &'static str) -> crate::flows::Flow {
+    let mut flow = crate::flows::Flow::new("dns", verdict, shared.source(p.client.ip()));
+    let (name, qtype) = crate::flows::question_name(&p.question);
+    flow.dns = Some(crate::flows::Dns {
+        query: name,
+        qtypes: qtype.map(crate::flows::qtype_name).into_iter().collect(),
+        rcode: Some("SERVFAIL".into()),
+        server: Some(p.upstream),
+        ..crate::flows::Dns::default()
+    });
+    flow
 }
 
 /// One datagram from an upstream socket: if it answers a pending query, returns that
@@ -436,17 +470,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
                 shared.upstreams.failed(p.upstream, now);
-                let mut flow =
-                    crate::flows::Flow::new("dns", "timeout", shared.source(p.client.ip()));
-                let (name, qtype) = crate::flows::question_name(&p.question);
-                flow.dns = Some(crate::flows::Dns {
-                    query: name,
-                    qtypes: qtype.map(crate::flows::qtype_name).into_iter().collect(),
-                    rcode: Some("SERVFAIL".into()),
-                    server: Some(p.upstream),
-                    ..crate::flows::Dns::default()
-                });
-                shared.flows.push(flow);
+                shared.flows.push(failure_flow(&shared, &p, "timeout"));
                 fail(&shared, &p, Rcode::ServFail).await;
             }
         }

@@ -507,6 +507,33 @@ async fn an_upstream_back_from_the_dead_is_used_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_upstream_port_gets_servfail_at_once_not_after_the_timeout() {
+    // The kernel answers each query with ICMP port unreachable; the connected socket
+    // reports it, and the proxy answers at once.
+    let (up, addr) = scripted_upstream().await;
+    drop(up);
+    let cfg = DnsConfig {
+        upstream_timeout: Duration::from_secs(5),
+        ..dns_config(addr)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let at = proxy.udp_addrs()[0];
+    for id in 0..6 {
+        let started = Instant::now();
+        let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
+        assert_eq!(reply.map(|r| rcode(&r)), Some(2), "query {id}: SERVFAIL");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "query {id} answered after {:?}, not at once",
+            started.elapsed()
+        );
+    }
+    let m = &proxy.shared().metrics;
+    assert_eq!(m.upstream_errors.get(), 6);
+    assert_eq!(m.upstream_timeouts.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
     let (_up, addr) = scripted_upstream().await;
     let cfg = DnsConfig {
