@@ -360,6 +360,28 @@ impl Shared {
         Step::Forward(query, learn, server)
     }
 
+    /// Another configured upstream to ask `query` of when `failed` did not answer: the
+    /// first one, in configured order, that `client`'s policy allows for the name and
+    /// that is not marked down. Returns it with whether its answer may teach IPs.
+    pub(crate) fn alternative(
+        &self,
+        client: IpAddr,
+        failed: SocketAddr,
+        query: &Query,
+        protocol: Protocol,
+    ) -> Option<(SocketAddr, bool)> {
+        let snapshot = self.snapshot.load();
+        let now = Instant::now();
+        self.config.upstreams.iter().find_map(|&server| {
+            if server == failed {
+                return None;
+            }
+            let verdict = snapshot.decide(client, server, protocol, query);
+            (verdict.deny.is_none() && self.upstreams.try_use(server, now))
+                .then_some((server, verdict.learn))
+        })
+    }
+
     /// How long ago the proxy started.
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()

@@ -235,11 +235,15 @@ async fn connection(
                 }
             }
             Step::Forward(query, learn, upstream) => {
+                let several = servers.len() > 1;
                 let shared = shared.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let reply =
-                        forward(&shared, msg, &query, learn, client, upstream, received).await;
+                    let retry = several;
+                    let reply = forward(
+                        &shared, msg, &query, learn, client, upstream, received, retry,
+                    )
+                    .await;
                     shared.leave(client.ip());
                     if !reply.is_empty() {
                         let _ = tx.send(reply).await;
@@ -254,7 +258,13 @@ async fn connection(
 
 /// Exchanges one allowed query with `upstream` and returns what the client gets: the
 /// answer (after its new IPs are enforced, or `dns.response_max_delay`), or SERVFAIL when
-/// the upstream fails or takes longer than `dns.upstream_timeout`.
+/// the upstream fails or takes longer than `dns.upstream_timeout`. With `retry`, a query
+/// the upstream failed is asked once more of another configured upstream the client's
+/// policy allows (see [`Shared::alternative`]).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only be unpacked"
+)]
 async fn forward(
     shared: &Shared,
     msg: Vec<u8>,
@@ -263,33 +273,69 @@ async fn forward(
     client: SocketAddr,
     upstream: SocketAddr,
     received: Instant,
+    retry: bool,
 ) -> Vec<u8> {
     let question = query.question(&msg).to_vec();
     let rd = wire::recursion_desired(&msg);
-    let asked = crate::shared::Asked {
-        client: client.ip(),
-        server: upstream,
-        received,
-        answered: received,
-    };
-    // The timeout bounds the upstream's part; the hold has its own bound.
-    let answer = tokio::time::timeout(
-        shared.config.upstream_timeout,
-        exchange(shared, upstream, msg, &question, learn, asked),
-    )
-    .await;
-    match answer {
-        Ok(Ok((mut a, hold))) => {
-            shared.upstreams.answered(upstream);
-            if let Some(apply) = hold {
-                shared.hold(apply).await;
+    let again = retry.then(|| msg.clone());
+    let mut answer = attempt(shared, msg, &question, learn, client, upstream, received).await;
+    if answer.is_none() {
+        if let Some(msg) = again {
+            if let Some((other, learn)) =
+                shared.alternative(client.ip(), upstream, query, Protocol::Tcp)
+            {
+                debug!(from = %upstream, to = %other, "TCP query asked again of another upstream");
+                answer = attempt(shared, msg, &question, learn, client, other, received).await;
             }
+        }
+    }
+    match answer {
+        Some(mut a) => {
             wire::set_id(&mut a, query.id);
             shared
                 .metrics
                 .latency_total
                 .observe(received.elapsed().as_secs_f64());
             a
+        }
+        None => {
+            let mut buf = [0u8; 512];
+            let n = write_reply_to(query.id, rd, &question, Rcode::ServFail, &mut buf).unwrap_or(0);
+            buf.get(..n).unwrap_or_default().to_vec()
+        }
+    }
+}
+
+/// One exchange with `upstream`, bounded by `dns.upstream_timeout` (the hold has its own
+/// bound): the answer once its new IPs are enforced, or `None` when the upstream failed
+/// (counted, and against its health).
+async fn attempt(
+    shared: &Shared,
+    msg: Vec<u8>,
+    question: &[u8],
+    learn: bool,
+    client: SocketAddr,
+    upstream: SocketAddr,
+    received: Instant,
+) -> Option<Vec<u8>> {
+    let asked = crate::shared::Asked {
+        client: client.ip(),
+        server: upstream,
+        received,
+        answered: received,
+    };
+    let answer = tokio::time::timeout(
+        shared.config.upstream_timeout,
+        exchange(shared, upstream, msg, question, learn, asked),
+    )
+    .await;
+    match answer {
+        Ok(Ok((a, hold))) => {
+            shared.upstreams.answered(upstream);
+            if let Some(apply) = hold {
+                shared.hold(apply).await;
+            }
+            Some(a)
         }
         other => {
             if other.is_err() {
@@ -298,9 +344,7 @@ async fn forward(
                 shared.metrics.upstream_errors.inc();
             }
             shared.upstreams.failed(upstream, Instant::now());
-            let mut buf = [0u8; 512];
-            let n = write_reply_to(query.id, rd, &question, Rcode::ServFail, &mut buf).unwrap_or(0);
-            buf.get(..n).unwrap_or_default().to_vec()
+            None
         }
     }
 }

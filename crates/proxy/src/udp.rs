@@ -11,10 +11,10 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use dnsfence_dns::{wire, Query, Rcode};
+use dnsfence_dns::{parse_query, wire, ParsedQuery, Query, Rcode};
 use dnsfence_policy::Protocol;
 use smallvec::SmallVec;
 use tokio::net::UdpSocket;
@@ -53,12 +53,27 @@ struct Pending {
     rd: bool,
     learn: bool,
     reply_via: Arc<UdpSocket>,
-    /// The question's wire bytes; inline for names of ordinary length (no allocation).
-    question: SmallVec<[u8; 96]>,
+    /// The query as the client sent it (its question at `12..question_end`), to ask
+    /// another upstream if this one fails; inline for queries of ordinary size (no
+    /// allocation).
+    packet: SmallVec<[u8; 128]>,
+    question_end: usize,
+    /// Whether another configured upstream may be asked when this one fails (explicit
+    /// listeners with several upstreams, once).
+    may_retry: bool,
     upstream: SocketAddr,
     received: Instant,
     sent: Instant,
     deadline: Instant,
+}
+
+impl Pending {
+    /// The question's wire bytes.
+    fn question(&self) -> &[u8] {
+        self.packet
+            .get(wire::HEADER_LEN..self.question_end)
+            .unwrap_or_default()
+    }
 }
 
 /// Who asked, and how to answer them.
@@ -69,6 +84,8 @@ pub(crate) struct ClientRef {
     pub(crate) reply_via: Arc<UdpSocket>,
     /// When the query arrived.
     pub(crate) received: Instant,
+    /// When it leaves for this upstream (about: the batch's clock reading).
+    pub(crate) sent: Instant,
 }
 
 struct UpstreamSocket {
@@ -88,6 +105,8 @@ pub(crate) struct UpstreamPool {
     v4: Vec<Arc<UpstreamSocket>>,
     v6: Vec<Arc<UpstreamSocket>>,
     next: AtomicUsize,
+    /// The pool itself, for the receive tasks it starts (they retry failed queries).
+    me: Weak<Self>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,15 +128,16 @@ impl UpstreamPool {
                 v6.push(Arc::new(UpstreamSocket::new(socket, false)));
             }
         }
-        let pool = Arc::new(Self {
+        let pool = Arc::new_cyclic(|me| Self {
             shared: shared.clone(),
             connected: Mutex::default(),
             v4,
             v6,
             next: AtomicUsize::new(0),
+            me: me.clone(),
         });
         for sock in pool.v4.iter().chain(&pool.v6) {
-            tokio::spawn(receive(shared.clone(), sock.clone()));
+            tokio::spawn(receive(shared.clone(), sock.clone(), pool.me.clone()));
         }
         // The configured servers get their sockets now, not on the first query.
         for upstream in &shared.config.upstreams {
@@ -144,7 +164,7 @@ impl UpstreamPool {
         let socks: Arc<[Arc<UpstreamSocket>]> = match socks {
             Ok(socks) => {
                 for sock in &socks {
-                    tokio::spawn(receive(self.shared.clone(), sock.clone()));
+                    tokio::spawn(receive(self.shared.clone(), sock.clone(), self.me.clone()));
                 }
                 socks.into()
             }
@@ -173,6 +193,55 @@ impl UpstreamPool {
         family.get(turn % family.len().max(1)).cloned()
     }
 
+    /// Asks another configured upstream a query whose upstream failed (timed out or
+    /// unreachable): the first one, in configured order, that the client's policy allows
+    /// for the name and that is not marked down. A query is retried at most once, and only
+    /// when it came to an explicit listener with several upstreams. Returns the query when
+    /// it was not sent again (its client is still owed an answer).
+    async fn retry(&self, p: Pending) -> Option<Pending> {
+        if !p.may_retry {
+            return Some(p);
+        }
+        let ParsedQuery::Query(query) = parse_query(&p.packet) else {
+            return Some(p);
+        };
+        let shared = &self.shared;
+        let Some((server, learn)) =
+            shared.alternative(p.client.ip(), p.upstream, &query, Protocol::Udp)
+        else {
+            return Some(p);
+        };
+        let now = Instant::now();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(sock) = self.socket_for(server, turn) else {
+            return Some(p);
+        };
+        let client = ClientRef {
+            addr: p.client,
+            reply_via: p.reply_via.clone(),
+            received: p.received,
+            sent: now,
+        };
+        let mut packet = p.packet.clone();
+        let timeout = shared.config.upstream_timeout;
+        let Some(out) = sock.register(&mut packet, &query, learn, client, server, timeout, false)
+        else {
+            return Some(p);
+        };
+        let to = (!sock.connected).then_some(server);
+        if sys::send_batch(&sock.socket, &[(&packet[..], to)])
+            .await
+            .is_empty()
+        {
+            debug!(from = %p.upstream, to = %server, "query asked again of another upstream");
+            return None;
+        }
+        // Not sent: the query is still the caller's to answer.
+        lock(&sock.pending).remove(&out.id);
+        shared.upstreams.failed(server, now);
+        Some(p)
+    }
+
     /// Every upstream socket: the connected ones and the shared ones.
     fn all(&self) -> Vec<Arc<UpstreamSocket>> {
         let map = lock(&self.connected);
@@ -194,6 +263,10 @@ impl UpstreamSocket {
     /// Records `packet` (a query already judged) as pending on this socket under a fresh
     /// random ID and writes that ID into the packet; the caller sends it. `None` when no ID
     /// is free (the query cannot leave; the packet is unchanged).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call per query; a struct would only be unpacked"
+    )]
     fn register(
         self: &Arc<Self>,
         packet: &mut [u8],
@@ -202,16 +275,18 @@ impl UpstreamSocket {
         client: ClientRef,
         upstream: SocketAddr,
         timeout: Duration,
+        may_retry: bool,
     ) -> Option<Outbound> {
-        let question = query.question(packet);
-        let now = client.received;
+        let now = client.sent;
         let pending = Pending {
             client: client.addr,
             client_id: query.id,
             rd: wire::recursion_desired(packet),
             learn,
             reply_via: client.reply_via,
-            question: SmallVec::from_slice(question),
+            packet: SmallVec::from_slice(packet),
+            question_end: query.question_end,
+            may_retry,
             upstream,
             received: client.received,
             sent: now,
@@ -301,7 +376,7 @@ async fn send_to_clients(msgs: &[(&UdpSocket, &[u8], Option<SocketAddr>)]) {
 /// Answers a pending query's client with `rcode` and ends it.
 async fn fail(shared: &Shared, p: &Pending, rcode: Rcode) {
     let mut out = [0u8; 512];
-    if let Some(n) = wire::write_reply_to(p.client_id, p.rd, &p.question, rcode, &mut out) {
+    if let Some(n) = wire::write_reply_to(p.client_id, p.rd, p.question(), rcode, &mut out) {
         let _ = p
             .reply_via
             .send_to(out.get(..n).unwrap_or_default(), p.client)
@@ -310,14 +385,17 @@ async fn fail(shared: &Shared, p: &Pending, rcode: Rcode) {
     shared.leave(p.client.ip());
 }
 
-async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
+async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>, pool: Weak<UpstreamPool>) {
     let mut batch = Batch::new(UPSTREAM_BATCH, MAX_UDP);
     let mut ready: Vec<(usize, Pending)> = Vec::with_capacity(UPSTREAM_BATCH);
     loop {
         let count = match batch.recv(&sock.socket).await {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && sock.connected => {
-                unreachable(&shared, &sock).await;
+            Err(e) if unreachable_error(&e) && sock.connected => {
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                unreachable(&shared, &pool, &sock).await;
                 continue;
             }
             Err(e) => {
@@ -347,16 +425,31 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>) {
     }
 }
 
-/// The server a connected socket sends to reported its port unreachable (ICMP): the
-/// queries waiting on this socket will get no answer, so their clients get SERVFAIL now
-/// rather than after `dns.upstream_timeout`, and each counts against the server's health.
-async fn unreachable(shared: &Shared, sock: &UpstreamSocket) {
+/// Whether a connected socket's error says its server cannot be reached (ICMP port,
+/// host or network unreachable).
+fn unreachable_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
+/// The server a connected socket sends to reported itself unreachable (ICMP): the
+/// queries waiting on this socket will get no answer. Each counts against the server's
+/// health and goes to another upstream when there is one to ask, else its client gets
+/// SERVFAIL now rather than after `dns.upstream_timeout`.
+async fn unreachable(shared: &Shared, pool: &UpstreamPool, sock: &UpstreamSocket) {
     let waiting: Vec<Pending> = lock(&sock.pending).drain().map(|(_, p)| p).collect();
     let now = Instant::now();
     for p in waiting {
-        debug!(upstream = %p.upstream, client = %p.client, "upstream unreachable; answering SERVFAIL");
         shared.metrics.upstream_errors.inc();
         shared.upstreams.failed(p.upstream, now);
+        let Some(p) = pool.retry(p).await else {
+            continue;
+        };
+        debug!(upstream = %p.upstream, client = %p.client, "upstream unreachable; answering SERVFAIL");
         shared.flows.push(failure_flow(shared, &p, "unreachable"));
         fail(shared, &p, Rcode::ServFail).await;
     }
@@ -366,7 +459,7 @@ async fn unreachable(shared: &Shared, sock: &UpstreamSocket) {
 /// `timeout` or `unreachable`).
 fn failure_flow(shared: &Shared, p: &Pending, verdict: &'static str) -> crate::flows::Flow {
     let mut flow = crate::flows::Flow::new("dns", verdict, shared.source(p.client.ip()));
-    let (name, qtype) = crate::flows::question_name(&p.question);
+    let (name, qtype) = crate::flows::question_name(p.question());
     flow.dns = Some(crate::flows::Dns {
         query: name,
         qtypes: qtype.map(crate::flows::qtype_name).into_iter().collect(),
@@ -411,7 +504,7 @@ fn answer_from_upstream(
         received: p.received,
         answered: now,
     };
-    let hold = match shared.accept_answer(&p.question, packet, p.learn, asked) {
+    let hold = match shared.accept_answer(p.question(), packet, p.learn, asked) {
         Some(hold) => hold,
         None => {
             // Not an answer to this question: keep waiting for the real one.
@@ -470,6 +563,9 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
                 shared.upstreams.failed(p.upstream, now);
+                let Some(p) = pool.retry(p).await else {
+                    continue;
+                };
                 shared.flows.push(failure_flow(&shared, &p, "timeout"));
                 fail(&shared, &p, Rcode::ServFail).await;
             }
@@ -507,6 +603,7 @@ async fn handle_batch<'r>(
                     addr: client,
                     reply_via: reply_via.clone(),
                     received: at,
+                    sent: at,
                 };
                 let outbound = match pool.socket_for(server, turn) {
                     Some(sock) => sock.register(
@@ -516,6 +613,7 @@ async fn handle_batch<'r>(
                         asker,
                         server,
                         shared.config.upstream_timeout,
+                        servers.len() > 1,
                     ),
                     None => {
                         warn!(%server, "no upstream socket for this address family; answering SERVFAIL");

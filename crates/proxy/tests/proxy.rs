@@ -534,6 +534,47 @@ async fn a_closed_upstream_port_gets_servfail_at_once_not_after_the_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_upstreams_a_closed_port_costs_no_query_an_answer() {
+    // Both upstreams are allowed (both kube-dns, same port); the first listed has its
+    // port closed. A query sent there is asked again of the other as soon as the ICMP
+    // error arrives, and after three the closed one is passed over.
+    let good = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let good_addr = good.local_addr().unwrap();
+    let closed_addr: SocketAddr = format!("127.0.0.6:{}", good_addr.port()).parse().unwrap();
+    let answered = answering_upstream(good);
+    let proxy = Proxy::start(
+        DnsConfig {
+            upstreams: vec![closed_addr, good_addr],
+            upstream_timeout: Duration::from_secs(5),
+            ..dns_config(good_addr)
+        },
+        two_kube_dns_snapshot(good_addr.port(), "127.0.0.6"),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.udp_addrs()[0];
+    for id in 0..10u16 {
+        let started = Instant::now();
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "query {id} did not wait for a timeout"
+        );
+    }
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 10);
+    let m = &proxy.shared().metrics;
+    assert_eq!(m.upstream_errors.get(), 3, "three sent to the closed port");
+    assert_eq!(m.upstreams_down.get(), 1);
+    assert_eq!(m.upstream_timeouts.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_gives_servfail_and_the_fairness_bound_holds() {
     let (_up, addr) = scripted_upstream().await;
     let cfg = DnsConfig {
@@ -815,6 +856,39 @@ async fn tcp_queries_reuse_upstream_connections() {
         assert_eq!(rcode(&r), 0);
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_a_refused_upstream_is_passed_over_and_its_query_asked_again() {
+    // Two allowed upstreams on the same port; nothing listens on the first.
+    let (good, accepted) = tcp_upstream_counting().await;
+    let refused: SocketAddr = format!("127.0.0.7:{}", good.port()).parse().unwrap();
+    let proxy = Proxy::start(
+        DnsConfig {
+            upstreams: vec![refused, good],
+            ..dns_config(good)
+        },
+        two_kube_dns_snapshot(good.port(), "127.0.0.7"),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    for id in 0..8u16 {
+        let mut s = tcp_from("127.0.0.2", proxy.tcp_addrs()[0]).await.unwrap();
+        tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
+        let r = tcp_recv(&mut s).await.expect("answer");
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+    }
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let m = &proxy.shared().metrics;
+    assert_eq!(
+        m.upstream_errors.get(),
+        3,
+        "three refused connections, then passed over"
+    );
+    assert_eq!(m.upstreams_down.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1241,7 +1315,36 @@ async fn a_pooled_upstream_connection_the_server_closed_is_replaced() {
     }
 }
 
-/// A scripted upstream on `addr` that answers every query for `api.example.com` with
+/// web-1 (127.0.0.2) may resolve `*.example.com` on port `port` of kube-dns, which has
+/// two addresses: 127.0.0.1 and `second`.
+fn two_kube_dns_snapshot(port: u16, second: &str) -> Snapshot {
+    let mut loader = PolicyLoader::new();
+    loader.add("policy.yaml", &policy(port));
+    let (set, _) = loader.finish();
+    let ep = |name: &str, ns: &str, k: &str, v: &str, ips: &[&str]| EndpointSpec {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: Labels::new([(k, v)]).unwrap(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+    };
+    Snapshot::new(
+        Arc::new(set),
+        &[
+            ep("web-1", "default", "app", "web", &["127.0.0.2"]),
+            ep(
+                "coredns",
+                "kube-system",
+                "k8s-app",
+                "kube-dns",
+                &["127.0.0.1", second],
+            ),
+        ],
+        vec![],
+        VerdictConfig::default(),
+    )
+}
+
+/// A scripted upstream on `sock` that answers every query for `api.example.com` with
 /// 192.0.2.1 and counts the queries it answered.
 fn answering_upstream(sock: Arc<UdpSocket>) -> Arc<std::sync::atomic::AtomicUsize> {
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1271,30 +1374,7 @@ async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
     let silent_addr: SocketAddr = format!("127.0.0.5:{}", good_addr.port()).parse().unwrap();
     let silent = Arc::new(UdpSocket::bind(silent_addr).await.unwrap());
     let answered_by_good = answering_upstream(good);
-    let mut loader = PolicyLoader::new();
-    loader.add("policy.yaml", &policy(good_addr.port()));
-    let (set, _) = loader.finish();
-    let ep = |name: &str, ns: &str, k: &str, v: &str, ips: &[&str]| EndpointSpec {
-        name: name.into(),
-        namespace: ns.into(),
-        labels: Labels::new([(k, v)]).unwrap(),
-        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-    };
-    let snapshot = Snapshot::new(
-        Arc::new(set),
-        &[
-            ep("web-1", "default", "app", "web", &["127.0.0.2"]),
-            ep(
-                "coredns",
-                "kube-system",
-                "k8s-app",
-                "kube-dns",
-                &["127.0.0.1", "127.0.0.5"],
-            ),
-        ],
-        vec![],
-        VerdictConfig::default(),
-    );
+    let snapshot = two_kube_dns_snapshot(good_addr.port(), "127.0.0.5");
     let timeout = Duration::from_millis(300);
     let cfg = DnsConfig {
         upstreams: vec![silent_addr, good_addr],
@@ -1312,23 +1392,25 @@ async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
     .unwrap();
     let at = proxy.udp_addrs()[0];
     // Round robin: every other query goes to the silent one, until it has left three
-    // queries unanswered.
-    let mut servfails = 0;
+    // queries unanswered. Each of those is asked again of the other upstream when it
+    // times out: slow, but answered.
+    let mut slow = 0;
     for id in 0..12u16 {
+        let started = Instant::now();
         let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
             .await
             .unwrap();
-        match rcode(&r) {
-            0 => {}
-            2 => servfails += 1,
-            other => panic!("query {id}: rcode {other}"),
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+        if started.elapsed() >= timeout {
+            slow += 1;
         }
     }
     assert_eq!(
-        servfails, 3,
+        slow, 3,
         "three timeouts mark it down, then it is passed over"
     );
     assert_eq!(proxy.shared().metrics.upstreams_down.get(), 1);
+    assert_eq!(proxy.shared().metrics.upstream_timeouts.get(), 3);
     for id in 20..30u16 {
         let started = Instant::now();
         let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
