@@ -105,10 +105,10 @@ pub struct ProxyMetrics {
     query_handles: [[Counter; 2]; 6],
     /// Resolved handles, by `RcodeLabel` order.
     rcode_handles: [Counter; 6],
-    /// Upstream timeouts (answered SERVFAIL).
+    /// Upstream timeouts (asked of another upstream, or answered SERVFAIL).
     pub upstream_timeouts: Counter,
-    /// Queries answered SERVFAIL at once because the upstream could not be reached (its
-    /// port unreachable, the TCP connection refused or broken).
+    /// Queries whose upstream could not be reached (its port unreachable, the TCP
+    /// connection refused or broken): asked of another upstream, or answered SERVFAIL.
     pub upstream_errors: Counter,
     /// Messages from upstream sockets that were not the awaited answer.
     pub answers_rejected: Counter,
@@ -236,12 +236,12 @@ impl ProxyMetrics {
         );
         r.register(
             "upstream_timeouts",
-            "Queries the upstream did not answer in time (SERVFAIL)",
+            "Queries the upstream did not answer in time (asked of another upstream, or SERVFAIL)",
             m.upstream_timeouts.clone(),
         );
         r.register(
             "upstream_errors",
-            "Queries answered SERVFAIL at once because the upstream could not be reached",
+            "Queries whose upstream could not be reached (asked of another upstream, or SERVFAIL)",
             m.upstream_errors.clone(),
         );
         r.register(
