@@ -48,7 +48,8 @@ pub(crate) struct ObserveArgs {
     /// Only this pod.
     #[arg(long)]
     pod: Option<String>,
-    /// Only this verdict (allowed, unfiltered, denied, audit, malformed, fairness, timeout).
+    /// Only this verdict (allowed, unfiltered, denied, audit, malformed, fairness, timeout,
+    /// unreachable).
     #[arg(long)]
     verdict: Option<String>,
     /// Only query names (or names of refused destinations) matching this pattern
