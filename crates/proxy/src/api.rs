@@ -112,6 +112,7 @@ fn answer(shared: &Shared, line: &str) -> serde_json::Value {
                 "learned_names": names,
                 "learned_ips": ips,
                 "queries_in_flight": shared.in_flight(),
+                "upstreams": shared.upstreams.report(),
             }})
         }
         other => {

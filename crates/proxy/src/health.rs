@@ -100,6 +100,23 @@ impl Health {
         }
     }
 
+    /// Each configured upstream with its state, for `dnsfence status`: `up` or `down`,
+    /// and the queries it left unanswered since its last answer.
+    pub(crate) fn report(&self) -> Vec<serde_json::Value> {
+        let states = self.states();
+        self.servers
+            .iter()
+            .zip(states.iter())
+            .map(|(server, state)| {
+                serde_json::json!({
+                    "address": server.to_string(),
+                    "state": if state.down_until.is_some() { "down" } else { "up" },
+                    "unanswered": state.fails,
+                })
+            })
+            .collect()
+    }
+
     /// `server` answered a query.
     pub(crate) fn answered(&self, server: SocketAddr) {
         if self.troubled.load(Ordering::Relaxed) == 0 {
@@ -225,6 +242,27 @@ mod tests {
         }
         assert_eq!(backoff, MAX_BACKOFF);
         assert_eq!(h.down.get(), 1);
+    }
+
+    #[test]
+    fn the_report_names_each_upstream_with_its_state() {
+        let h = Health::new(
+            &[addr(1), addr(2)],
+            Duration::from_secs(5),
+            Gauge::default(),
+        );
+        let now = Instant::now();
+        for _ in 0..MAX_FAILS {
+            h.failed(addr(2), now);
+        }
+        h.failed(addr(1), now);
+        assert_eq!(
+            serde_json::Value::from(h.report()),
+            serde_json::json!([
+                {"address": "127.0.0.1:1", "state": "up", "unanswered": 1},
+                {"address": "127.0.0.1:2", "state": "down", "unanswered": 3},
+            ])
+        );
     }
 
     #[test]
