@@ -17,6 +17,7 @@ const KNOWN: &[&str] = &[
     "dnsfence_dns_upstream_responses_total",
     "dnsfence_dns_upstream_timeouts_total",
     "dnsfence_dns_upstream_errors_total",
+    "dnsfence_dns_upstream_retries_total",
     "dnsfence_dns_answers_rejected_total",
     "dnsfence_dns_hold_timeouts_total",
     "dnsfence_dns_latency_seconds",

@@ -110,6 +110,8 @@ pub struct ProxyMetrics {
     /// Queries whose upstream could not be reached (its port unreachable, the TCP
     /// connection refused or broken): asked of another upstream, or answered SERVFAIL.
     pub upstream_errors: Counter,
+    /// Queries asked of a second upstream: their first failed, or was slow.
+    pub upstream_retries: Counter,
     /// Messages from upstream sockets that were not the awaited answer.
     pub answers_rejected: Counter,
     /// Answers released after `response_max_delay` without the sink's confirmation.
@@ -181,6 +183,7 @@ impl Default for ProxyMetrics {
             rcode_handles,
             upstream_timeouts: Counter::default(),
             upstream_errors: Counter::default(),
+            upstream_retries: Counter::default(),
             answers_rejected: Counter::default(),
             hold_timeouts: Counter::default(),
             tcp_refused: Counter::default(),
@@ -243,6 +246,11 @@ impl ProxyMetrics {
             "upstream_errors",
             "Queries whose upstream could not be reached (asked of another upstream, or SERVFAIL)",
             m.upstream_errors.clone(),
+        );
+        r.register(
+            "upstream_retries",
+            "Queries asked of a second upstream because the first failed or was slow",
+            m.upstream_retries.clone(),
         );
         r.register(
             "upstreams_down",

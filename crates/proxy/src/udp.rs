@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -58,16 +58,76 @@ struct Pending {
     /// allocation).
     packet: SmallVec<[u8; 128]>,
     question_end: usize,
-    /// Whether another configured upstream may be asked when this one fails (explicit
-    /// listeners with several upstreams, once).
+    /// Whether another configured upstream may be asked when this one fails or is slow
+    /// (explicit listeners with several upstreams, once).
     may_retry: bool,
+    /// Set when a second copy of the query went to another upstream (see [`Hedge`]).
+    hedge: Option<Arc<Hedge>>,
     upstream: SocketAddr,
     received: Instant,
     sent: Instant,
     deadline: Instant,
 }
 
+/// Two copies of one client query in flight: the first went to an upstream that was
+/// slow to answer, the second to another upstream. The first answer reaches the client;
+/// the client gets SERVFAIL only when both copies fail.
+#[derive(Debug)]
+struct Hedge {
+    /// The client has its answer (or its SERVFAIL).
+    done: AtomicBool,
+    /// Copies still waiting for an answer.
+    waiting: AtomicU8,
+}
+
+/// How long a query waits for its upstream before a copy goes to another one: a fifth of
+/// `dns.upstream_timeout`, from 100 ms to 1 s.
+fn hedge_after(timeout: Duration) -> Duration {
+    (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// What it takes to send a pending query to another upstream.
+struct Resend {
+    client: SocketAddr,
+    reply_via: Arc<UdpSocket>,
+    received: Instant,
+    packet: SmallVec<[u8; 128]>,
+    /// The upstream it went to first.
+    upstream: SocketAddr,
+}
+
+impl Resend {
+    fn of(p: &Pending) -> Self {
+        Self {
+            client: p.client,
+            reply_via: p.reply_via.clone(),
+            received: p.received,
+            packet: p.packet.clone(),
+            upstream: p.upstream,
+        }
+    }
+}
+
 impl Pending {
+    /// Whether this copy's answer is the one the client gets (always, without a hedge).
+    fn claim(&self) -> bool {
+        self.hedge
+            .as_ref()
+            .is_none_or(|h| !h.done.swap(true, Ordering::AcqRel))
+    }
+
+    /// This copy failed: whether the client is now owed an answer from the caller (always
+    /// without a hedge; with one, when the other copy failed too and nothing answered).
+    fn last_to_fail(&self) -> bool {
+        match &self.hedge {
+            None => true,
+            Some(h) => {
+                h.waiting.fetch_sub(1, Ordering::AcqRel) == 1
+                    && !h.done.swap(true, Ordering::AcqRel)
+            }
+        }
+    }
+
     /// The question's wire bytes.
     fn question(&self) -> &[u8] {
         self.packet
@@ -195,51 +255,68 @@ impl UpstreamPool {
 
     /// Asks another configured upstream a query whose upstream failed (timed out or
     /// unreachable): the first one, in configured order, that the client's policy allows
-    /// for the name and that is not marked down. A query is retried at most once, and only
-    /// when it came to an explicit listener with several upstreams. Returns the query when
-    /// it was not sent again (its client is still owed an answer).
+    /// for the name and that is not marked down. A query is asked again at most once, and
+    /// only when it came to an explicit listener with several upstreams. Returns the query
+    /// when it was not sent again (its client is still owed an answer).
     async fn retry(&self, p: Pending) -> Option<Pending> {
         if !p.may_retry {
             return Some(p);
         }
-        let ParsedQuery::Query(query) = parse_query(&p.packet) else {
-            return Some(p);
+        let copy = Resend::of(&p);
+        if self.resend(copy, None).await {
+            None
+        } else {
+            Some(p)
+        }
+    }
+
+    /// Sends `copy` to another configured upstream (see [`Self::retry`]), as a second copy
+    /// of a query still in flight when `hedge` is given. Whether it was sent.
+    async fn resend(&self, copy: Resend, hedge: Option<Arc<Hedge>>) -> bool {
+        let ParsedQuery::Query(query) = parse_query(&copy.packet) else {
+            return false;
         };
         let shared = &self.shared;
         let Some((server, learn)) =
-            shared.alternative(p.client.ip(), p.upstream, &query, Protocol::Udp)
+            shared.alternative(copy.client.ip(), copy.upstream, &query, Protocol::Udp)
         else {
-            return Some(p);
+            return false;
         };
         let now = Instant::now();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let Some(sock) = self.socket_for(server, turn) else {
-            return Some(p);
+            return false;
         };
         let client = ClientRef {
-            addr: p.client,
-            reply_via: p.reply_via.clone(),
-            received: p.received,
+            addr: copy.client,
+            reply_via: copy.reply_via,
+            received: copy.received,
             sent: now,
         };
-        let mut packet = p.packet.clone();
+        let mut packet = copy.packet;
         let timeout = shared.config.upstream_timeout;
         let Some(out) = sock.register(&mut packet, &query, learn, client, server, timeout, false)
         else {
-            return Some(p);
+            return false;
         };
+        if let Some(h) = hedge {
+            if let Some(p) = lock(&sock.pending).get_mut(&out.id) {
+                p.hedge = Some(h);
+            }
+        }
         let to = (!sock.connected).then_some(server);
         if sys::send_batch(&sock.socket, &[(&packet[..], to)])
             .await
             .is_empty()
         {
-            debug!(from = %p.upstream, to = %server, "query asked again of another upstream");
-            return None;
+            shared.metrics.upstream_retries.inc();
+            debug!(from = %copy.upstream, to = %server, "query asked of another upstream");
+            return true;
         }
         // Not sent: the query is still the caller's to answer.
         lock(&sock.pending).remove(&out.id);
         shared.upstreams.failed(server, now);
-        Some(p)
+        false
     }
 
     /// Every upstream socket: the connected ones and the shared ones.
@@ -287,6 +364,7 @@ impl UpstreamSocket {
             packet: SmallVec::from_slice(packet),
             question_end: query.question_end,
             may_retry,
+            hedge: None,
             upstream,
             received: client.received,
             sent: now,
@@ -446,6 +524,9 @@ async fn unreachable(shared: &Shared, pool: &UpstreamPool, sock: &UpstreamSocket
     for p in waiting {
         shared.metrics.upstream_errors.inc();
         shared.upstreams.failed(p.upstream, now);
+        if !p.last_to_fail() {
+            continue;
+        }
         let Some(p) = pool.retry(p).await else {
             continue;
         };
@@ -512,6 +593,10 @@ fn answer_from_upstream(
             return None;
         }
     };
+    if !p.claim() {
+        // The other copy of this query was answered first.
+        return None;
+    }
     match hold {
         None => {
             wire::set_id(packet, p.client_id);
@@ -550,7 +635,9 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
+        let slow = hedge_after(shared.config.upstream_timeout);
         for sock in pool.all() {
+            let mut hedges = Vec::new();
             let expired: Vec<Pending> = {
                 let mut table = lock(&sock.pending);
                 let ids: Vec<u16> = table
@@ -558,11 +645,35 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
                     .filter(|(_, p)| p.deadline <= now)
                     .map(|(id, _)| *id)
                     .collect();
+                // Slow ones get a second copy to another upstream.
+                for p in table.values_mut() {
+                    if p.may_retry
+                        && p.deadline > now
+                        && now.saturating_duration_since(p.sent) >= slow
+                    {
+                        p.may_retry = false;
+                        let hedge = Arc::new(Hedge {
+                            done: AtomicBool::new(false),
+                            waiting: AtomicU8::new(2),
+                        });
+                        p.hedge = Some(hedge.clone());
+                        hedges.push((Resend::of(p), hedge));
+                    }
+                }
                 ids.iter().filter_map(|id| table.remove(id)).collect()
             };
+            for (copy, hedge) in hedges {
+                if !pool.resend(copy, Some(hedge.clone())).await {
+                    // No second copy: the first is alone again.
+                    hedge.waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
                 shared.upstreams.failed(p.upstream, now);
+                if !p.last_to_fail() {
+                    continue;
+                }
                 let Some(p) = pool.retry(p).await else {
                     continue;
                 };

@@ -1366,24 +1366,19 @@ fn answering_upstream(sock: Arc<UdpSocket>) -> Arc<std::sync::atomic::AtomicUsiz
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
-    // Two upstreams the policy allows (both are kube-dns), on the same port: one answers,
-    // the other is silent.
-    let good = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let good_addr = good.local_addr().unwrap();
-    let silent_addr: SocketAddr = format!("127.0.0.5:{}", good_addr.port()).parse().unwrap();
-    let silent = Arc::new(UdpSocket::bind(silent_addr).await.unwrap());
-    let answered_by_good = answering_upstream(good);
-    let snapshot = two_kube_dns_snapshot(good_addr.port(), "127.0.0.5");
+async fn when_both_copies_of_a_hedged_query_fail_the_client_gets_one_servfail() {
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.8:{}", a_addr.port()).parse().unwrap();
+    let _b = UdpSocket::bind(b_addr).await.unwrap();
     let timeout = Duration::from_millis(300);
-    let cfg = DnsConfig {
-        upstreams: vec![silent_addr, good_addr],
-        upstream_timeout: timeout,
-        ..dns_config(good_addr)
-    };
     let proxy = Proxy::start(
-        cfg,
-        snapshot,
+        DnsConfig {
+            upstreams: vec![a_addr, b_addr],
+            upstream_timeout: timeout,
+            ..dns_config(a_addr)
+        },
+        two_kube_dns_snapshot(a_addr.port(), "127.0.0.8"),
         Arc::new(NoopSink),
         ProxyMetrics::default(),
         flow_log(),
@@ -1391,27 +1386,77 @@ async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
     .await
     .unwrap();
     let at = proxy.udp_addrs()[0];
-    // Round robin: every other query goes to the silent one, until it has left three
-    // queries unanswered. Each of those is asked again of the other upstream when it
-    // times out: slow, but answered.
-    let mut slow = 0;
-    for id in 0..12u16 {
-        let started = Instant::now();
-        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
-            .await
-            .unwrap();
-        assert_eq!(rcode(&r), 0, "query {id} answered");
-        if started.elapsed() >= timeout {
-            slow += 1;
-        }
+    let client = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    client
+        .send_to(&msg::query(7, "api.example.com", 1), at)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), client.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(rcode(&buf[..n]), 2, "SERVFAIL once both copies timed out");
+    let m = &proxy.shared().metrics;
+    assert_eq!(m.upstream_retries.get(), 1, "one second copy");
+    // Exactly one answer, and the query no longer counts as in flight.
+    let again = tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await;
+    assert!(again.is_err(), "a second answer arrived");
+    assert_eq!(proxy.shared().in_flight(), 0);
+    assert_eq!(m.upstream_timeouts.get(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    // Two upstreams the policy allows (both are kube-dns), on the same port: one answers,
+    // the other counts what it gets and answers only once told to.
+    let good = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let good_addr = good.local_addr().unwrap();
+    let silent_addr: SocketAddr = format!("127.0.0.5:{}", good_addr.port()).parse().unwrap();
+    let silent = UdpSocket::bind(silent_addr).await.unwrap();
+    let answered_by_good = answering_upstream(good);
+    let reached_silent = Arc::new(AtomicUsize::new(0));
+    let wakes = Arc::new(AtomicBool::new(false));
+    {
+        let (reached, wakes) = (reached_silent.clone(), wakes.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = silent.recv_from(&mut buf).await {
+                reached.fetch_add(1, SeqCst);
+                if wakes.load(SeqCst) {
+                    let r = msg::response(
+                        &buf[..n],
+                        0,
+                        &[msg::a("api.example.com", 60, [192, 0, 2, 1])],
+                        &[],
+                    );
+                    let _ = silent.send_to(&r, from).await;
+                }
+            }
+        });
     }
-    assert_eq!(
-        slow, 3,
-        "three timeouts mark it down, then it is passed over"
-    );
-    assert_eq!(proxy.shared().metrics.upstreams_down.get(), 1);
-    assert_eq!(proxy.shared().metrics.upstream_timeouts.get(), 3);
-    for id in 20..30u16 {
+    let timeout = Duration::from_secs(1);
+    let cfg = DnsConfig {
+        upstreams: vec![silent_addr, good_addr],
+        upstream_timeout: timeout,
+        ..dns_config(good_addr)
+    };
+    let proxy = Proxy::start(
+        cfg,
+        two_kube_dns_snapshot(good_addr.port(), "127.0.0.5"),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    let at = proxy.udp_addrs()[0];
+    let m = &proxy.shared().metrics;
+    // Round robin sends every other query to the silent one. Each of those gets a second
+    // copy to the other upstream after a fifth of the timeout: answered, well before the
+    // timeout.
+    for id in 0..8u16 {
         let started = Instant::now();
         let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
             .await
@@ -1419,24 +1464,50 @@ async fn a_silent_upstream_is_passed_over_until_it_answers_a_probe() {
         assert_eq!(rcode(&r), 0, "query {id} answered");
         assert!(
             started.elapsed() < timeout,
-            "query {id} did not wait for the silent one"
+            "query {id} waited {:?}",
+            started.elapsed()
         );
     }
-    // It comes back: after the one-second back-off a probe reaches it, and it is used
-    // again.
-    let _ = answering_upstream(silent);
+    assert!(
+        m.upstream_retries.get() >= 3,
+        "{}",
+        m.upstream_retries.get()
+    );
+    // Once three of its queries have timed out, it is marked down...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.upstreams_down.get() != 1 {
+        assert!(Instant::now() < deadline, "never marked down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and passed over: nothing more reaches it.
+    let reached = reached_silent.load(SeqCst);
+    for id in 20..30u16 {
+        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
+            .await
+            .unwrap();
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+    }
+    assert_eq!(
+        reached_silent.load(SeqCst),
+        reached,
+        "a down upstream got queries"
+    );
+    // It comes back: after the one-second back-off a probe reaches it, it answers, and it
+    // is used again.
+    wakes.store(true, SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let before = answered_by_good.load(std::sync::atomic::Ordering::SeqCst);
+    let before = answered_by_good.load(SeqCst);
     for id in 40..50u16 {
         let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
             .await
             .unwrap();
         assert_eq!(rcode(&r), 0, "query {id} answered");
     }
-    let by_good = answered_by_good.load(std::sync::atomic::Ordering::SeqCst) - before;
+    let by_good = answered_by_good.load(SeqCst) - before;
     assert!(
         by_good < 10,
         "the recovered upstream took some of them ({by_good} of 10 went to the other)"
     );
-    assert_eq!(proxy.shared().metrics.upstreams_down.get(), 0);
+    assert_eq!(m.upstreams_down.get(), 0);
+    assert_eq!(proxy.shared().in_flight(), 0, "every query left once");
 }
