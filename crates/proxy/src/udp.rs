@@ -398,8 +398,14 @@ struct Outbound {
 }
 
 /// Sends the registered queries (batch index and where it goes), one `sendmmsg` per run
-/// of queries sharing a socket. A query that cannot be sent is answered SERVFAIL.
-async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outbound)]) {
+/// of queries sharing a socket. A query that cannot be sent is asked of another upstream
+/// (see [`UpstreamPool::retry`]), or answered SERVFAIL.
+async fn send_queries(
+    shared: &Shared,
+    pool: &UpstreamPool,
+    batch: &Batch,
+    queries: &[(usize, Outbound)],
+) {
     let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = queries
         .iter()
         .map(|(i, o)| {
@@ -415,7 +421,9 @@ async fn send_queries(shared: &Shared, batch: &Batch, queries: &[(usize, Outboun
         shared.upstreams.failed(o.upstream, Instant::now());
         let p = lock(&o.sock.pending).remove(&o.id);
         if let Some(p) = p {
-            fail(shared, &p, Rcode::ServFail).await;
+            if let Some(p) = pool.retry(p).await {
+                fail(shared, &p, Rcode::ServFail).await;
+            }
         }
     }
 }
@@ -761,7 +769,7 @@ async fn handle_batch<'r>(
         send_to_clients(&msgs).await;
     }
     if !queries.is_empty() {
-        send_queries(shared, batch, &queries).await;
+        send_queries(shared, pool, batch, &queries).await;
     }
 }
 
