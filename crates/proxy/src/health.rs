@@ -77,10 +77,15 @@ impl Health {
     /// Whether a query may go to `server` now. A down upstream whose back-off is over
     /// takes this query as its probe (and no other until the probe's outcome is known or
     /// it times out). Upstreams not configured are always usable.
-    pub(crate) fn try_use(&self, server: SocketAddr, now: Instant) -> bool {
+    pub(crate) fn try_use(&self, server: SocketAddr) -> bool {
         if self.troubled.load(Ordering::Relaxed) == 0 {
             return true;
         }
+        self.try_use_at(server, Instant::now())
+    }
+
+    /// [`Self::try_use`] at `now`.
+    fn try_use_at(&self, server: SocketAddr, now: Instant) -> bool {
         let Some(i) = self.index(server) else {
             return true;
         };
@@ -194,18 +199,18 @@ mod tests {
         for _ in 0..MAX_FAILS - 1 {
             h.failed(addr(1), t0);
         }
-        assert!(h.try_use(addr(1), t0), "not down before MAX_FAILS");
+        assert!(h.try_use_at(addr(1), t0), "not down before MAX_FAILS");
         h.failed(addr(1), t0);
         assert_eq!(h.down.get(), 1);
-        assert!(!h.try_use(addr(1), t0));
-        assert!(h.try_use(addr(2), t0), "the other upstream is untouched");
+        assert!(!h.try_use_at(addr(1), t0));
+        assert!(h.try_use_at(addr(2), t0), "the other upstream is untouched");
         // The back-off is over: one probe, then nothing until it is answered.
         let t1 = t0 + FIRST_BACKOFF;
-        assert!(h.try_use(addr(1), t1));
-        assert!(!h.try_use(addr(1), t1));
+        assert!(h.try_use_at(addr(1), t1));
+        assert!(!h.try_use_at(addr(1), t1));
         h.answered(addr(1));
         assert_eq!(h.down.get(), 0);
-        assert!(h.try_use(addr(1), t1));
+        assert!(h.try_use_at(addr(1), t1));
         assert_eq!(h.troubled.load(Ordering::Relaxed), 0, "fast path again");
     }
 
@@ -225,19 +230,19 @@ mod tests {
             h.failed(addr(1), now);
         }
         assert!(
-            h.try_use(addr(1), now + FIRST_BACKOFF),
+            h.try_use_at(addr(1), now + FIRST_BACKOFF),
             "back-off still 1 s"
         );
         now += FIRST_BACKOFF;
         h.failed(addr(1), now);
         let mut backoff = FIRST_BACKOFF * 2;
         now += backoff;
-        assert!(!h.try_use(addr(1), now - Duration::from_millis(1)));
+        assert!(!h.try_use_at(addr(1), now - Duration::from_millis(1)));
         for _ in 0..10 {
-            assert!(h.try_use(addr(1), now), "probe due after {backoff:?}");
+            assert!(h.try_use_at(addr(1), now), "probe due after {backoff:?}");
             h.failed(addr(1), now);
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            assert!(!h.try_use(addr(1), now + backoff - Duration::from_millis(1)));
+            assert!(!h.try_use_at(addr(1), now + backoff - Duration::from_millis(1)));
             now += backoff;
         }
         assert_eq!(backoff, MAX_BACKOFF);
@@ -277,9 +282,9 @@ mod tests {
             h.failed(addr(1), t0);
         }
         let t1 = t0 + FIRST_BACKOFF;
-        assert!(h.try_use(addr(1), t1));
-        assert!(!h.try_use(addr(1), t1 + Duration::from_millis(99)));
-        assert!(h.try_use(addr(1), t1 + Duration::from_millis(100)));
+        assert!(h.try_use_at(addr(1), t1));
+        assert!(!h.try_use_at(addr(1), t1 + Duration::from_millis(99)));
+        assert!(h.try_use_at(addr(1), t1 + Duration::from_millis(100)));
     }
 
     #[test]
@@ -290,9 +295,9 @@ mod tests {
         h.failed(addr(1), now);
         h.answered(addr(1));
         h.failed(addr(1), now);
-        assert!(h.try_use(addr(1), now), "one failure since the answer");
+        assert!(h.try_use_at(addr(1), now), "one failure since the answer");
         assert_eq!(h.down.get(), 0);
         h.failed(addr(9), now);
-        assert!(h.try_use(addr(9), now));
+        assert!(h.try_use_at(addr(9), now));
     }
 }

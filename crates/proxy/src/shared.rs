@@ -280,7 +280,6 @@ impl Shared {
         // Allowed, but marked down: used only when no allowed server is up.
         let mut fallback = None;
         let mut denied = None;
-        let now = Instant::now();
         for k in 0..servers.len() {
             let Some(&server) = servers.get(start.wrapping_add(k) % servers.len()) else {
                 continue;
@@ -288,7 +287,7 @@ impl Shared {
             let verdict = snapshot.decide(client.ip(), server, protocol, &query);
             match verdict.deny {
                 None => {
-                    if servers.len() > 1 && !self.upstreams.try_use(server, now) {
+                    if servers.len() > 1 && !self.upstreams.try_use(server) {
                         if fallback.is_none() {
                             fallback = Some((server, verdict));
                         }
@@ -371,13 +370,12 @@ impl Shared {
         protocol: Protocol,
     ) -> Option<(SocketAddr, bool)> {
         let snapshot = self.snapshot.load();
-        let now = Instant::now();
         self.config.upstreams.iter().find_map(|&server| {
             if server == failed {
                 return None;
             }
             let verdict = snapshot.decide(client, server, protocol, query);
-            (verdict.deny.is_none() && self.upstreams.try_use(server, now))
+            (verdict.deny.is_none() && self.upstreams.try_use(server))
                 .then_some((server, verdict.learn))
         })
     }
