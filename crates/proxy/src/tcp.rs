@@ -239,9 +239,8 @@ async fn connection(
                 let shared = shared.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let retry = several;
                     let reply = forward(
-                        &shared, msg, &query, learn, client, upstream, received, retry,
+                        &shared, msg, &query, learn, client, upstream, received, several,
                     )
                     .await;
                     shared.leave(client.ip());
@@ -285,6 +284,7 @@ async fn forward(
                 shared.alternative(client.ip(), upstream, query, Protocol::Tcp)
             {
                 debug!(from = %upstream, to = %other, "TCP query asked again of another upstream");
+                shared.metrics.upstream_retries.inc();
                 answer = attempt(shared, msg, &question, learn, client, other, received).await;
             }
         }
