@@ -188,13 +188,21 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// Two upstreams, 127.0.0.1:1 and :2, with this probe timeout.
+    fn two(probe_timeout: Duration) -> Health {
+        Health::new(&[addr(1), addr(2)], probe_timeout, Gauge::default())
+    }
+
+    /// `server` leaves [`MAX_FAILS`] queries unanswered at `now`: marked down.
+    fn mark_down(h: &Health, server: SocketAddr, now: Instant) {
+        for _ in 0..MAX_FAILS {
+            h.failed(server, now);
+        }
+    }
+
     #[test]
     fn marked_down_after_max_fails_and_back_after_an_answered_probe() {
-        let h = Health::new(
-            &[addr(1), addr(2)],
-            Duration::from_secs(5),
-            Gauge::default(),
-        );
+        let h = two(Duration::from_secs(5));
         let t0 = Instant::now();
         for _ in 0..MAX_FAILS - 1 {
             h.failed(addr(1), t0);
@@ -216,15 +224,9 @@ mod tests {
 
     #[test]
     fn a_failed_probe_doubles_the_backoff_up_to_the_cap() {
-        let h = Health::new(
-            &[addr(1), addr(2)],
-            Duration::from_millis(100),
-            Gauge::default(),
-        );
+        let h = two(Duration::from_millis(100));
         let mut now = Instant::now();
-        for _ in 0..MAX_FAILS {
-            h.failed(addr(1), now);
-        }
+        mark_down(&h, addr(1), now);
         // Queries sent before it was marked down time out later: no change.
         for _ in 0..50 {
             h.failed(addr(1), now);
@@ -251,15 +253,9 @@ mod tests {
 
     #[test]
     fn the_report_names_each_upstream_with_its_state() {
-        let h = Health::new(
-            &[addr(1), addr(2)],
-            Duration::from_secs(5),
-            Gauge::default(),
-        );
+        let h = two(Duration::from_secs(5));
         let now = Instant::now();
-        for _ in 0..MAX_FAILS {
-            h.failed(addr(2), now);
-        }
+        mark_down(&h, addr(2), now);
         h.failed(addr(1), now);
         assert_eq!(
             serde_json::Value::from(h.report()),
@@ -272,15 +268,9 @@ mod tests {
 
     #[test]
     fn an_unanswered_probe_lets_another_through_after_the_probe_timeout() {
-        let h = Health::new(
-            &[addr(1), addr(2)],
-            Duration::from_millis(100),
-            Gauge::default(),
-        );
+        let h = two(Duration::from_millis(100));
         let t0 = Instant::now();
-        for _ in 0..MAX_FAILS {
-            h.failed(addr(1), t0);
-        }
+        mark_down(&h, addr(1), t0);
         let t1 = t0 + FIRST_BACKOFF;
         assert!(h.try_use_at(addr(1), t1));
         assert!(!h.try_use_at(addr(1), t1 + Duration::from_millis(99)));

@@ -467,7 +467,7 @@ async fn a_perfectly_forged_answer_from_another_address_never_reaches_the_client
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_back_from_the_dead_is_used_at_once() {
     // The upstream's port is closed: the kernel answers the proxy's queries with ICMP
-    // port unreachable, which its connected sockets report on their next send.
+    // port unreachable, which its connected sockets report.
     let (up, addr) = scripted_upstream().await;
     drop(up);
     let cfg = DnsConfig {
@@ -487,19 +487,7 @@ async fn an_upstream_back_from_the_dead_is_used_at_once() {
         );
     }
     // Back, on the same port: every query is answered by it.
-    let up = UdpSocket::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = up.recv_from(&mut buf).await {
-            let r = msg::response(
-                &buf[..n],
-                0,
-                &[msg::a("api.example.com", 60, [192, 0, 2, 1])],
-                &[],
-            );
-            let _ = up.send_to(&r, from).await;
-        }
-    });
+    let _ = answering_upstream(Arc::new(UdpSocket::bind(addr).await.unwrap()));
     for id in 10..18 {
         let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
         assert_eq!(reply.map(|r| rcode(&r)), Some(0), "query {id} answered");
@@ -542,19 +530,12 @@ async fn with_two_upstreams_a_closed_port_costs_no_query_an_answer() {
     let good_addr = good.local_addr().unwrap();
     let closed_addr: SocketAddr = format!("127.0.0.6:{}", good_addr.port()).parse().unwrap();
     let answered = answering_upstream(good);
-    let proxy = Proxy::start(
-        DnsConfig {
-            upstreams: vec![closed_addr, good_addr],
-            upstream_timeout: Duration::from_secs(5),
-            ..dns_config(good_addr)
-        },
-        two_kube_dns_snapshot(good_addr.port(), "127.0.0.6"),
-        Arc::new(NoopSink),
-        ProxyMetrics::default(),
-        flow_log(),
+    let proxy = start_two(
+        [closed_addr, good_addr],
+        "127.0.0.6",
+        Duration::from_secs(5),
     )
-    .await
-    .unwrap();
+    .await;
     let at = proxy.udp_addrs()[0];
     for id in 0..10u16 {
         let started = Instant::now();
@@ -863,18 +844,12 @@ async fn over_tcp_a_refused_upstream_is_passed_over_and_its_query_asked_again() 
     // Two allowed upstreams on the same port; nothing listens on the first.
     let (good, accepted) = tcp_upstream_counting().await;
     let refused: SocketAddr = format!("127.0.0.7:{}", good.port()).parse().unwrap();
-    let proxy = Proxy::start(
-        DnsConfig {
-            upstreams: vec![refused, good],
-            ..dns_config(good)
-        },
-        two_kube_dns_snapshot(good.port(), "127.0.0.7"),
-        Arc::new(NoopSink),
-        ProxyMetrics::default(),
-        flow_log(),
+    let proxy = start_two(
+        [refused, good],
+        "127.0.0.7",
+        DnsConfig::default().upstream_timeout,
     )
-    .await
-    .unwrap();
+    .await;
     for id in 0..8u16 {
         let mut s = tcp_from("127.0.0.2", proxy.tcp_addrs()[0]).await.unwrap();
         tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
@@ -1344,6 +1319,25 @@ fn two_kube_dns_snapshot(port: u16, second: &str) -> Snapshot {
     )
 }
 
+/// A proxy whose two upstreams, `upstreams`, are both kube-dns (see
+/// [`two_kube_dns_snapshot`]): 127.0.0.1 and `second`, on the same port.
+async fn start_two(upstreams: [SocketAddr; 2], second: &str, upstream_timeout: Duration) -> Proxy {
+    let port = upstreams[0].port();
+    Proxy::start(
+        DnsConfig {
+            upstreams: upstreams.to_vec(),
+            upstream_timeout,
+            ..dns_config(upstreams[0])
+        },
+        two_kube_dns_snapshot(port, second),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap()
+}
+
 /// A scripted upstream on `sock` that answers every query for `api.example.com` with
 /// 192.0.2.1 and counts the queries it answered.
 fn answering_upstream(sock: Arc<UdpSocket>) -> Arc<std::sync::atomic::AtomicUsize> {
@@ -1372,19 +1366,7 @@ async fn when_both_copies_of_a_hedged_query_fail_the_client_gets_one_servfail() 
     let b_addr: SocketAddr = format!("127.0.0.8:{}", a_addr.port()).parse().unwrap();
     let _b = UdpSocket::bind(b_addr).await.unwrap();
     let timeout = Duration::from_millis(300);
-    let proxy = Proxy::start(
-        DnsConfig {
-            upstreams: vec![a_addr, b_addr],
-            upstream_timeout: timeout,
-            ..dns_config(a_addr)
-        },
-        two_kube_dns_snapshot(a_addr.port(), "127.0.0.8"),
-        Arc::new(NoopSink),
-        ProxyMetrics::default(),
-        flow_log(),
-    )
-    .await
-    .unwrap();
+    let proxy = start_two([a_addr, b_addr], "127.0.0.8", timeout).await;
     let at = proxy.udp_addrs()[0];
     let client = UdpSocket::bind("127.0.0.2:0").await.unwrap();
     client
@@ -1437,20 +1419,7 @@ async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() 
         });
     }
     let timeout = Duration::from_secs(1);
-    let cfg = DnsConfig {
-        upstreams: vec![silent_addr, good_addr],
-        upstream_timeout: timeout,
-        ..dns_config(good_addr)
-    };
-    let proxy = Proxy::start(
-        cfg,
-        two_kube_dns_snapshot(good_addr.port(), "127.0.0.5"),
-        Arc::new(NoopSink),
-        ProxyMetrics::default(),
-        flow_log(),
-    )
-    .await
-    .unwrap();
+    let proxy = start_two([silent_addr, good_addr], "127.0.0.5", timeout).await;
     let at = proxy.udp_addrs()[0];
     let m = &proxy.shared().metrics;
     // Round robin sends every other query to the silent one. Each of those gets a second
