@@ -74,6 +74,12 @@ impl Health {
         self.states.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `f` on `server`'s state; `None` when it is not a configured upstream.
+    fn with_state<R>(&self, server: SocketAddr, f: impl FnOnce(&mut State) -> R) -> Option<R> {
+        let i = self.index(server)?;
+        self.states().get_mut(i).map(f)
+    }
+
     /// Whether a query may go to `server` now. A down upstream whose back-off is over
     /// takes this query as its probe (and no other until the probe's outcome is known or
     /// it times out). Upstreams not configured are always usable.
@@ -86,14 +92,7 @@ impl Health {
 
     /// [`Self::try_use`] at `now`.
     fn try_use_at(&self, server: SocketAddr, now: Instant) -> bool {
-        let Some(i) = self.index(server) else {
-            return true;
-        };
-        let mut states = self.states();
-        let Some(state) = states.get_mut(i) else {
-            return true;
-        };
-        match state.down_until {
+        self.with_state(server, |state| match state.down_until {
             None => true,
             Some(at) if now >= at => {
                 // The probe: no other query until it is answered or times out.
@@ -102,7 +101,8 @@ impl Health {
                 true
             }
             Some(_) => false,
-        }
+        })
+        .unwrap_or(true)
     }
 
     /// Each configured upstream with its state, for `dnsfence status`: `up` or `down`,
@@ -127,56 +127,46 @@ impl Health {
         if self.troubled.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let Some(i) = self.index(server) else {
-            return;
-        };
-        let mut states = self.states();
-        let Some(state) = states.get_mut(i) else {
-            return;
-        };
-        if state.fails == 0 {
-            return;
-        }
-        if state.down_until.is_some() {
-            self.down.dec();
-            info!(upstream = %server, "upstream answers again; back in use");
-        }
-        *state = State::default();
-        self.troubled.fetch_sub(1, Ordering::Relaxed);
+        self.with_state(server, |state| {
+            if state.fails == 0 {
+                return;
+            }
+            if state.down_until.is_some() {
+                self.down.dec();
+                info!(upstream = %server, "upstream answers again; back in use");
+            }
+            *state = State::default();
+            self.troubled.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// A query to `server` went unanswered (timed out or could not be sent).
     pub(crate) fn failed(&self, server: SocketAddr, now: Instant) {
-        let Some(i) = self.index(server) else {
-            return;
-        };
-        let mut states = self.states();
-        let Some(state) = states.get_mut(i) else {
-            return;
-        };
-        if state.fails == 0 {
-            self.troubled.fetch_add(1, Ordering::Relaxed);
-        }
-        state.fails = state.fails.saturating_add(1);
-        if state.down_until.is_some() {
-            // The probe failed (or, seldom, a query sent before the upstream was marked
-            // down timed out while the probe was out). Other failures while down are
-            // queries sent before it was marked down: they change nothing.
-            if state.probing {
-                state.probing = false;
-                state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
-                state.down_until = Some(now + state.backoff);
+        self.with_state(server, |state| {
+            if state.fails == 0 {
+                self.troubled.fetch_add(1, Ordering::Relaxed);
             }
-        } else if state.fails >= MAX_FAILS {
-            state.backoff = FIRST_BACKOFF;
-            state.down_until = Some(now + FIRST_BACKOFF);
-            self.down.inc();
-            warn!(
-                upstream = %server,
-                unanswered = state.fails,
-                "upstream marked down; queries go to the other upstreams until it answers a probe"
-            );
-        }
+            state.fails = state.fails.saturating_add(1);
+            if state.down_until.is_some() {
+                // The probe failed (or, seldom, a query sent before the upstream was marked
+                // down timed out while the probe was out). Other failures while down are
+                // queries sent before it was marked down: they change nothing.
+                if state.probing {
+                    state.probing = false;
+                    state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+                    state.down_until = Some(now + state.backoff);
+                }
+            } else if state.fails >= MAX_FAILS {
+                state.backoff = FIRST_BACKOFF;
+                state.down_until = Some(now + FIRST_BACKOFF);
+                self.down.inc();
+                warn!(
+                    upstream = %server,
+                    unanswered = state.fails,
+                    "upstream marked down; queries go to the other upstreams until it answers a probe"
+                );
+            }
+        });
     }
 }
 
