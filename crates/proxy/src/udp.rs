@@ -531,17 +531,31 @@ async fn unreachable(shared: &Shared, pool: &UpstreamPool, sock: &UpstreamSocket
     let now = Instant::now();
     for p in waiting {
         shared.metrics.upstream_errors.inc();
-        shared.upstreams.failed(p.upstream, now);
-        if !p.last_to_fail() {
-            continue;
-        }
-        let Some(p) = pool.retry(p).await else {
-            continue;
-        };
-        debug!(upstream = %p.upstream, client = %p.client, "upstream unreachable; answering SERVFAIL");
-        shared.flows.push(failure_flow(shared, &p, "unreachable"));
-        fail(shared, &p, Rcode::ServFail).await;
+        upstream_failed(shared, pool, p, now, "unreachable").await;
     }
+}
+
+/// A copy of a query got no answer from its upstream (`verdict`: `timeout` or
+/// `unreachable`): counted against the upstream's health; unless the other copy of a
+/// hedged query is still waiting or has answered, asked of another upstream, or else
+/// answered SERVFAIL.
+async fn upstream_failed(
+    shared: &Shared,
+    pool: &UpstreamPool,
+    p: Pending,
+    now: Instant,
+    verdict: &'static str,
+) {
+    shared.upstreams.failed(p.upstream, now);
+    if !p.last_to_fail() {
+        return;
+    }
+    let Some(p) = pool.retry(p).await else {
+        return;
+    };
+    debug!(upstream = %p.upstream, client = %p.client, verdict, "upstream failed; answering SERVFAIL");
+    shared.flows.push(failure_flow(shared, &p, verdict));
+    fail(shared, &p, Rcode::ServFail).await;
 }
 
 /// The flow event of a query that got SERVFAIL because its upstream failed (`verdict`:
@@ -678,15 +692,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
             }
             for p in expired {
                 shared.metrics.upstream_timeouts.inc();
-                shared.upstreams.failed(p.upstream, now);
-                if !p.last_to_fail() {
-                    continue;
-                }
-                let Some(p) = pool.retry(p).await else {
-                    continue;
-                };
-                shared.flows.push(failure_flow(&shared, &p, "timeout"));
-                fail(&shared, &p, Rcode::ServFail).await;
+                upstream_failed(&shared, &pool, p, now, "timeout").await;
             }
         }
     }
