@@ -26,6 +26,7 @@ const KNOWN: &[&str] = &[
     "dnsfence_dns_learned_names",
     "dnsfence_dns_learned_ips",
     "dnsfence_dns_upstreams_down",
+    "dnsfence_dns_upstream_sockets",
     // The datapath (`dnsfence run`, `dnsfence proxy --agent`).
     "dnsfence_datapath_batches_total",
     "dnsfence_datapath_elements_total",

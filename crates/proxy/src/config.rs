@@ -315,6 +315,14 @@ pub struct DnsConfig {
     /// When an upstream has not answered, SERVFAIL (default `5s`; 1 ms to 1 h).
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
+    /// How long an upstream UDP source port serves: each upstream's sockets are replaced
+    /// by fresh ones on new random ports in turn, so none is used longer than this
+    /// (default `1m`; 100 ms to 1 day). The ports a spoofer must guess keep changing.
+    #[serde(
+        default = "default_upstream_port_lifetime",
+        deserialize_with = "duration"
+    )]
+    pub upstream_port_lifetime: Duration,
     /// Queries in flight per client endpoint; more are answered SERVFAIL (default 256).
     #[serde(default = "default_max_inflight")]
     pub max_inflight_per_client: u32,
@@ -344,6 +352,7 @@ impl Default for DnsConfig {
             max_ips_per_name: default_max_ips(),
             response_max_delay: default_response_max_delay(),
             upstream_timeout: default_upstream_timeout(),
+            upstream_port_lifetime: default_upstream_port_lifetime(),
             max_inflight_per_client: default_max_inflight(),
             tcp_idle_timeout: default_tcp_idle(),
             drain_timeout: default_drain(),
@@ -411,6 +420,9 @@ fn default_response_max_delay() -> Duration {
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_upstream_port_lifetime() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_inflight() -> u32 {
     256
@@ -507,6 +519,11 @@ const DURATION_LIMITS: &[(&str, Duration, Duration)] = &[
         Duration::from_secs(10),
     ),
     ("dns.upstream_timeout", Duration::from_millis(1), HOUR),
+    (
+        "dns.upstream_port_lifetime",
+        Duration::from_millis(100),
+        Duration::from_secs(86_400),
+    ),
     ("dns.tcp_idle_timeout", Duration::from_millis(1), HOUR),
     ("dns.drain_timeout", Duration::ZERO, HOUR),
 ];
@@ -585,6 +602,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "max_ips_per_name",
             "response_max_delay",
             "upstream_timeout",
+            "upstream_port_lifetime",
             "max_inflight_per_client",
             "tcp_idle_timeout",
             "drain_timeout",
@@ -818,6 +836,7 @@ impl Config {
             ("dns.max_ttl", dns.max_ttl),
             ("dns.response_max_delay", dns.response_max_delay),
             ("dns.upstream_timeout", dns.upstream_timeout),
+            ("dns.upstream_port_lifetime", dns.upstream_port_lifetime),
             ("dns.tcp_idle_timeout", dns.tcp_idle_timeout),
             ("dns.drain_timeout", dns.drain_timeout),
         ] {

@@ -122,6 +122,9 @@ pub struct ProxyMetrics {
     pub tcp_write_timeouts: Counter,
     /// Configured upstreams marked down (passed over until they answer a probe).
     pub upstreams_down: Gauge,
+    /// Open upstream UDP sockets: those in use, and replaced ones still waiting for
+    /// answers (see `dns.upstream_port_lifetime`).
+    pub upstream_sockets: Gauge,
     /// Seconds from a query's arrival to its answer leaving, for forwarded queries.
     pub latency_total: Histogram,
     /// Seconds the upstream took.
@@ -189,6 +192,7 @@ impl Default for ProxyMetrics {
             tcp_refused: Counter::default(),
             tcp_write_timeouts: Counter::default(),
             upstreams_down: Gauge::default(),
+            upstream_sockets: Gauge::default(),
             latency_total: latency(),
             latency_upstream: latency(),
             latency_hold: latency(),
@@ -256,6 +260,11 @@ impl ProxyMetrics {
             "upstreams_down",
             "Configured upstreams passed over because they stopped answering",
             m.upstreams_down.clone(),
+        );
+        r.register(
+            "upstream_sockets",
+            "Open upstream UDP sockets, in use or draining after their source port was replaced",
+            m.upstream_sockets.clone(),
         );
         r.register(
             "answers_rejected",

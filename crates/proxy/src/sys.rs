@@ -182,7 +182,9 @@ impl Batch {
     /// batch size) with one system call. Returns how many arrived.
     ///
     /// A pending socket error wakes it too and is returned: on a connected socket,
-    /// `ConnectionRefused` says the server's port was unreachable (ICMP).
+    /// `ConnectionRefused` says the server's port was unreachable (ICMP). Once the
+    /// socket is [`shut`] and its queue is empty, it returns an error [`is_shut`]
+    /// recognises.
     pub(crate) async fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         let fd = socket.as_raw_fd();
         loop {
@@ -245,11 +247,31 @@ impl Batch {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !got.is_empty() => {
                     return Ok(got.len())
                 }
+                // Shut: nothing more will arrive, and the readiness stays set.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                    return Err(io::Error::new(SHUT, "the socket was shut down"))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// The error kind [`Batch::recv`] reports for a [`shut`] socket.
+const SHUT: io::ErrorKind = io::ErrorKind::UnexpectedEof;
+
+/// Whether `e`, from [`Batch::recv`], says the socket was [`shut`].
+pub(crate) fn is_shut(e: &io::Error) -> bool {
+    e.kind() == SHUT
+}
+
+/// Shuts a UDP socket down, which wakes a task waiting in [`Batch::recv`] on it and ends
+/// its receiving. The descriptor closes when the socket is dropped.
+pub(crate) fn shut(socket: &UdpSocket) {
+    // An unconnected socket reports `ENOTCONN`, yet is shut down all the same (the kernel
+    // marks it and wakes its waiters).
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
 }
 
 /// The original destination a control message carries, if it is one.
@@ -344,6 +366,13 @@ pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
     };
     socket.bind(&any.into())?;
     socket.connect(&upstream.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A UDP socket on an ephemeral port of `any` (the unspecified address of a family).
+pub(crate) fn unconnected_udp(any: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = nonblocking(any, Type::DGRAM, Protocol::UDP)?;
+    socket.bind(&any.into())?;
     UdpSocket::from_std(socket.into())
 }
 

@@ -7,11 +7,18 @@
 //! random ID it gave them. An answer is accepted only from the server that was
 //! queried, for a pending ID, with the same question; anything else is counted and
 //! ignored, so a spoofed answer can neither reach the client nor teach IPs.
+//!
+//! Source ports do not stay: every socket is replaced by one on a fresh random port after
+//! `dns.upstream_port_lifetime`, one socket of a set at a time. A replaced socket only
+//! waits for the answers it is owed, then closes; a spoofer who learned a port has until
+//! then.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use prometheus_client::metrics::gauge::Gauge;
 use std::time::{Duration, Instant};
 
 use dnsfence_dns::{parse_query, wire, ParsedQuery, Query, Rcode};
@@ -154,16 +161,34 @@ struct UpstreamSocket {
     connected: bool,
     /// Keyed by the random IDs the proxy chose (foldhash: cheap, and nobody else picks the keys).
     pending: Mutex<foldhash::HashMap<u16, Pending>>,
+    /// When a socket on a fresh port takes its place.
+    replace_at: Instant,
+    /// Open upstream sockets (the metric), one less when this one closes.
+    open: Gauge,
 }
+
+impl Drop for UpstreamSocket {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A server's sockets (or a family's unconnected ones), used in turn.
+type SocketSet = Arc<[Arc<UpstreamSocket>]>;
 
 /// Sockets that send queries upstream and receive their answers.
 pub(crate) struct UpstreamPool {
     shared: Arc<Shared>,
     /// Connected sockets by server, created on first use (empty: connecting failed, the
     /// server's queries use the unconnected sockets).
-    connected: Mutex<foldhash::HashMap<SocketAddr, Arc<[Arc<UpstreamSocket>]>>>,
-    v4: Vec<Arc<UpstreamSocket>>,
-    v6: Vec<Arc<UpstreamSocket>>,
+    connected: Mutex<foldhash::HashMap<SocketAddr, SocketSet>>,
+    /// Unconnected sockets, by family (IPv6 ones only when the host has IPv6).
+    v4: Mutex<SocketSet>,
+    v6: Mutex<SocketSet>,
+    /// Sockets replaced by ones on fresh ports, until their last query is done.
+    draining: Mutex<Vec<Arc<UpstreamSocket>>>,
+    /// When a socket could last not be replaced (warnings at most once a minute).
+    warned: Mutex<Option<Instant>>,
     next: AtomicUsize,
     /// The pool itself, for the receive tasks it starts (they retry failed queries).
     me: Weak<Self>,
@@ -176,28 +201,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl UpstreamPool {
     /// Binds the sockets and starts their receive tasks and the timeout sweeper.
     pub(crate) async fn start(shared: Arc<Shared>) -> io::Result<Arc<Self>> {
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
-        for _ in 0..POOL {
-            v4.push(Arc::new(UpstreamSocket::new(
-                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
-                false,
-            )));
-            // IPv6 may be disabled on the host; IPv4 upstreams still work.
-            if let Ok(socket) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await {
-                v6.push(Arc::new(UpstreamSocket::new(socket, false)));
-            }
-        }
         let pool = Arc::new_cyclic(|me| Self {
             shared: shared.clone(),
             connected: Mutex::default(),
-            v4,
-            v6,
+            v4: Mutex::new(Arc::new([])),
+            v6: Mutex::new(Arc::new([])),
+            draining: Mutex::default(),
+            warned: Mutex::default(),
             next: AtomicUsize::new(0),
             me: me.clone(),
         });
-        for sock in pool.v4.iter().chain(&pool.v6) {
-            tokio::spawn(receive(shared.clone(), sock.clone(), pool.me.clone()));
+        *lock(&pool.v4) = pool.open_set(V4_ANY, false)?;
+        // IPv6 may be disabled on the host; IPv4 upstreams still work.
+        if let Ok(v6) = pool.open_set(V6_ANY, false) {
+            *lock(&pool.v6) = v6;
         }
         // The configured servers get their sockets now, not on the first query.
         for upstream in &shared.config.upstreams {
@@ -210,7 +227,7 @@ impl UpstreamPool {
     /// The sockets connected to `upstream`, created (and their receive tasks started) on
     /// first use. `None` or empty when the server gets none: there are already
     /// [`MAX_CONNECTED_UPSTREAMS`] servers, or connecting failed.
-    fn connected_to(&self, upstream: SocketAddr) -> Option<Arc<[Arc<UpstreamSocket>]>> {
+    fn connected_to(&self, upstream: SocketAddr) -> Option<SocketSet> {
         let mut map = lock(&self.connected);
         if let Some(socks) = map.get(&upstream) {
             return Some(socks.clone());
@@ -218,16 +235,8 @@ impl UpstreamPool {
         if map.len() >= MAX_CONNECTED_UPSTREAMS {
             return None;
         }
-        let socks: Result<Vec<_>, _> = (0..POOL)
-            .map(|_| sys::connected_udp(upstream).map(|s| Arc::new(UpstreamSocket::new(s, true))))
-            .collect();
-        let socks: Arc<[Arc<UpstreamSocket>]> = match socks {
-            Ok(socks) => {
-                for sock in &socks {
-                    tokio::spawn(receive(self.shared.clone(), sock.clone(), self.me.clone()));
-                }
-                socks.into()
-            }
+        let socks = match self.open_set(upstream, true) {
+            Ok(socks) => socks,
             Err(e) => {
                 warn!(%upstream, error = %e, "cannot connect a socket to this upstream; its queries share unconnected sockets");
                 Arc::new([])
@@ -245,12 +254,116 @@ impl UpstreamPool {
                 return Some(sock.clone());
             }
         }
-        let family = if upstream.is_ipv4() {
+        let family = lock(if upstream.is_ipv4() {
             &self.v4
         } else {
             &self.v6
-        };
+        })
+        .clone();
         family.get(turn % family.len().max(1)).cloned()
+    }
+
+    /// A new upstream socket, its receive task started: connected to `to`, or (not
+    /// `connected`) bound to the unspecified address `to` of a family.
+    fn open(
+        &self,
+        to: SocketAddr,
+        connected: bool,
+        replace_at: Instant,
+    ) -> io::Result<Arc<UpstreamSocket>> {
+        let socket = if connected {
+            sys::connected_udp(to)?
+        } else {
+            sys::unconnected_udp(to)?
+        };
+        let open = self.shared.metrics.upstream_sockets.clone();
+        open.inc();
+        let sock = Arc::new(UpstreamSocket {
+            socket,
+            connected,
+            pending: Mutex::default(),
+            replace_at,
+            open,
+        });
+        tokio::spawn(receive(self.shared.clone(), sock.clone(), self.me.clone()));
+        Ok(sock)
+    }
+
+    /// A new set of [`POOL`] sockets (see [`Self::open`]); on failure, the ones already
+    /// opened are closed.
+    fn open_set(&self, to: SocketAddr, connected: bool) -> io::Result<SocketSet> {
+        let now = Instant::now();
+        let mut socks = Vec::with_capacity(POOL);
+        for k in 0..POOL {
+            match self.open(to, connected, self.first_replacement(now, k)) {
+                Ok(sock) => socks.push(sock),
+                Err(e) => {
+                    for sock in &socks {
+                        sys::shut(&sock.socket);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(socks.into())
+    }
+
+    /// When the `k`-th socket of a new set is first replaced: the set's sockets take turns,
+    /// so one of them changes port every `dns.upstream_port_lifetime` / [`POOL`].
+    fn first_replacement(&self, now: Instant, k: usize) -> Instant {
+        let lifetime = self.shared.config.upstream_port_lifetime;
+        let k = u32::try_from(k).unwrap_or(u32::MAX).saturating_add(1);
+        let pool = u32::try_from(POOL).unwrap_or(u32::MAX);
+        now + lifetime.saturating_mul(k) / pool
+    }
+
+    /// Replaces, in each set, the first socket due (see [`Self::first_replacement`]) with
+    /// one on a fresh port, and closes the replaced sockets no query waits on any more.
+    fn rotate(&self, now: Instant) {
+        let lifetime = self.shared.config.upstream_port_lifetime;
+        let mut replaced = Vec::new();
+        let mut failed = None;
+        let mut renew = |set: &mut SocketSet, to: SocketAddr, connected: bool| {
+            let Some(k) = set.iter().position(|s| s.replace_at <= now) else {
+                return;
+            };
+            match self.open(to, connected, now + lifetime) {
+                Ok(fresh) => {
+                    let mut socks = set.to_vec();
+                    if let Some(slot) = socks.get_mut(k) {
+                        replaced.push(std::mem::replace(slot, fresh));
+                    }
+                    *set = socks.into();
+                }
+                Err(e) => failed = Some(e),
+            }
+        };
+        for (upstream, set) in lock(&self.connected).iter_mut() {
+            renew(set, *upstream, true);
+        }
+        renew(&mut lock(&self.v4), V4_ANY, false);
+        if !lock(&self.v6).is_empty() {
+            renew(&mut lock(&self.v6), V6_ANY, false);
+        }
+        if let Some(e) = failed {
+            let mut warned = lock(&self.warned);
+            if warned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(60))
+            {
+                warn!(error = %e, "cannot open an upstream socket on a fresh port; the old one stays in use");
+                *warned = Some(now);
+            }
+        }
+        let mut draining = lock(&self.draining);
+        draining.extend(replaced);
+        // Closed once nothing can hand it a query any more (no batch holds it: only this
+        // list and its receive task do) and no query waits on it.
+        draining.retain(|s| {
+            let idle = Arc::strong_count(s) <= 2 && lock(&s.pending).is_empty();
+            if idle {
+                sys::shut(&s.socket);
+            }
+            !idle
+        });
     }
 
     /// Asks another configured upstream a query whose upstream failed (timed out or
@@ -319,24 +432,24 @@ impl UpstreamPool {
         false
     }
 
-    /// Every upstream socket: the connected ones and the shared ones.
+    /// Every upstream socket: the connected ones, the shared ones and the draining ones.
     fn all(&self) -> Vec<Arc<UpstreamSocket>> {
-        let map = lock(&self.connected);
-        let mut all: Vec<_> = map.values().flat_map(|s| s.iter().cloned()).collect();
-        all.extend(self.v4.iter().chain(&self.v6).cloned());
+        let mut all: Vec<_> = lock(&self.connected)
+            .values()
+            .flat_map(|s| s.iter().cloned())
+            .collect();
+        all.extend(lock(&self.v4).iter().cloned());
+        all.extend(lock(&self.v6).iter().cloned());
+        all.extend(lock(&self.draining).iter().cloned());
         all
     }
 }
 
-impl UpstreamSocket {
-    fn new(socket: UdpSocket, connected: bool) -> Self {
-        Self {
-            socket,
-            connected,
-            pending: Mutex::default(),
-        }
-    }
+/// The unspecified addresses the shared sockets bind, by family.
+const V4_ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+const V6_ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
 
+impl UpstreamSocket {
     /// Records `packet` (a query already judged) as pending on this socket under a fresh
     /// random ID and writes that ID into the packet; the caller sends it. `None` when no ID
     /// is free (the query cannot leave; the packet is unchanged).
@@ -477,6 +590,8 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>, pool: Weak<Upst
     loop {
         let count = match batch.recv(&sock.socket).await {
             Ok(n) => n,
+            // Replaced, and its last query is done.
+            Err(e) if sys::is_shut(&e) => return,
             Err(e) if unreachable_error(&e) && sock.connected => {
                 let Some(pool) = pool.upgrade() else {
                     return;
@@ -657,6 +772,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
+        pool.rotate(now);
         let slow = hedge_after(shared.config.upstream_timeout);
         for sock in pool.all() {
             let mut hedges = Vec::new();

@@ -1459,3 +1459,83 @@ async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() 
     assert_eq!(m.upstreams_down.get(), 0);
     assert_eq!(proxy.shared().in_flight(), 0, "every query left once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_source_ports_change_and_replaced_sockets_close_once_their_answers_came() {
+    use std::collections::HashSet;
+    // An upstream that answers each query 300 ms late (past the sockets' 100 ms lifetime,
+    // so queries are still waiting when their socket is replaced) and notes the source
+    // port each query came from.
+    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let up_addr = up.local_addr().unwrap();
+    let ports = Arc::new(Mutex::new(HashSet::new()));
+    {
+        let (up, ports) = (up.clone(), ports.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = up.recv_from(&mut buf).await {
+                ports.lock().unwrap().insert(from.port());
+                let r = msg::response(
+                    &buf[..n],
+                    0,
+                    &[msg::a("api.example.com", 60, [192, 0, 2, 1])],
+                    &[],
+                );
+                let up = up.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = up.send_to(&r, from).await;
+                });
+            }
+        });
+    }
+    let proxy = start(
+        DnsConfig {
+            upstream_port_lifetime: Duration::from_millis(100),
+            upstream_timeout: Duration::from_secs(2),
+            ..dns_config(up_addr)
+        },
+        VerdictConfig::default(),
+        Arc::new(NoopSink),
+    )
+    .await;
+    let at = proxy.udp_addrs()[0];
+    let sockets = proxy.shared().metrics.upstream_sockets.clone();
+    let at_start = sockets.get();
+    // A query every 40 ms for 1.2 s: every one is answered, from whichever port it left.
+    let mut clients = Vec::new();
+    for id in 0..30u16 {
+        clients.push(tokio::spawn(ask(
+            "127.0.0.2",
+            at,
+            msg::query(id, "api.example.com", 1),
+        )));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for (id, c) in clients.into_iter().enumerate() {
+        let reply = c
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("query {id} unanswered"));
+        assert_eq!(rcode(&reply), 0, "query {id}");
+        assert_eq!(&reply[..2], &u16::try_from(id).unwrap().to_be_bytes());
+    }
+    let seen = ports.lock().unwrap().len();
+    assert!(
+        seen > 8,
+        "30 queries over 1.2 s left from {seen} ports: the 4 sockets were not replaced"
+    );
+    assert_eq!(proxy.shared().in_flight(), 0, "every query left once");
+    assert_eq!(proxy.shared().metrics.upstream_timeouts.get(), 0);
+    // Replaced sockets close once their answers came: the count of open ones goes back to
+    // where it started (they keep being replaced while idle).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sockets.get() > at_start {
+        assert!(
+            Instant::now() < deadline,
+            "{} upstream sockets open, {at_start} at the start: replaced ones stay open",
+            sockets.get()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -141,7 +141,7 @@ metrics: {listen: "localhost:9963"}
 fn zero_and_huge_values_are_refused_with_their_range() {
     let err = Config::parse(
         "c.yaml",
-        "dns: {upstream_timeout: 0s, tcp_idle_timeout: 0s, max_ips_per_name: 0, response_max_delay: 0ms, max_ttl: 0s}",
+        "dns: {upstream_timeout: 0s, upstream_port_lifetime: 10ms, tcp_idle_timeout: 0s, max_ips_per_name: 0, response_max_delay: 0ms, max_ttl: 0s}",
     )
     .unwrap_err();
     assert_eq!(
@@ -150,6 +150,7 @@ fn zero_and_huge_values_are_refused_with_their_range() {
             "c.yaml: dns.max_ttl: 0s is too short: at least 1s",
             "c.yaml: dns.response_max_delay: 0s is too short: at least 1ms",
             "c.yaml: dns.upstream_timeout: 0s is too short: at least 1ms",
+            "c.yaml: dns.upstream_port_lifetime: 10ms is too short: at least 100ms",
             "c.yaml: dns.tcp_idle_timeout: 0s is too short: at least 1ms",
             "c.yaml: dns.max_ips_per_name: must be at least 1",
         ]
@@ -158,7 +159,7 @@ fn zero_and_huge_values_are_refused_with_their_range() {
     // would panic on the first query.
     let err = Config::parse(
         "c.yaml",
-        "dns: {upstream_timeout: 500000000000y, tcp_idle_timeout: 2h, drain_timeout: 1day, response_max_delay: 11s, min_ttl: 8days, max_ttl: 2y}",
+        "dns: {upstream_timeout: 500000000000y, upstream_port_lifetime: 2days, tcp_idle_timeout: 2h, drain_timeout: 1day, response_max_delay: 11s, min_ttl: 8days, max_ttl: 2y}",
     )
     .unwrap_err();
     assert_eq!(
@@ -168,6 +169,7 @@ fn zero_and_huge_values_are_refused_with_their_range() {
             "c.yaml: dns.max_ttl: 2years is too long: at most 1year",
             "c.yaml: dns.response_max_delay: 11s is too long: at most 10s",
             "c.yaml: dns.upstream_timeout: 500000000000years is too long: at most 1h",
+            "c.yaml: dns.upstream_port_lifetime: 2days is too long: at most 1day",
             "c.yaml: dns.tcp_idle_timeout: 2h is too long: at most 1h",
             "c.yaml: dns.drain_timeout: 1day is too long: at most 1h",
         ]
@@ -175,7 +177,7 @@ fn zero_and_huge_values_are_refused_with_their_range() {
     // The bounds themselves are fine.
     Config::parse(
         "c.yaml",
-        "dns: {upstream_timeout: 1h, tcp_idle_timeout: 1ms, drain_timeout: 0s, response_max_delay: 10s, min_ttl: 7days, max_ttl: 1y}",
+        "dns: {upstream_timeout: 1h, upstream_port_lifetime: 100ms, tcp_idle_timeout: 1ms, drain_timeout: 0s, response_max_delay: 10s, min_ttl: 7days, max_ttl: 1y}",
     )
     .unwrap();
 }
@@ -231,6 +233,7 @@ fn defaults() {
     assert_eq!(c.kubernetes, KubernetesConfig::default());
     assert!(!c.kubernetes.enabled);
     assert_eq!(c.dns.upstream_timeout, Duration::from_secs(5));
+    assert_eq!(c.dns.upstream_port_lifetime, Duration::from_secs(60));
     assert_eq!(c.endpoints[0].ips[1], "fd00::2".parse::<IpAddr>().unwrap());
 }
 
