@@ -454,6 +454,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shutting_a_socket_ends_the_receive_waiting_on_it() {
+        let port9: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        for (what, socket) in [
+            ("connected", connected_udp(port9).unwrap()),
+            ("unconnected", unconnected_udp(any).unwrap()),
+        ] {
+            let mut batch = Batch::new(4, 64);
+            let (received, ()) = tokio::join!(
+                tokio::time::timeout(Duration::from_secs(5), batch.recv(&socket)),
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    shut(&socket);
+                }
+            );
+            let e = received
+                .unwrap_or_else(|_| panic!("{what}: the receive still waits"))
+                .expect_err(what);
+            assert!(is_shut(&e), "{what}: {e}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_batch_sends_every_message_it_can_and_names_the_ones_it_cannot() {
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
