@@ -260,6 +260,33 @@ pub enum DenyRcode {
     Nxdomain,
 }
 
+/// `upstream_hedge_after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HedgeAfter {
+    /// A fifth of `upstream_timeout`, from 100 ms to 1 s (default).
+    #[default]
+    Auto,
+    /// After this long.
+    After(Duration),
+    /// Never: a query gets another upstream only once its own has failed.
+    Off,
+}
+
+impl DnsConfig {
+    /// How long a UDP query waits for its upstream before a second copy goes to another
+    /// one; `None`: no second copy.
+    pub fn hedge_after(&self) -> Option<Duration> {
+        match self.upstream_hedge_after {
+            HedgeAfter::Auto => Some(
+                (self.upstream_timeout / 5)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            ),
+            HedgeAfter::After(d) => Some(d),
+            HedgeAfter::Off => None,
+        }
+    }
+}
+
 /// `unknown_clients`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -315,6 +342,12 @@ pub struct DnsConfig {
     /// When an upstream has not answered, SERVFAIL (default `5s`; 1 ms to 1 h).
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
+    /// When a UDP query still unanswered gets a second copy to another upstream (explicit
+    /// listeners with several upstreams): `auto` (default: a fifth of
+    /// `upstream_timeout`, from 100 ms to 1 s), a duration shorter than
+    /// `upstream_timeout`, or `off`.
+    #[serde(default, deserialize_with = "hedge_after")]
+    pub upstream_hedge_after: HedgeAfter,
     /// How long an upstream UDP source port serves: each upstream's sockets are replaced
     /// by fresh ones on new random ports in turn, so none is used longer than this
     /// (default `1m`; 100 ms to 1 day). The ports a spoofer must guess keep changing.
@@ -353,6 +386,7 @@ impl Default for DnsConfig {
             response_max_delay: default_response_max_delay(),
             upstream_timeout: default_upstream_timeout(),
             upstream_port_lifetime: default_upstream_port_lifetime(),
+            upstream_hedge_after: HedgeAfter::default(),
             max_inflight_per_client: default_max_inflight(),
             tcp_idle_timeout: default_tcp_idle(),
             drain_timeout: default_drain(),
@@ -439,6 +473,21 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!("{s:?} is not a duration like 100ms, 5s or 1h: {e}"))
     })
+}
+
+fn hedge_after<'de, D: Deserializer<'de>>(d: D) -> Result<HedgeAfter, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "auto" => Ok(HedgeAfter::Auto),
+        "off" => Ok(HedgeAfter::Off),
+        _ => humantime::parse_duration(&s)
+            .map(HedgeAfter::After)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is neither auto, off nor a duration like 200ms: {e}"
+                ))
+            }),
+    }
 }
 
 /// Addresses are parsed one by one, so that each bad one is named by its index and value:
@@ -603,6 +652,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "response_max_delay",
             "upstream_timeout",
             "upstream_port_lifetime",
+            "upstream_hedge_after",
             "max_inflight_per_client",
             "tcp_idle_timeout",
             "drain_timeout",
@@ -854,6 +904,20 @@ impl Config {
                     "{key}: {} is too long: at most {}",
                     show_duration(value),
                     show_duration(*most)
+                ));
+            }
+        }
+        if let HedgeAfter::After(d) = dns.upstream_hedge_after {
+            if d < Duration::from_millis(1) {
+                p.push(format!(
+                    "dns.upstream_hedge_after: {} is too short: at least 1ms",
+                    show_duration(d)
+                ));
+            } else if parsed("dns.upstream_timeout") && d >= dns.upstream_timeout {
+                p.push(format!(
+                    "dns.upstream_hedge_after: {} is not shorter than dns.upstream_timeout ({}): no second copy would leave (to say so, use off)",
+                    show_duration(d),
+                    show_duration(dns.upstream_timeout)
                 ));
             }
         }

@@ -87,12 +87,6 @@ struct Hedge {
     waiting: AtomicU8,
 }
 
-/// How long a query waits for its upstream before a copy goes to another one: a fifth of
-/// `dns.upstream_timeout`, from 100 ms to 1 s.
-fn hedge_after(timeout: Duration) -> Duration {
-    (timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
-}
-
 /// What it takes to send a pending query to another upstream.
 struct Resend {
     client: SocketAddr,
@@ -765,15 +759,19 @@ fn delivered(shared: &Shared, p: &Pending, now: Instant) {
     shared.leave(p.client.ip());
 }
 
+/// Every tick: replaces upstream sockets due for a fresh port, sends second copies of
+/// slow queries, and fails the ones past their deadline. The tick is a tenth of the
+/// timeout (and at most half the hedge delay), from 10 ms to 250 ms.
 async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
+    let slow = shared.config.hedge_after();
     let period = (shared.config.upstream_timeout / 10)
+        .min(slow.map_or(Duration::MAX, |s| s / 2))
         .clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         let now = Instant::now();
         pool.rotate(now);
-        let slow = hedge_after(shared.config.upstream_timeout);
         for sock in pool.all() {
             let mut hedges = Vec::new();
             let expired: Vec<Pending> = {
@@ -787,7 +785,7 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
                 for p in table.values_mut() {
                     if p.may_retry
                         && p.deadline > now
-                        && now.saturating_duration_since(p.sent) >= slow
+                        && slow.is_some_and(|slow| now.saturating_duration_since(p.sent) >= slow)
                     {
                         p.may_retry = false;
                         let hedge = Arc::new(Hedge {

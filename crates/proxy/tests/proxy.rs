@@ -1317,6 +1317,20 @@ async fn start_two(upstreams: [SocketAddr; 2], second: &str, upstream_timeout: D
     .unwrap()
 }
 
+/// Waits (at most a second) until the proxy has no query in flight: it counts one out
+/// just after its answer (or SERVFAIL) left, so a client can have it a moment before.
+async fn every_query_left(proxy: &Proxy) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while proxy.shared().in_flight() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} queries still in flight",
+            proxy.shared().in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A scripted upstream on `sock` that answers every query for `api.example.com` with
 /// 192.0.2.1 and counts the queries it answered.
 fn answering_upstream(sock: Arc<UdpSocket>) -> Arc<std::sync::atomic::AtomicUsize> {
@@ -1363,7 +1377,7 @@ async fn when_both_copies_of_a_hedged_query_fail_the_client_gets_one_servfail() 
     // Exactly one answer, and the query no longer counts as in flight.
     let again = tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await;
     assert!(again.is_err(), "a second answer arrived");
-    assert_eq!(proxy.shared().in_flight(), 0);
+    every_query_left(&proxy).await;
     assert_eq!(m.upstream_timeouts.get(), 2);
 }
 
@@ -1457,7 +1471,7 @@ async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() 
         "the recovered upstream took some of them ({by_good} of 10 went to the other)"
     );
     assert_eq!(m.upstreams_down.get(), 0);
-    assert_eq!(proxy.shared().in_flight(), 0, "every query left once");
+    every_query_left(&proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1525,7 +1539,7 @@ async fn upstream_source_ports_change_and_replaced_sockets_close_once_their_answ
         seen > 8,
         "30 queries over 1.2 s left from {seen} ports: the 4 sockets were not replaced"
     );
-    assert_eq!(proxy.shared().in_flight(), 0, "every query left once");
+    every_query_left(&proxy).await;
     assert_eq!(proxy.shared().metrics.upstream_timeouts.get(), 0);
     // Replaced sockets close once their answers came: the count of open ones goes back to
     // where it started (they keep being replaced while idle).
@@ -1537,5 +1551,69 @@ async fn upstream_source_ports_change_and_replaced_sockets_close_once_their_answ
             sockets.get()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_query_is_copied_after_the_configured_delay_or_never_when_off() {
+    use dnsfence_proxy::config::HedgeAfter;
+    // `auto` would copy after 400 ms.
+    let timeout = Duration::from_secs(2);
+    for (hedge, copied) in [
+        (HedgeAfter::After(Duration::from_millis(50)), true),
+        (HedgeAfter::Off, false),
+    ] {
+        // Two upstreams the policy allows: one answers, the other never does.
+        let good = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let good_addr = good.local_addr().unwrap();
+        let silent_addr: SocketAddr = format!("127.0.0.6:{}", good_addr.port()).parse().unwrap();
+        let _silent = UdpSocket::bind(silent_addr).await.unwrap();
+        answering_upstream(good);
+        let proxy = Proxy::start(
+            DnsConfig {
+                upstreams: vec![silent_addr, good_addr],
+                upstream_timeout: timeout,
+                upstream_hedge_after: hedge,
+                ..dns_config(silent_addr)
+            },
+            two_kube_dns_snapshot(good_addr.port(), "127.0.0.6"),
+            Arc::new(NoopSink),
+            ProxyMetrics::default(),
+            flow_log(),
+        )
+        .await
+        .unwrap();
+        let at = proxy.udp_addrs()[0];
+        // Round robin sends some of four queries to the silent upstream.
+        let clients: Vec<_> = (0..4u16)
+            .map(|id| {
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
+                    (reply, started.elapsed())
+                })
+            })
+            .collect();
+        let mut slowest = Duration::ZERO;
+        for c in clients {
+            let (reply, took) = c.await.unwrap();
+            assert_eq!(rcode(&reply.expect("answered")), 0, "{hedge:?}");
+            slowest = slowest.max(took);
+        }
+        if copied {
+            // The copy left after 50 ms, well before `auto` would have sent it.
+            assert!(
+                slowest < Duration::from_millis(300),
+                "{hedge:?}: {slowest:?}"
+            );
+        } else {
+            // No copy: the silent upstream's queries were asked again only at the timeout.
+            assert!(slowest >= timeout, "{hedge:?}: {slowest:?}");
+        }
+        assert!(
+            proxy.shared().metrics.upstream_retries.get() >= 1,
+            "{hedge:?}"
+        );
+        every_query_left(&proxy).await;
     }
 }

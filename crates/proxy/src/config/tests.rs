@@ -183,6 +183,33 @@ fn zero_and_huge_values_are_refused_with_their_range() {
 }
 
 #[test]
+fn the_hedge_delay_is_auto_off_or_a_duration_shorter_than_the_timeout() {
+    let dns = |text: &str| Config::parse("c.yaml", text).map(|c| c.dns);
+    let auto = dns("").unwrap();
+    assert_eq!(auto.upstream_hedge_after, HedgeAfter::Auto);
+    assert_eq!(auto.hedge_after(), Some(Duration::from_secs(1)));
+    let short = dns("dns: {upstream_timeout: 200ms, upstream_hedge_after: auto}").unwrap();
+    assert_eq!(short.hedge_after(), Some(Duration::from_millis(100)));
+    let off = dns("dns: {upstream_hedge_after: off}").unwrap();
+    assert_eq!(off.hedge_after(), None);
+    let set = dns("dns: {upstream_hedge_after: 300ms}").unwrap();
+    assert_eq!(set.hedge_after(), Some(Duration::from_millis(300)));
+    let problems = |text: &str| dns(text).unwrap_err().problems;
+    assert_eq!(
+        problems("dns: {upstream_hedge_after: later}"),
+        ["c.yaml: dns.upstream_hedge_after: \"later\" is neither auto, off nor a duration like 200ms: expected number at 0"]
+    );
+    assert_eq!(
+        problems("dns: {upstream_hedge_after: 0s}"),
+        ["c.yaml: dns.upstream_hedge_after: 0s is too short: at least 1ms"]
+    );
+    assert_eq!(
+        problems("dns: {upstream_timeout: 2s, upstream_hedge_after: 2s}"),
+        ["c.yaml: dns.upstream_hedge_after: 2s is not shorter than dns.upstream_timeout (2s): no second copy would leave (to say so, use off)"]
+    );
+}
+
+#[test]
 fn a_command_that_serves_dns_needs_a_listener() {
     let dir = Dir::new("listeners");
     let none = "datapath: {backend: none}\n";
