@@ -273,7 +273,7 @@ pub enum HedgeAfter {
 }
 
 impl DnsConfig {
-    /// How long a UDP query waits for its upstream before a second copy goes to another
+    /// How long a query waits for its upstream before a second copy goes to another
     /// one; `None`: no second copy.
     pub fn hedge_after(&self) -> Option<Duration> {
         match self.upstream_hedge_after {
@@ -342,7 +342,7 @@ pub struct DnsConfig {
     /// When an upstream has not answered, SERVFAIL (default `5s`; 1 ms to 1 h).
     #[serde(default = "default_upstream_timeout", deserialize_with = "duration")]
     pub upstream_timeout: Duration,
-    /// When a UDP query still unanswered gets a second copy to another upstream (explicit
+    /// When a query still unanswered gets a second copy to another upstream (explicit
     /// listeners with several upstreams): `auto` (default: a fifth of
     /// `upstream_timeout`, from 100 ms to 1 s), a duration shorter than
     /// `upstream_timeout`, or `off`.

@@ -258,14 +258,15 @@ async fn connection(
 /// Exchanges one allowed query with `upstream` and returns what the client gets: the
 /// answer (after its new IPs are enforced, or `dns.response_max_delay`), or SERVFAIL when
 /// the upstream fails or takes longer than `dns.upstream_timeout`. With `retry`, a query
-/// the upstream failed is asked once more of another configured upstream the client's
-/// policy allows (see [`Shared::alternative`]).
+/// is asked once more of another configured upstream the client's policy allows (see
+/// [`Shared::alternative`]) when its upstream fails, or, as over UDP, as a second copy
+/// when it has not answered after `dns.upstream_hedge_after`: the first answer wins.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only be unpacked"
 )]
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     msg: Vec<u8>,
     query: &dnsfence_dns::Query,
     learn: bool,
@@ -274,21 +275,58 @@ async fn forward(
     received: Instant,
     retry: bool,
 ) -> Vec<u8> {
-    let question = query.question(&msg).to_vec();
+    let question: Arc<[u8]> = query.question(&msg).into();
     let rd = wire::recursion_desired(&msg);
     let again = retry.then(|| msg.clone());
-    let mut answer = attempt(shared, msg, &question, learn, client, upstream, received).await;
-    if answer.is_none() {
-        if let Some(msg) = again {
-            if let Some((other, learn)) =
-                shared.alternative(client.ip(), upstream, query, Protocol::Tcp)
-            {
+    // Each copy runs as a task of its own: a copy that loses the race still ends in its
+    // answer or its timeout, which the upstream's health counts.
+    let copy = |msg: Vec<u8>, learn: bool, to: SocketAddr| {
+        let (shared, question) = (shared.clone(), question.clone());
+        tokio::spawn(
+            async move { attempt(&shared, msg, &question, learn, client, to, received).await },
+        )
+    };
+    let mut first = copy(msg, learn, upstream);
+    let slow = shared.config.hedge_after().filter(|_| again.is_some());
+    let early = match slow {
+        None => Some((&mut first).await.ok().flatten()),
+        Some(after) => tokio::select! {
+            a = &mut first => Some(a.ok().flatten()),
+            () = tokio::time::sleep(after) => None,
+        },
+    };
+    let alternative = || shared.alternative(client.ip(), upstream, query, Protocol::Tcp);
+    let answer = match (early, again) {
+        (Some(answer @ Some(_)), _) | (Some(answer @ None), None) => answer,
+        // Failed: asked again.
+        (Some(None), Some(msg)) => match alternative() {
+            Some((other, learn)) => {
                 debug!(from = %upstream, to = %other, "TCP query asked again of another upstream");
                 shared.metrics.upstream_retries.inc();
-                answer = attempt(shared, msg, &question, learn, client, other, received).await;
+                copy(msg, learn, other).await.ok().flatten()
             }
-        }
-    }
+            None => None,
+        },
+        // Slow: a second copy races the first.
+        (None, msg) => match msg.and_then(|m| alternative().map(|(o, l)| (m, o, l))) {
+            Some((msg, other, learn)) => {
+                debug!(from = %upstream, to = %other, "slow TCP query copied to another upstream");
+                shared.metrics.upstream_retries.inc();
+                let mut second = copy(msg, learn, other);
+                tokio::select! {
+                    a = &mut first => match a.ok().flatten() {
+                        Some(a) => Some(a),
+                        None => second.await.ok().flatten(),
+                    },
+                    b = &mut second => match b.ok().flatten() {
+                        Some(b) => Some(b),
+                        None => first.await.ok().flatten(),
+                    },
+                }
+            }
+            None => first.await.ok().flatten(),
+        },
+    };
     match answer {
         Some(mut a) => {
             wire::set_id(&mut a, query.id);

@@ -1617,3 +1617,60 @@ async fn a_slow_query_is_copied_after_the_configured_delay_or_never_when_off() {
         every_query_left(&proxy).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_a_slow_query_is_copied_to_another_upstream_and_the_first_answer_wins() {
+    use dnsfence_proxy::config::HedgeAfter;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    // Two allowed upstreams on the same port: one answers, the other takes each query and
+    // never answers.
+    let (good, _) = tcp_upstream_counting().await;
+    let silent_addr: SocketAddr = format!("127.0.0.9:{}", good.port()).parse().unwrap();
+    let silent = tokio::net::TcpListener::bind(silent_addr).await.unwrap();
+    let reached_silent = Arc::new(AtomicUsize::new(0));
+    {
+        let reached = reached_silent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = silent.accept().await {
+                let reached = reached.clone();
+                tokio::spawn(async move {
+                    while tcp_recv(&mut s).await.is_some() {
+                        reached.fetch_add(1, SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let timeout = Duration::from_secs(2);
+    let proxy = Proxy::start(
+        DnsConfig {
+            upstreams: vec![silent_addr, good],
+            upstream_timeout: timeout,
+            upstream_hedge_after: HedgeAfter::After(Duration::from_millis(50)),
+            ..dns_config(good)
+        },
+        two_kube_dns_snapshot(good.port(), "127.0.0.9"),
+        Arc::new(NoopSink),
+        ProxyMetrics::default(),
+        flow_log(),
+    )
+    .await
+    .unwrap();
+    // Every query is answered long before the timeout, the silent upstream's too.
+    for id in 0..4u16 {
+        let started = Instant::now();
+        let mut s = tcp_from("127.0.0.2", proxy.tcp_addrs()[0]).await.unwrap();
+        tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
+        let r = tcp_recv(&mut s).await.expect("answer");
+        assert_eq!(rcode(&r), 0, "query {id} answered");
+        assert_eq!(&r[..2], &id.to_be_bytes());
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "query {id} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(reached_silent.load(SeqCst) >= 1, "round robin asked both");
+    assert!(proxy.shared().metrics.upstream_retries.get() >= 1);
+    every_query_left(&proxy).await;
+}
