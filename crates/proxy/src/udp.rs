@@ -50,6 +50,11 @@ const MAX_PENDING_PER_SOCKET: usize = 32_768;
 /// Upstream sockets per server (and unconnected ones per address family).
 const POOL: usize = 4;
 
+/// Replaced sockets kept open at once for the answers they are owed. Past this many (a
+/// long `dns.upstream_timeout`, silent servers, a short port lifetime), sockets are not
+/// replaced until some close: a bound on descriptors.
+const MAX_DRAINING: usize = 256;
+
 /// Servers that get connected sockets of their own; queries to further servers (only a
 /// transparent proxy can see many) share the unconnected sockets.
 const MAX_CONNECTED_UPSTREAMS: usize = 64;
@@ -314,6 +319,10 @@ impl UpstreamPool {
     /// Replaces, in each set, the first socket due (see [`Self::first_replacement`]) with
     /// one on a fresh port, and closes the replaced sockets no query waits on any more.
     fn rotate(&self, now: Instant) {
+        self.close_drained();
+        if lock(&self.draining).len() >= MAX_DRAINING {
+            return;
+        }
         let lifetime = self.shared.config.upstream_port_lifetime;
         let mut replaced = Vec::new();
         let mut failed = None;
@@ -347,8 +356,13 @@ impl UpstreamPool {
                 *warned = Some(now);
             }
         }
+        lock(&self.draining).extend(replaced);
+        self.close_drained();
+    }
+
+    /// Closes the replaced sockets no query waits on any more.
+    fn close_drained(&self) {
         let mut draining = lock(&self.draining);
-        draining.extend(replaced);
         // Closed once nothing can hand it a query any more (no batch holds it: only this
         // list and its receive task do) and no query waits on it.
         draining.retain(|s| {
