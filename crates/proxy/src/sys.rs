@@ -65,6 +65,23 @@ fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// Whether a socket on this node is already bound to `addr` (exactly, or on its port of
+/// the wildcard address): a transparent socket without address or port sharing cannot
+/// bind it then.
+fn bound_elsewhere(addr: SocketAddr) -> bool {
+    let probe = || -> io::Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?;
+        }
+        socket.bind(&addr.into())
+    };
+    matches!(probe(), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+}
+
 /// Reply sockets kept at once. Pods ask few DNS servers, but a pod can send to any
 /// address: past this many, the one used longest ago is closed (queries waiting for an
 /// answer keep theirs until they are answered).
@@ -84,6 +101,15 @@ impl ReplySockets {
         if let Some((s, used)) = self.sockets.get_mut(&from) {
             *used = self.turn;
             return Ok(s.clone());
+        }
+        if bound_elsewhere(from) {
+            tracing::warn!(
+                server = %from,
+                "a socket on this node already has the DNS server's address: the reply socket \
+                 bound to it can take some of that server's own traffic (a DNS server on the \
+                 node itself, such as NodeLocal DNSCache); point pods at an explicit listener \
+                 instead (see docs/proxy.md)"
+            );
         }
         let s = Arc::new(reply_socket(from)?);
         if self.sockets.len() >= MAX_REPLY_SOCKETS {
@@ -451,6 +477,30 @@ mod tests {
         assert!(!Arc::ptr_eq(&second, &replies.get(addr(1)).unwrap()));
         assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
         assert!(Arc::ptr_eq(&first, &replies.get(addr(0)).unwrap()));
+    }
+
+    #[test]
+    fn an_address_another_socket_holds_is_noticed() {
+        let can = Socket::new(Domain::IPV4, Type::DGRAM, None)
+            .and_then(|s| s.set_ip_transparent_v4(true));
+        if matches!(&can, Err(e) if e.kind() == io::ErrorKind::PermissionDenied) {
+            eprintln!("skipped: transparent sockets need CAP_NET_ADMIN");
+            return;
+        }
+        // A server on the exact address, and one on the wildcard address of a port.
+        let exact = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(bound_elsewhere(exact.local_addr().unwrap()));
+        let wildcard = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = wildcard.local_addr().unwrap().port();
+        assert!(bound_elsewhere(SocketAddr::from(([127, 0, 0, 1], port))));
+        // Nothing there once they are gone (a pod's usual upstream elsewhere).
+        let free = exact.local_addr().unwrap();
+        drop(exact);
+        assert!(!bound_elsewhere(free));
+        assert!(!bound_elsewhere(SocketAddr::from((
+            [192, 0, 2, 53],
+            free.port()
+        ))));
     }
 
     #[tokio::test]
