@@ -162,3 +162,144 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
         "REFUSED"
     );
 }
+
+/// A DNS server on the node itself (NodeLocal DNSCache style): pods ask 169.254.20.10,
+/// which a server in the node's own namespace holds. The proxy must answer the pods from
+/// that address without binding it, and the server must keep all its own traffic.
+#[test]
+fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_address() {
+    if skip_unless_root(&["ip", "nft", "dig", "dnsmasq"]) {
+        return;
+    }
+    let node = Netns::new("nodelocal");
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let pod = Netns::new("nlpod");
+    veth(&node, "n0", "10.79.0.1/24", &pod, "p0", "10.79.0.2/24");
+    pod.ip(&["route", "add", "default", "via", "10.79.0.1"]);
+    node.ip(&["addr", "add", "fd79::1/64", "dev", "n0", "nodad"]);
+    pod.ip(&["addr", "add", "fd79::2/64", "dev", "p0", "nodad"]);
+    pod.ip(&["-6", "route", "add", "default", "via", "fd79::1"]);
+    node.ip(&["addr", "add", "169.254.20.10/32", "dev", "lo"]);
+    node.ip(&["addr", "add", "fd79:53::10/128", "dev", "lo", "nodad"]);
+    // A name with 100 addresses, and answers up to 4096 bytes over UDP: too large for the
+    // pod's link below.
+    let mut records = vec![
+        "--host-record=api.example.com,192.0.2.10".to_owned(),
+        "--edns-packet-max=4096".to_owned(),
+    ];
+    records.extend((1..=100).map(|i| format!("--host-record=big.example.com,198.18.0.{i}")));
+    let _cache = dnsmasq_in(&node, "169.254.20.10", 53, "example.com", 60, &records);
+    let _cache6 = dnsmasq_in(&node, "fd79:53::10", 53, "example.com", 60, &records);
+    let rules = format!(
+        "table inet dnsfence_t {{
+           chain pre {{
+             type filter hook prerouting priority mangle; policy accept;
+             iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
+             iifname \"n0\" meta nfproto ipv6 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip6 to :{TPROXY_PORT} meta mark set 0x1 accept
+           }}
+         }}"
+    );
+    let tmp = TempDir::new("nodelocal");
+    std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
+    node.exec(
+        "nft",
+        &["-f", &tmp.path().join("rules.nft").display().to_string()],
+    );
+    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
+    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
+    let servers = ["169.254.20.10/32", "fd79:53::10/128"];
+    let policy = dns_policy(
+        "web",
+        DnsPeer::Cidrs(&servers),
+        53,
+        &["*.example.com"],
+        &["*.example.com"],
+    );
+    std::fs::write(tmp.path().join("policy.yaml"), policy).unwrap();
+    let config = format!(
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.79.0.2, \"fd79::2\"]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
+        tmp.path().join("api.sock").display()
+    );
+    std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
+    let proxy = node
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(tmp.path().join("config.yaml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _proxy = Killed(proxy);
+    let log = || std::fs::read_to_string(tmp.path().join("proxy.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tmp.path().join("api.sock").exists() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    for round in 0..5 {
+        for (cache, shown) in [
+            ("@169.254.20.10", "SERVER: 169.254.20.10#53"),
+            ("@fd79:53::10", "SERVER: fd79:53::10#53"),
+        ] {
+            // The pod, redirected: judged, forwarded to the cache, answered from its
+            // address (dig rejects a reply from any other).
+            let ok = dig_in(&pod, &[cache, "api.example.com"]);
+            assert_eq!(
+                (ok.status.as_str(), ok.answers.clone()),
+                ("NOERROR", vec!["192.0.2.10".to_owned()]),
+                "round {round}, {cache}\n{}\nproxy log:\n{}",
+                ok.raw,
+                log()
+            );
+            assert!(ok.raw.contains(shown), "{}", ok.raw);
+            assert_eq!(dig_in(&pod, &[cache, "evil.org"]).status, "REFUSED");
+            // The node's own queries to the cache (not redirected) still reach it.
+            let direct = dig_in(&node, &[cache, "api.example.com"]);
+            assert_eq!(
+                direct.answers,
+                ["192.0.2.10"],
+                "round {round}, {cache}: the cache lost its own traffic\n{}\nproxy log:\n{}",
+                direct.raw,
+                log()
+            );
+        }
+    }
+    // An answer larger than the link's MTU: the kernel fragments no built reply, so it
+    // goes out truncated, and dig asks again over TCP.
+    node.ip(&["link", "set", "n0", "mtu", "1280"]);
+    let big = dig_in(
+        &pod,
+        &["+bufsize=4096", "@169.254.20.10", "big.example.com"],
+    );
+    assert_eq!(big.answers.len(), 100, "{}\nproxy log:\n{}", big.raw, log());
+    assert!(
+        big.raw.contains("Truncated, retrying in TCP mode"),
+        "{}",
+        big.raw
+    );
+    // Both caches' addresses were answered from without being bound.
+    assert_eq!(
+        log()
+            .matches("its replies are sent through a raw socket")
+            .count(),
+        2,
+        "{}",
+        log()
+    );
+}

@@ -3,8 +3,9 @@
 //! Transparent (TPROXY) sockets: the datapath redirects pods' DNS to the transparent port while keeping the original
 //! destination. A UDP query's original destination comes from `IP_RECVORIGDSTADDR`
 //! (`IPV6_RECVORIGDSTADDR`); the reply must leave from that address, so it is sent through
-//! a transparent socket bound to it. A TCP connection's local address is the original
-//! destination.
+//! a transparent socket bound to it, or, when another socket on the node holds the address,
+//! built whole and sent through a raw socket (see [`crate::reply`]). A TCP connection's
+//! local address is the original destination.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -20,6 +21,8 @@ use smallvec::SmallVec;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
+
+use crate::reply::{RawSender, ReplyVia};
 
 fn transparent(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
@@ -90,28 +93,31 @@ pub(crate) const MAX_REPLY_SOCKETS: usize = 256;
 /// Reply sockets by the address they answer from, with the turn each was last used on.
 #[derive(Default)]
 pub(crate) struct ReplySockets {
-    sockets: HashMap<SocketAddr, (Arc<UdpSocket>, u64)>,
+    sockets: HashMap<SocketAddr, (ReplyVia, u64)>,
     turn: u64,
+    /// For addresses another socket on the node holds (opened on first need).
+    raw: Option<Arc<RawSender>>,
+    /// Opening the raw sockets failed (no `CAP_NET_RAW`): such addresses get a bound
+    /// socket after all, with a warning.
+    raw_failed: bool,
 }
 
 impl ReplySockets {
-    /// The socket that sends from `from`, created on first use.
-    pub(crate) fn get(&mut self, from: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+    /// How replies from `from` are sent, set up on first use: a socket bound to `from`,
+    /// or, when another socket on the node already holds `from`, the raw sockets.
+    pub(crate) fn get(&mut self, from: SocketAddr) -> io::Result<ReplyVia> {
         self.turn += 1;
         if let Some((s, used)) = self.sockets.get_mut(&from) {
             *used = self.turn;
             return Ok(s.clone());
         }
-        if bound_elsewhere(from) {
-            tracing::warn!(
-                server = %from,
-                "a socket on this node already has the DNS server's address: the reply socket \
-                 bound to it can take some of that server's own traffic (a DNS server on the \
-                 node itself, such as NodeLocal DNSCache); point pods at an explicit listener \
-                 instead (see docs/proxy.md)"
-            );
-        }
-        let s = Arc::new(reply_socket(from)?);
+        let s = match bound_elsewhere(from).then(|| self.raw()).flatten() {
+            Some(raw) => {
+                tracing::info!(server = %from, "another socket on this node holds the DNS server's address; its replies are sent through a raw socket");
+                ReplyVia::Raw { from, raw }
+            }
+            None => ReplyVia::Socket(Arc::new(reply_socket(from)?)),
+        };
         if self.sockets.len() >= MAX_REPLY_SOCKETS {
             let oldest = self
                 .sockets
@@ -124,6 +130,20 @@ impl ReplySockets {
         }
         self.sockets.insert(from, (s.clone(), self.turn));
         Ok(s)
+    }
+
+    /// The raw sockets, opened on first need; `None` when they cannot be.
+    fn raw(&mut self) -> Option<Arc<RawSender>> {
+        if self.raw.is_none() && !self.raw_failed {
+            match RawSender::new() {
+                Ok(raw) => self.raw = Some(Arc::new(raw)),
+                Err(e) => {
+                    self.raw_failed = true;
+                    tracing::warn!(error = %e, "cannot open raw sockets: replies from an address another socket on this node holds (a DNS server on the node itself) go through a socket bound to it, which can take some of that server's traffic; see docs/proxy.md");
+                }
+            }
+        }
+        self.raw.clone()
     }
 
     /// How many are open.
@@ -454,29 +474,36 @@ mod tests {
     #[tokio::test]
     async fn reply_sockets_are_capped_and_the_least_recently_used_goes_first() {
         let mut replies = ReplySockets::default();
+        let socket = |via: ReplyVia| match via {
+            ReplyVia::Socket(s) => s,
+            ReplyVia::Raw { from, .. } => panic!("{from}: nothing else holds it"),
+        };
         let addr = |i: usize| -> SocketAddr {
             let [hi, lo] = u16::try_from(i).unwrap().to_be_bytes();
             (std::net::Ipv4Addr::new(127, 77, hi, lo), 0).into()
         };
         let first = match replies.get(addr(0)) {
-            Ok(s) => s,
+            Ok(s) => socket(s),
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 eprintln!("skipped: transparent sockets need CAP_NET_ADMIN");
                 return;
             }
             Err(e) => panic!("{e}"),
         };
-        let second = replies.get(addr(1)).unwrap();
+        let second = socket(replies.get(addr(1)).unwrap());
         for i in 2..MAX_REPLY_SOCKETS + 40 {
             replies.get(addr(i)).unwrap();
             // The first address stays in use all along.
-            assert!(Arc::ptr_eq(&first, &replies.get(addr(0)).unwrap()));
+            assert!(Arc::ptr_eq(&first, &socket(replies.get(addr(0)).unwrap())));
         }
         assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
         // The second one was used longest ago: it was dropped, and is made anew.
-        assert!(!Arc::ptr_eq(&second, &replies.get(addr(1)).unwrap()));
+        assert!(!Arc::ptr_eq(
+            &second,
+            &socket(replies.get(addr(1)).unwrap())
+        ));
         assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
-        assert!(Arc::ptr_eq(&first, &replies.get(addr(0)).unwrap()));
+        assert!(Arc::ptr_eq(&first, &socket(replies.get(addr(0)).unwrap())));
     }
 
     #[test]

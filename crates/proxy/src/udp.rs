@@ -27,6 +27,7 @@ use smallvec::SmallVec;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
+use crate::reply::ReplyVia;
 use crate::shared::{Shared, Step};
 use crate::sys::{self, Batch, ReplySockets};
 
@@ -64,7 +65,7 @@ struct Pending {
     client_id: u16,
     rd: bool,
     learn: bool,
-    reply_via: Arc<UdpSocket>,
+    reply_via: ReplyVia,
     /// The query as the client sent it (its question at `12..question_end`), to ask
     /// another upstream if this one fails; inline for queries of ordinary size (no
     /// allocation).
@@ -95,7 +96,7 @@ struct Hedge {
 /// What it takes to send a pending query to another upstream.
 struct Resend {
     client: SocketAddr,
-    reply_via: Arc<UdpSocket>,
+    reply_via: ReplyVia,
     received: Instant,
     packet: SmallVec<[u8; 128]>,
     /// The upstream it went to first.
@@ -146,8 +147,8 @@ impl Pending {
 pub(crate) struct ClientRef {
     /// The client's address.
     pub(crate) addr: SocketAddr,
-    /// The listener socket the answer leaves from.
-    pub(crate) reply_via: Arc<UdpSocket>,
+    /// How the answer leaves.
+    pub(crate) reply_via: ReplyVia,
     /// When the query arrived.
     pub(crate) received: Instant,
     /// When it leaves for this upstream (about: the batch's clock reading).
@@ -571,10 +572,29 @@ async fn send_runs(msgs: &[(&UdpSocket, &[u8], Option<SocketAddr>)]) -> Vec<(usi
     failed
 }
 
-/// Sends replies and answers to clients; failures are logged (the client retries).
-async fn send_to_clients(msgs: &[(&UdpSocket, &[u8], Option<SocketAddr>)]) {
-    for (k, e) in send_runs(msgs).await {
-        if let Some((_, _, Some(to))) = msgs.get(k) {
+/// A message to send: the socket, the bytes, and the destination unless the socket is
+/// connected.
+type Outgoing<'a> = (&'a UdpSocket, &'a [u8], Option<SocketAddr>);
+
+/// Sends replies and answers to clients (how each leaves, its bytes, the client): one
+/// `sendmmsg` per run sharing a socket, built replies one by one. Failures are logged
+/// (the client asks again).
+async fn send_to_clients(msgs: &[(&ReplyVia, &[u8], SocketAddr)]) {
+    let mut sockets: SmallVec<[Outgoing<'_>; CLIENT_BATCH]> = SmallVec::new();
+    for (via, bytes, to) in msgs {
+        let sent = match via {
+            ReplyVia::Socket(s) => {
+                sockets.push((s, bytes, Some(*to)));
+                Ok(())
+            }
+            ReplyVia::Raw { from, raw } => raw.send(*from, *to, bytes),
+        };
+        if let Err(e) = sent {
+            debug!(client = %to, error = %e, "sending a reply failed");
+        }
+    }
+    for (k, e) in send_runs(&sockets).await {
+        if let Some((_, _, Some(to))) = sockets.get(k) {
             debug!(client = %to, error = %e, "sending a reply failed");
         }
     }
@@ -622,9 +642,9 @@ async fn receive(shared: Arc<Shared>, sock: Arc<UpstreamSocket>, pool: Weak<Upst
             }
         }
         // The answers released at once leave together.
-        let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = ready
+        let msgs: Vec<(&ReplyVia, &[u8], SocketAddr)> = ready
             .iter()
-            .map(|(i, p)| (&*p.reply_via, batch.bytes(*i), Some(p.client)))
+            .map(|(i, p)| (&p.reply_via, batch.bytes(*i), p.client))
             .collect();
         send_to_clients(&msgs).await;
         drop(msgs);
@@ -836,7 +856,7 @@ async fn handle_batch<'r>(
     batch: &mut Batch,
     count: usize,
     outs: &mut [Vec<u8>],
-    mut route: impl FnMut(usize) -> Option<(&'r [SocketAddr], usize, Arc<UdpSocket>)>,
+    mut route: impl FnMut(usize) -> Option<(&'r [SocketAddr], usize, ReplyVia)>,
 ) {
     let at = Instant::now();
     let turn = pool.next.fetch_add(1, Ordering::Relaxed);
@@ -893,11 +913,11 @@ async fn handle_batch<'r>(
         }
     }
     if !replies.is_empty() {
-        let msgs: Vec<(&UdpSocket, &[u8], Option<SocketAddr>)> = replies
+        let msgs: Vec<(&ReplyVia, &[u8], SocketAddr)> = replies
             .iter()
             .map(|(i, len, client, via)| {
                 let bytes = outs.get(*i).and_then(|o| o.get(..*len));
-                (&**via, bytes.unwrap_or_default(), Some(*client))
+                (via, bytes.unwrap_or_default(), *client)
             })
             .collect();
         send_to_clients(&msgs).await;
@@ -909,7 +929,7 @@ async fn handle_batch<'r>(
 
 /// A reply produced while a batch is handled: the datagram's index (the reply is in its
 /// reply buffer), the reply's length, the client, and the socket it leaves from.
-type Reply = (usize, usize, SocketAddr, Arc<UdpSocket>);
+type Reply = (usize, usize, SocketAddr, ReplyVia);
 
 /// Reply buffers for a client batch, one per datagram.
 fn reply_buffers() -> Vec<Vec<u8>> {
@@ -945,7 +965,7 @@ pub(crate) async fn serve(
         };
         handle_batch(&shared, &pool, &mut batch, count, &mut outs, |_| {
             turn = turn.wrapping_add(1);
-            Some((&upstreams[..], turn, socket.clone()))
+            Some((&upstreams[..], turn, ReplyVia::Socket(socket.clone())))
         })
         .await;
     }
