@@ -24,6 +24,68 @@ fn policy() -> String {
     )
 }
 
+/// The datapath's redirect, by hand: DNS (UDP and TCP, both families) arriving in `node`
+/// on `n0` goes to the transparent port.
+fn redirect_pod_dns(node: &Netns, tmp: &TempDir) {
+    let rules = format!(
+        "table inet dnsfence_t {{
+           chain pre {{
+             type filter hook prerouting priority mangle; policy accept;
+             iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
+             iifname \"n0\" meta nfproto ipv6 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip6 to :{TPROXY_PORT} meta mark set 0x1 accept
+           }}
+         }}"
+    );
+    std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
+    node.exec(
+        "nft",
+        &["-f", &tmp.path().join("rules.nft").display().to_string()],
+    );
+    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
+    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
+    node.ip(&[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
+}
+
+/// Starts `dnsfence proxy` in `node`, transparent only, with `policy` and the endpoint
+/// `web-1` (`app: web`) at `ips` (a YAML list), logging at `level` to `proxy.log` in
+/// `tmp`; returns once its API socket is up.
+fn start_proxy(node: &Netns, tmp: &TempDir, policy: &str, ips: &str, level: &str) -> Killed {
+    std::fs::write(tmp.path().join("policy.yaml"), policy).unwrap();
+    let config = format!(
+        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: {ips}}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
+        tmp.path().join("api.sock").display()
+    );
+    std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
+    let proxy = node
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(tmp.path().join("config.yaml"))
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let proxy = Killed(proxy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tmp.path().join("api.sock").exists() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy
+}
+
 #[test]
 fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     if skip_unless_root(&["ip", "nft", "dig", "dnsmasq"]) {
@@ -59,60 +121,10 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     let _dns = dnsmasq_in(&world, "192.0.2.53", 53, "example.com", 60, &records);
     let _dns2 = dnsmasq_in(&world, "192.0.2.54", 53, "example.com", 60, &records);
     let _dns6 = dnsmasq_in(&world, "2001:db8::53", 53, "example.com", 60, &records);
-    // The datapath's redirect, by hand: pod DNS (UDP and TCP) to the transparent port.
-    let rules = format!(
-        "table inet dnsfence_t {{
-           chain pre {{
-             type filter hook prerouting priority mangle; policy accept;
-             iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
-             iifname \"n0\" meta nfproto ipv6 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip6 to :{TPROXY_PORT} meta mark set 0x1 accept
-           }}
-         }}"
-    );
     let tmp = TempDir::new("transparent");
-    std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
-    node.exec(
-        "nft",
-        &["-f", &tmp.path().join("rules.nft").display().to_string()],
-    );
-    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
-    node.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
-    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
-    node.ip(&[
-        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-    ]);
-
-    std::fs::write(tmp.path().join("policy.yaml"), policy()).unwrap();
-    let config = format!(
-        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.77.0.2, \"fd77::2\"]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
-        tmp.path().join("api.sock").display()
-    );
-    std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
-    let proxy = node
-        .command(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["proxy", "--config"])
-        .arg(tmp.path().join("config.yaml"))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _proxy = Killed(proxy);
+    redirect_pod_dns(&node, &tmp);
+    let _proxy = start_proxy(&node, &tmp, &policy(), "[10.77.0.2, \"fd77::2\"]", "debug");
     let log = || std::fs::read_to_string(tmp.path().join("proxy.log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tmp.path().join("api.sock").exists() {
-        assert!(Instant::now() < deadline, "proxy did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     // Allowed name, UDP and TCP: answered, and from 192.0.2.53 (dig rejects other sources).
     let ok = dig_in(&pod, &["@192.0.2.53", "api.example.com"]);
@@ -191,36 +203,8 @@ fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_add
     records.extend((1..=100).map(|i| format!("--host-record=big.example.com,198.18.0.{i}")));
     let _cache = dnsmasq_in(&node, "169.254.20.10", 53, "example.com", 60, &records);
     let _cache6 = dnsmasq_in(&node, "fd79:53::10", 53, "example.com", 60, &records);
-    let rules = format!(
-        "table inet dnsfence_t {{
-           chain pre {{
-             type filter hook prerouting priority mangle; policy accept;
-             iifname \"n0\" meta nfproto ipv4 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip to :{TPROXY_PORT} meta mark set 0x1 accept
-             iifname \"n0\" meta nfproto ipv6 meta l4proto {{ udp, tcp }} th dport 53 tproxy ip6 to :{TPROXY_PORT} meta mark set 0x1 accept
-           }}
-         }}"
-    );
     let tmp = TempDir::new("nodelocal");
-    std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
-    node.exec(
-        "nft",
-        &["-f", &tmp.path().join("rules.nft").display().to_string()],
-    );
-    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
-    node.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
-    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
-    node.ip(&[
-        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-    ]);
+    redirect_pod_dns(&node, &tmp);
     let servers = ["169.254.20.10/32", "fd79:53::10/128"];
     let policy = dns_policy(
         "web",
@@ -229,28 +213,8 @@ fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_add
         &["*.example.com"],
         &["*.example.com"],
     );
-    std::fs::write(tmp.path().join("policy.yaml"), policy).unwrap();
-    let config = format!(
-        "policies: [policy.yaml]\nendpoints:\n  - {{name: web-1, labels: {{app: web}}, ips: [10.79.0.2, \"fd79::2\"]}}\ndns:\n  transparent: {{port: {TPROXY_PORT}}}\napi: {{socket: {}}}\n",
-        tmp.path().join("api.sock").display()
-    );
-    std::fs::write(tmp.path().join("config.yaml"), config).unwrap();
-    let proxy = node
-        .command(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["proxy", "--config"])
-        .arg(tmp.path().join("config.yaml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _proxy = Killed(proxy);
+    let _proxy = start_proxy(&node, &tmp, &policy, "[10.79.0.2, \"fd79::2\"]", "info");
     let log = || std::fs::read_to_string(tmp.path().join("proxy.log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tmp.path().join("api.sock").exists() {
-        assert!(Instant::now() < deadline, "proxy did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     for round in 0..5 {
         for (cache, shown) in [

@@ -118,6 +118,15 @@ fn rcode(reply: &[u8]) -> u8 {
     reply[3] & 0x0f
 }
 
+/// Asks the proxy at `at` for `api.example.com` from 127.0.0.2 under each ID, one after
+/// the other; each gets NOERROR.
+async fn all_answered(at: SocketAddr, ids: std::ops::Range<u16>) {
+    for id in ids {
+        let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
+        assert_eq!(reply.map(|r| rcode(&r)), Some(0), "query {id} answered");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_denied_and_unknown_over_udp_and_tcp_with_dig() {
     if skip(&["dig", "dnsmasq"]) {
@@ -494,10 +503,7 @@ async fn a_closed_upstream_port_gets_servfail_at_once_and_is_used_again_once_bac
     // Back, on the same port: every query is answered by it (no stale error is left
     // on a socket to fail the next query).
     let _ = answering_upstream(Arc::new(UdpSocket::bind(addr).await.unwrap()));
-    for id in 10..18 {
-        let reply = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1)).await;
-        assert_eq!(reply.map(|r| rcode(&r)), Some(0), "query {id} answered");
-    }
+    all_answered(at, 10..18).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1443,12 +1449,7 @@ async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() 
     }
     // ...and passed over: nothing more reaches it.
     let reached = reached_silent.load(SeqCst);
-    for id in 20..30u16 {
-        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
-            .await
-            .unwrap();
-        assert_eq!(rcode(&r), 0, "query {id} answered");
-    }
+    all_answered(at, 20..30u16).await;
     assert_eq!(
         reached_silent.load(SeqCst),
         reached,
@@ -1459,12 +1460,7 @@ async fn a_silent_upstream_is_hedged_passed_over_and_taken_back_after_a_probe() 
     wakes.store(true, SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = answered_by_good.load(SeqCst);
-    for id in 40..50u16 {
-        let r = ask("127.0.0.2", at, msg::query(id, "api.example.com", 1))
-            .await
-            .unwrap();
-        assert_eq!(rcode(&r), 0, "query {id} answered");
-    }
+    all_answered(at, 40..50u16).await;
     let by_good = answered_by_good.load(SeqCst) - before;
     assert!(
         by_good < 10,
