@@ -24,6 +24,45 @@ fn policy() -> String {
     )
 }
 
+/// A node routing for a pod behind veth `n0`/`p0`: the node is `10.{net}.0.1` and
+/// `fd{net}::1`, the pod `.2` and `::2`, with its default routes through the node.
+fn node_and_pod(node: &str, pod: &str, net: u8) -> (Netns, Netns) {
+    let node = Netns::new(node);
+    // Routing first: turning forwarding on resets the interfaces' IPv6 state.
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let pod = Netns::new(pod);
+    let v4 = |host: u8| format!("10.{net}.0.{host}");
+    let v6 = |host: u8| format!("fd{net}::{host}");
+    veth(
+        &node,
+        "n0",
+        &format!("{}/24", v4(1)),
+        &pod,
+        "p0",
+        &format!("{}/24", v4(2)),
+    );
+    pod.ip(&["route", "add", "default", "via", &v4(1)]);
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", v6(1)),
+        "dev",
+        "n0",
+        "nodad",
+    ]);
+    pod.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", v6(2)),
+        "dev",
+        "p0",
+        "nodad",
+    ]);
+    pod.ip(&["-6", "route", "add", "default", "via", &v6(1)]);
+    (node, pod)
+}
+
 /// The datapath's redirect, by hand: DNS (UDP and TCP, both families) arriving in `node`
 /// on `n0` goes to the transparent port.
 fn redirect_pod_dns(node: &Netns, tmp: &TempDir) {
@@ -91,16 +130,7 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     if skip_unless_root(&["ip", "nft", "dig", "dnsmasq"]) {
         return;
     }
-    let node = Netns::new("node");
-    // Routing first: turning forwarding on resets the interfaces' IPv6 state.
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let pod = Netns::new("pod");
-    veth(&node, "n0", "10.77.0.1/24", &pod, "p0", "10.77.0.2/24");
-    pod.ip(&["route", "add", "default", "via", "10.77.0.1"]);
-    node.ip(&["addr", "add", "fd77::1/64", "dev", "n0", "nodad"]);
-    pod.ip(&["addr", "add", "fd77::2/64", "dev", "p0", "nodad"]);
-    pod.ip(&["-6", "route", "add", "default", "via", "fd77::1"]);
+    let (node, pod) = node_and_pod("node", "pod", 77);
     // Two DNS servers in the world, routed through the node: the allowed one and one no
     // rule covers.
     let world = Netns::new("world");
@@ -183,15 +213,7 @@ fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_add
     if skip_unless_root(&["ip", "nft", "dig", "dnsmasq"]) {
         return;
     }
-    let node = Netns::new("nodelocal");
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let pod = Netns::new("nlpod");
-    veth(&node, "n0", "10.79.0.1/24", &pod, "p0", "10.79.0.2/24");
-    pod.ip(&["route", "add", "default", "via", "10.79.0.1"]);
-    node.ip(&["addr", "add", "fd79::1/64", "dev", "n0", "nodad"]);
-    pod.ip(&["addr", "add", "fd79::2/64", "dev", "p0", "nodad"]);
-    pod.ip(&["-6", "route", "add", "default", "via", "fd79::1"]);
+    let (node, pod) = node_and_pod("nodelocal", "nlpod", 79);
     node.ip(&["addr", "add", "169.254.20.10/32", "dev", "lo"]);
     node.ip(&["addr", "add", "fd79:53::10/128", "dev", "lo", "nodad"]);
     // A name with 100 addresses, and answers up to 4096 bytes over UDP: too large for the

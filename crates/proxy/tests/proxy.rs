@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
 use dnsfence_fqdncache::Change;
 use dnsfence_policy::{Labels, PolicyLoader};
-use dnsfence_proxy::config::DnsConfig;
+use dnsfence_proxy::config::{DnsConfig, HedgeAfter};
 use dnsfence_proxy::metrics::{TransportLabel, VerdictLabel};
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics, SinkFuture};
 use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
@@ -1307,11 +1307,22 @@ fn two_kube_dns_snapshot(port: u16, second: &str) -> Snapshot {
 /// A proxy whose two upstreams, `upstreams`, are both kube-dns (see
 /// [`two_kube_dns_snapshot`]): 127.0.0.1 and `second`, on the same port.
 async fn start_two(upstreams: [SocketAddr; 2], second: &str, upstream_timeout: Duration) -> Proxy {
+    start_two_hedged(upstreams, second, upstream_timeout, HedgeAfter::Auto).await
+}
+
+/// [`start_two`], with the second copy of a slow query sent after `hedge`.
+async fn start_two_hedged(
+    upstreams: [SocketAddr; 2],
+    second: &str,
+    upstream_timeout: Duration,
+    hedge: HedgeAfter,
+) -> Proxy {
     let port = upstreams[0].port();
     Proxy::start(
         DnsConfig {
             upstreams: upstreams.to_vec(),
             upstream_timeout,
+            upstream_hedge_after: hedge,
             ..dns_config(upstreams[0])
         },
         two_kube_dns_snapshot(port, second),
@@ -1552,7 +1563,6 @@ async fn upstream_source_ports_change_and_replaced_sockets_close_once_their_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_query_is_copied_after_the_configured_delay_or_never_when_off() {
-    use dnsfence_proxy::config::HedgeAfter;
     // `auto` would copy after 400 ms.
     let timeout = Duration::from_secs(2);
     for (hedge, copied) in [
@@ -1565,20 +1575,7 @@ async fn a_slow_query_is_copied_after_the_configured_delay_or_never_when_off() {
         let silent_addr: SocketAddr = format!("127.0.0.6:{}", good_addr.port()).parse().unwrap();
         let _silent = UdpSocket::bind(silent_addr).await.unwrap();
         answering_upstream(good);
-        let proxy = Proxy::start(
-            DnsConfig {
-                upstreams: vec![silent_addr, good_addr],
-                upstream_timeout: timeout,
-                upstream_hedge_after: hedge,
-                ..dns_config(silent_addr)
-            },
-            two_kube_dns_snapshot(good_addr.port(), "127.0.0.6"),
-            Arc::new(NoopSink),
-            ProxyMetrics::default(),
-            flow_log(),
-        )
-        .await
-        .unwrap();
+        let proxy = start_two_hedged([silent_addr, good_addr], "127.0.0.6", timeout, hedge).await;
         let at = proxy.udp_addrs()[0];
         // Round robin sends some of four queries to the silent upstream.
         let clients: Vec<_> = (0..4u16)
@@ -1616,7 +1613,6 @@ async fn a_slow_query_is_copied_after_the_configured_delay_or_never_when_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tcp_a_slow_query_is_copied_to_another_upstream_and_the_first_answer_wins() {
-    use dnsfence_proxy::config::HedgeAfter;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     // Two allowed upstreams on the same port: one answers, the other takes each query and
     // never answers.
@@ -1638,20 +1634,8 @@ async fn over_tcp_a_slow_query_is_copied_to_another_upstream_and_the_first_answe
         });
     }
     let timeout = Duration::from_secs(2);
-    let proxy = Proxy::start(
-        DnsConfig {
-            upstreams: vec![silent_addr, good],
-            upstream_timeout: timeout,
-            upstream_hedge_after: HedgeAfter::After(Duration::from_millis(50)),
-            ..dns_config(good)
-        },
-        two_kube_dns_snapshot(good.port(), "127.0.0.9"),
-        Arc::new(NoopSink),
-        ProxyMetrics::default(),
-        flow_log(),
-    )
-    .await
-    .unwrap();
+    let hedge = HedgeAfter::After(Duration::from_millis(50));
+    let proxy = start_two_hedged([silent_addr, good], "127.0.0.9", timeout, hedge).await;
     // Every query is answered long before the timeout, the silent upstream's too.
     for id in 0..4u16 {
         let started = Instant::now();
