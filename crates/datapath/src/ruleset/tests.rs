@@ -45,6 +45,7 @@ fn options() -> Options {
         table: "dnsfence".into(),
         deny_action: DenyAction::Reject,
         fwmark: 0x4e53,
+        ct_mark: 0x0040_0000,
         tproxy_port: Some(15053),
         route_table: 20053,
         log_group: Some(20053),

@@ -348,3 +348,21 @@ fn datapath_section_defaults_and_problems() {
     .unwrap_err();
     assert_eq!(err.problems.len(), 3, "{:?}", err.problems);
 }
+
+#[test]
+fn a_zero_ct_mark_and_ipv4_mapped_upstreams_are_refused() {
+    let err = Config::parse(
+        "c.yaml",
+        "datapath: {ct_mark: 0}\ndns: {listen: [\"127.0.0.1:5353\"], upstreams: [\"[::ffff:192.0.2.53]:53\", \"[2001:db8::53]:53\"]}",
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    assert!(all.contains("datapath.ct_mark: must not be 0"), "{all}");
+    assert!(
+        all.contains("dns.upstreams[0]: [::ffff:192.0.2.53]:53 is an IPv4-mapped IPv6 address; write 192.0.2.53:53"),
+        "{all}"
+    );
+    assert_eq!(err.problems.len(), 2, "{all}");
+    let ok = Config::parse("c.yaml", "datapath: {ct_mark: 0x10}").unwrap();
+    assert_eq!(ok.datapath.ct_mark, 0x10);
+}
