@@ -234,6 +234,9 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
             dnsfence_proxy::flows::FlowMetrics::default(),
         )
     };
+    // The thread reading refused packets: stopped after serving ends, before the runtime
+    // waits for the flow log's writer (which its callback keeps open).
+    let mut reader = None;
     let worker = match config.datapath.backend {
         Backend::None => None,
         Backend::Nftables => {
@@ -251,13 +254,16 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
                 let on_refusal = Box::new(move |r: &dnsfence_datapath::drops::Refusal| {
                     flows.push(agent_drop_flow(r));
                 });
-                if let Err(e) = dnsfence_datapath::drops::spawn_reader(
+                match dnsfence_datapath::drops::spawn_reader(
                     group,
                     names,
                     worker.stats.drops.clone(),
                     on_refusal,
                 ) {
-                    warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+                    Ok(r) => reader = Some(r),
+                    Err(e) => {
+                        warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+                    }
                 }
             }
             Some(worker)
@@ -319,7 +325,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         );
         (set, Some(data))
     };
-    runtime.block_on(serve(
+    let code = runtime.block_on(serve(
         args.config.clone(),
         files,
         config,
@@ -329,7 +335,9 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         flows,
         cluster,
         k8s_metrics,
-    ))
+    ));
+    drop(reader);
+    code
 }
 
 /// The agent socket, bound unless a running process holds it (`None`: try again later).

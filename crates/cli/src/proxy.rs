@@ -297,21 +297,30 @@ pub(crate) async fn serve(
             error!(socket = %socket.display(), error = %e, "API socket unavailable");
         }
     });
-    if let (Some(worker), Some(group)) = (&datapath, crate::run::options(&config).log_group) {
+    // Stopped when serving ends, which releases what its callback holds.
+    let _reader = if let (Some(worker), Some(group)) =
+        (&datapath, crate::run::options(&config).log_group)
+    {
         let shared = proxy.shared().clone();
         let names = worker.names();
         let on_refusal = Box::new(move |r: &dnsfence_datapath::drops::Refusal| {
             shared.flows.push(drop_flow(r, &shared))
         });
-        if let Err(e) = dnsfence_datapath::drops::spawn_reader(
+        match dnsfence_datapath::drops::spawn_reader(
             group,
             names,
             worker.stats.drops.clone(),
             on_refusal,
         ) {
-            warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(group, error = %e, "cannot read refused packets: they are refused but not logged");
+                None
+            }
         }
-    }
+    } else {
+        None
+    };
     let following = follower.is_some();
     let config = Arc::new(config);
     if let Some(f) = follower {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::ruleset::DropReason;
 use crate::sys::nflog::{LoggedPacket, NflogSocket};
@@ -85,28 +86,72 @@ pub fn protocol_name(p: u8) -> &'static str {
     }
 }
 
+/// The thread reading refused packets; dropping it stops the thread (within a second)
+/// and waits for it, so what its callback holds (the flow log, say) is released.
+#[derive(Debug)]
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How often a group another process holds (the previous agent, during a rolling
+/// update) is asked for again.
+const REBIND_EVERY: Duration = Duration::from_secs(2);
+
 /// Reads NFLOG `group` on a thread of its own (in the caller's network namespace) until
-/// the process ends.
+/// the returned [`Reader`] is dropped. While the group cannot be bound (another process
+/// holds it), or after reading fails, the thread binds it again every [`REBIND_EVERY`].
 pub fn spawn_reader(
     group: u16,
     names: EndpointNames,
     metrics: DropMetrics,
     on_refusal: Box<dyn Fn(&Refusal) + Send>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let mut socket = NflogSocket::open(group).map_err(std::io::Error::other)?;
-    std::thread::Builder::new()
+) -> std::io::Result<Reader> {
+    let mut socket = match NflogSocket::open(group) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(group, error = %e, "cannot read refused packets yet: they are refused but not logged; trying again every 2 s");
+            None
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
         .name("dnsfence-drops".into())
         .spawn(move || {
             let mut overruns = 0;
-            loop {
-                let packets = match socket.recv(Some(Duration::from_secs(1))) {
+            while !stopping.load(Ordering::Relaxed) {
+                let Some(sock) = socket.as_mut() else {
+                    let mut waited = Duration::ZERO;
+                    while waited < REBIND_EVERY && !stopping.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        waited += Duration::from_millis(100);
+                    }
+                    if let Ok(s) = NflogSocket::open(group) {
+                        info!(group, "reading refused packets");
+                        overruns = 0;
+                        socket = Some(s);
+                    }
+                    continue;
+                };
+                let packets = match sock.recv(Some(Duration::from_secs(1))) {
                     Ok(p) => p,
                     Err(e) => {
-                        error!(error = %e, "reading refused packets failed; no more drop logs");
-                        return;
+                        error!(error = %e, "reading refused packets failed; binding the group again");
+                        socket = None;
+                        continue;
                     }
                 };
-                let now = socket.overruns();
+                let now = sock.overruns();
                 if now > overruns {
                     metrics.overruns.inc_by(now - overruns);
                     overruns = now;
@@ -135,5 +180,9 @@ pub fn spawn_reader(
                     on_refusal(&r);
                 }
             }
-        })
+        })?;
+    Ok(Reader {
+        stop,
+        thread: Some(thread),
+    })
 }
