@@ -86,8 +86,8 @@ pub fn is_truncated(packet: &[u8]) -> bool {
     packet.get(2).is_some_and(|b| b & 0x02 != 0)
 }
 
-/// Writes into `out` a response to `query` with `rcode`, echoing the ID, opcode, RD bit
-/// and, when `question_end` is given, the question (bytes `12..question_end` of the query).
+/// Writes into `out` a response to `query` with `rcode`, echoing the ID, opcode, RD and
+/// CD bits and, when `question_end` is given, the question (bytes `12..question_end` of the query).
 /// Returns the reply's length, or `None` when `query` has no full header or `out` is small.
 pub fn write_reply(
     query: &[u8],
@@ -104,10 +104,12 @@ pub fn write_reply(
     let dst = out.get_mut(..len)?;
     let (h, q) = dst.split_at_mut(HEADER_LEN);
     h.copy_from_slice(header);
-    // QR=1, keep opcode and RD, clear AA/TC; RA=1, Z/AD/CD=0, rcode.
+    // QR=1, keep opcode and RD, clear AA/TC; RA=1, Z/AD=0, CD copied (RFC 4035
+    // section 3.2.2), rcode.
     let flags0 = header.get(2).copied().unwrap_or(0);
+    let flags1 = header.get(3).copied().unwrap_or(0);
     h[2] = 0x80 | (flags0 & 0x78) | (flags0 & 0x01);
-    h[3] = 0x80 | rcode.value();
+    h[3] = 0x80 | (flags1 & 0x10) | rcode.value();
     let qdcount: u16 = u16::from(question_end.is_some());
     h[4..6].copy_from_slice(&qdcount.to_be_bytes());
     h[6..12].fill(0);
@@ -221,6 +223,12 @@ mod tests {
         assert_eq!(rcode(r), Some(5));
         assert_eq!(&r[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&r[12..], &query[12..]);
+        assert_eq!(r[3] & 0x10, 0, "CD not set by itself");
+        // CD (checking disabled) is copied, AD is not.
+        let mut cd = query;
+        cd[3] = 0x30;
+        let n = write_reply(&cd, Some(cd.len()), Rcode::Refused, &mut out).unwrap();
+        assert_eq!(out[..n][3], 0x80 | 0x10 | 5);
         let n = write_reply(&query, None, Rcode::FormErr, &mut out).unwrap();
         assert_eq!(n, HEADER_LEN);
         assert_eq!(&out[4..6], &[0, 0]);

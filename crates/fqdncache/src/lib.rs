@@ -149,6 +149,9 @@ impl FqdnCache {
     ) -> Vec<Change> {
         let expires = now + self.effective_ttl(ttl);
         let mut changes = Vec::new();
+        // An answer with more IPs than a name may keep: its first ones (those clients
+        // try first), never some of it evicting others of it.
+        let ips = ips.get(..self.config.max_ips_per_name).unwrap_or(ips);
         for name in names {
             // One lookup for a known name (the usual case); a new one is inserted.
             let entry = match self.names.get_mut(name.as_str()) {
@@ -170,6 +173,7 @@ impl FqdnCache {
                     ip,
                     expires,
                     self.config.max_ips_per_name,
+                    ips,
                     &mut changes,
                 );
             }
@@ -308,6 +312,7 @@ fn upsert(
     ip: IpAddr,
     expires: Instant,
     max_ips: usize,
+    answer: &[IpAddr],
     changes: &mut Vec<Change>,
 ) {
     if let Some(have) = entry.ips.iter_mut().find(|l| l.ip == ip) {
@@ -333,11 +338,13 @@ fn upsert(
         return;
     }
     while entry.ips.len() >= max_ips {
-        // Evict the IP closest to expiry (the least recently confirmed).
+        // Evict the IP closest to expiry (the least recently confirmed), never one of
+        // the answer being learned.
         let Some(oldest) = entry
             .ips
             .iter()
             .enumerate()
+            .filter(|(_, l)| !answer.contains(&l.ip))
             .min_by_key(|(_, l)| l.expires)
             .map(|(i, _)| i)
         else {

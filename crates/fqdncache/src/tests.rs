@@ -200,6 +200,46 @@ fn at_most_max_ips_per_name_oldest_out_first() {
 }
 
 #[test]
+fn an_answer_over_max_ips_per_name_keeps_its_first_ips_and_evicts_older_ones() {
+    let set = set();
+    let mut c = FqdnCache::new(CacheConfig {
+        max_ips_per_name: 3,
+        ..CacheConfig::default()
+    });
+    let t0 = Instant::now();
+    let a = [n("a.example.com")];
+    let held = |c: &FqdnCache| {
+        let mut v: Vec<IpAddr> = c.ips("a.example.com").iter().map(|l| l.ip).collect();
+        v.sort();
+        v
+    };
+    // One answer of five: the first three, whatever the order of the rest.
+    let five: Vec<IpAddr> = (1..=5).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+    let ch = c.learn(t0, &a, &five, Duration::from_secs(10), &set);
+    assert_eq!(held(&c), five[..3]);
+    assert!(removes(&ch).is_empty(), "{ch:?}");
+    // A later answer with a shorter TTL than what is held: its IPs replace the older
+    // ones, not each other.
+    let later: Vec<IpAddr> = (11..=14).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+    c.learn(
+        t0 + Duration::from_secs(1),
+        &a,
+        &five,
+        Duration::from_secs(3600),
+        &set,
+    );
+    let ch = c.learn(
+        t0 + Duration::from_secs(2),
+        &a,
+        &later,
+        Duration::from_secs(5),
+        &set,
+    );
+    assert_eq!(held(&c), later[..3]);
+    assert_eq!(removes(&ch).len(), 3, "{ch:?}");
+}
+
+#[test]
 fn reselect_moves_ips_to_new_selectors() {
     let mut c = FqdnCache::new(CacheConfig::default());
     let t0 = Instant::now();

@@ -669,33 +669,30 @@ fn port_rules(sink: &mut Sink<'_>, v: &Value, path: &str, deny: bool) -> Option<
             }
         }
         let ports_path = join(&p, "ports");
-        let ports = match f.get("ports") {
-            Some(v) => {
-                let mut ports = Vec::new();
-                for (j, pp) in list(sink, v, &ports_path)
-                    .unwrap_or_default()
-                    .iter()
-                    .enumerate()
-                {
-                    if let Some(pp) = port_protocol(sink, pp, &index(&ports_path, j)) {
-                        ports.push(pp);
-                    }
+        // The entries that parsed, with their index in the list (the others are reported).
+        let mut indexed = Vec::new();
+        // How many entries were written (`None`: no `ports` at all).
+        let mut written = None;
+        if let Some(v) = f.get("ports") {
+            let entries = list(sink, v, &ports_path).unwrap_or_default();
+            written = Some(entries.len());
+            for (j, pp) in entries.iter().enumerate() {
+                if let Some(pp) = port_protocol(sink, pp, &index(&ports_path, j)) {
+                    indexed.push((j, pp));
                 }
-                ports
             }
-            None => Vec::new(),
-        };
-        let ports = if ports.is_empty() {
+        }
+        let ports: Vec<PortProtocol> = if indexed.is_empty() {
             vec![PortProtocol::ANY]
         } else {
-            ports
+            indexed.iter().map(|(_, pp)| *pp).collect()
         };
         let dns = match f.get("rules") {
             Some(r) => l7_rules(sink, r, &join(&p, "rules")),
             None => None,
         };
         if dns.is_some() {
-            check_dns_ports(sink, f.get("ports"), &ports, &ports_path);
+            check_dns_ports(sink, written, &indexed, &ports_path);
         }
         out.push(PortRule { ports, dns });
     }
@@ -703,18 +700,21 @@ fn port_rules(sink: &mut Sink<'_>, v: &Value, path: &str, deny: bool) -> Option<
 }
 
 /// DNS rules need a specific port, no range, and TCP, UDP or ANY.
+///
+/// `written` is how many entries the list has (`None`: no list); `ports` are the entries
+/// that parsed, with their index in it (the others were reported already).
 fn check_dns_ports(
     sink: &mut Sink<'_>,
-    written: Option<&Value>,
-    ports: &[PortProtocol],
+    written: Option<usize>,
+    ports: &[(usize, PortProtocol)],
     path: &str,
 ) {
-    if written.is_none() {
+    if written.is_none_or(|n| n == 0) {
         sink.error(path, "DNS rules need a port (usually 53)");
         return;
     }
-    for (j, pp) in ports.iter().enumerate() {
-        let p = index(path, j);
+    for (j, pp) in ports {
+        let p = index(path, *j);
         if pp.port == 0 {
             sink.error(
                 &join(&p, "port"),
