@@ -305,8 +305,28 @@ fn finish(crd: CustomResourceDefinition) -> CustomResourceDefinition {
         .and_then(Value::as_array_mut)
     {
         for version in versions {
-            if let Some(spec) = version.pointer_mut("/schema/openAPIV3Schema/properties/spec") {
-                harden(spec);
+            let Some(root) = version.pointer_mut("/schema/openAPIV3Schema") else {
+                continue;
+            };
+            let Some(spec) = root.pointer_mut("/properties/spec") else {
+                continue;
+            };
+            harden(spec);
+            // `specs`: more specs of the same shape; an object has either, or both.
+            let specs = json!({
+                "description": "More specs of the same form; the object's rules are those of all its specs.",
+                "type": "array",
+                "items": spec.clone(),
+            });
+            if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+                props.insert("specs".into(), specs);
+            }
+            if let Some(obj) = root.as_object_mut() {
+                obj.remove("required");
+                obj.insert(
+                    "anyOf".into(),
+                    json!([{"required": ["spec"]}, {"required": ["specs"]}]),
+                );
             }
         }
     }
@@ -386,5 +406,23 @@ mod tests {
         assert_eq!(http["maxItems"], json!(0), "{http}");
         assert!(text.contains("toServices"), "{text}");
         assert!(text.contains("^[-a-zA-Z0-9_.*]+$"), "{text}");
+    }
+
+    #[test]
+    fn both_kinds_take_spec_specs_or_both() {
+        for crd in crds() {
+            let v = serde_json::to_value(&crd).unwrap();
+            let root = v.pointer("/spec/versions/0/schema/openAPIV3Schema").unwrap();
+            assert_eq!(
+                root["properties"]["specs"]["items"], root["properties"]["spec"],
+                "specs holds specs"
+            );
+            assert_eq!(root["properties"]["specs"]["type"], json!("array"));
+            assert!(root.get("required").is_none(), "{root}");
+            assert_eq!(
+                root["anyOf"],
+                json!([{"required": ["spec"]}, {"required": ["specs"]}])
+            );
+        }
     }
 }
