@@ -158,6 +158,39 @@ fn learned_mappings_survive_a_restart_of_both_and_a_lost_table() {
     );
 }
 
+// After a reboot the proxy may start before the agent: it restores its learned IPs while
+// there is no table to write them to, and writes them once the agent has made one.
+#[test]
+fn learned_mappings_come_back_when_the_proxy_starts_before_the_agent() {
+    let Some(mut env) = env_split(vec![]) else {
+        return;
+    };
+    wait_for(&env, "snapshot in force", 1);
+    let cdn = a(env.web(), "a.cdn.example.com")[0];
+    assert_eq!(reach(env.web(), cdn, 443), Outcome::Connected);
+    std::thread::sleep(Duration::from_millis(2500));
+    env.daemon.kill_all();
+    let out = env
+        .lab
+        .node()
+        .command("nft")
+        .args(["delete", "table", "inet", "dnsfence"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let before = log_count(&env, "snapshot in force");
+    env.daemon.spawn(Process::Proxy).unwrap();
+    wait_for(&env, "learned IPs restored", 1);
+    env.daemon.spawn(Process::Agent).unwrap();
+    wait_for(&env, "snapshot in force", before + 1);
+    // The pod's cached answer works again without resolving.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reach(env.web(), cdn, 443) != Outcome::Connected {
+        assert!(Instant::now() < deadline, "{}", env.diag());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn corrupt_state_files_are_reported_and_ignored() {
     let Some(mut env) = env_split(vec![]) else {

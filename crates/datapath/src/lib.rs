@@ -105,6 +105,29 @@ impl Datapath {
         self.learned.retain_selectors(|s| sets.contains_key(&s));
     }
 
+    /// Writes every learned IP that has not expired into its selector's set again, with
+    /// the time it has left. The owner of the table may have recreated it (a reboot, an
+    /// agent that started after this process learned or restored its IPs): re-adding an
+    /// element only refreshes it. Returns how many elements were written.
+    pub fn rewrite_learned(&mut self) -> Result<usize, SysError> {
+        let now = Instant::now();
+        self.set_ops.clear();
+        for (selector, ip, until) in self.learned.elements() {
+            if until <= now {
+                continue;
+            }
+            let Some((v4, v6)) = self.sets.get(&selector) else {
+                continue;
+            };
+            self.set_ops.push(SetOp::Add {
+                set: if ip.is_ipv4() { v4 } else { v6 }.clone(),
+                ip,
+                timeout: until.saturating_duration_since(now).max(MIN_TIMEOUT),
+            });
+        }
+        self.write_set_ops()
+    }
+
     /// Elements per selector set, read from the kernel (sets it cannot read are left out).
     pub fn element_counts(&mut self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
@@ -211,6 +234,11 @@ impl Datapath {
                 Op::Delete { .. } => SetOp::Delete { set, ip },
             });
         }
+        self.write_set_ops()
+    }
+
+    /// Writes `set_ops` in one batch; returns how many were written.
+    fn write_set_ops(&mut self) -> Result<usize, SysError> {
         if self.set_ops.is_empty() {
             return Ok(0);
         }
@@ -412,6 +440,17 @@ impl Worker {
                             Request::UseSelectors(p, reply) => {
                                 flush(&mut datapath, &st, &mut changes, &mut waiting);
                                 datapath.use_selectors(&p);
+                                // The table's owner may have recreated it since: put
+                                // back what this process learned.
+                                match datapath.rewrite_learned() {
+                                    Ok(n) if n > 0 => {
+                                        debug!(elements = n, "learned IPs written again");
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "writing learned IPs again failed");
+                                    }
+                                }
                                 let _ = reply.send(());
                             }
                         }

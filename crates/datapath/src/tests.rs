@@ -147,3 +147,33 @@ fn the_worker_batches_concurrent_requests_and_reports_failures() {
     );
     assert!(!rx.recv_timeout(Duration::from_secs(5)).unwrap());
 }
+
+#[test]
+fn learned_ips_are_written_again_for_a_table_recreated_meanwhile() {
+    let fake = FakeKernel::default();
+    let mut dp = Datapath::elements_only(Box::new(fake.clone()), options());
+    let s = set(&["*.example.com"], &PolicySet::default());
+    dp.use_selectors(&s);
+    let (id, pattern) = s.fqdn_selectors()[0].clone();
+    dp.apply(&[
+        upsert("a.example.com", "192.0.2.1", id),
+        upsert("b.example.com", "2001:db8::2", id),
+    ])
+    .unwrap();
+    // A rewrite puts every live element back, with the time it has left, though the
+    // bookkeeping believes the kernel holds them.
+    assert_eq!(dp.rewrite_learned().unwrap(), 2);
+    let log = fake.log.lock().unwrap();
+    let last = log.batches.last().unwrap();
+    assert_eq!(last.len(), 2);
+    for op in last {
+        let SetOp::Add { set, timeout, .. } = op else {
+            panic!("{op:?}");
+        };
+        assert!(
+            *set == ruleset::fqdn_set_name(&pattern, false)
+                || *set == ruleset::fqdn_set_name(&pattern, true)
+        );
+        assert!(*timeout > Duration::from_secs(25) && *timeout <= Duration::from_secs(30));
+    }
+}

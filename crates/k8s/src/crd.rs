@@ -412,7 +412,9 @@ mod tests {
     fn both_kinds_take_spec_specs_or_both() {
         for crd in crds() {
             let v = serde_json::to_value(&crd).unwrap();
-            let root = v.pointer("/spec/versions/0/schema/openAPIV3Schema").unwrap();
+            let root = v
+                .pointer("/spec/versions/0/schema/openAPIV3Schema")
+                .unwrap();
             assert_eq!(
                 root["properties"]["specs"]["items"], root["properties"]["spec"],
                 "specs holds specs"
