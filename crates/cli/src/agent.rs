@@ -70,6 +70,8 @@ struct Status {
     proxies: BTreeMap<u32, ProxyState>,
     reloads: u64,
     rejected_reloads: u64,
+    /// Policies in force (objects of the policy set, as the proxy counts them).
+    policies: usize,
     /// Kubernetes mode, once listed.
     kubernetes: Option<KubernetesStatus>,
 }
@@ -408,7 +410,10 @@ async fn serve(
             }
         });
     }
-    let status = Arc::new(Mutex::new(Status::default()));
+    let status = Arc::new(Mutex::new(Status {
+        policies: set.policies().len(),
+        ..Status::default()
+    }));
     let path = config.api.agent_socket.clone();
     // The socket, once bound. A running process holding it (the old agent during a rolling
     // update) keeps it: proxies stay with that agent until it exits, and this one binds the
@@ -503,6 +508,7 @@ async fn serve(
         match loaded {
             Ok(Ok((config, new_set, data))) => {
                 set = new_set;
+                lock(&status).policies = set.policies().len();
                 version += 1;
                 version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
                 let _ = tx.send(Some(Arc::new((version, data))));
@@ -659,7 +665,7 @@ fn status_json(
         "pid": std::process::id(),
         "uptime_s": started.elapsed().as_secs(),
         "snapshot_version": version,
-        "policies": current.map_or(0, |c| c.1.policies.len()),
+        "policies": s.policies,
         "endpoints": current.map_or(0, |c| c.1.endpoints.len()),
         "selectors": current.map_or(0, |c| c.1.selectors.len()),
         "table": current.and_then(|c| c.1.table.clone()),

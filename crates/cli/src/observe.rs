@@ -48,9 +48,14 @@ pub(crate) struct ObserveArgs {
     /// Only this pod.
     #[arg(long)]
     pod: Option<String>,
-    /// Only this verdict (allowed, unfiltered, denied, audit, malformed, fairness, timeout,
-    /// unreachable).
-    #[arg(long)]
+    /// Only this verdict.
+    #[arg(
+        long,
+        value_parser = [
+            "allowed", "unfiltered", "denied", "audit", "malformed", "fairness", "timeout",
+            "unreachable",
+        ]
+    )]
     verdict: Option<String>,
     /// Only query names (or names of refused destinations) matching this pattern
     /// (`matchPattern` syntax: `*.example.com`, `**.example.com`).

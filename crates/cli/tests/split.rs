@@ -242,6 +242,9 @@ fn status_shows_both_processes() {
         "{v}"
     );
     assert_eq!(v["proxy"]["learned_names"], 1, "{v}");
+    // Both count policies the same way: the lab's policy file holds two.
+    assert_eq!(v["agent"]["policies"], 2, "{v}");
+    assert_eq!(v["proxy"]["policies"], 2, "{v}");
     let elements: u64 = v["agent"]["datapath"]["elements"]
         .as_object()
         .unwrap()

@@ -902,6 +902,21 @@ impl Config {
                 }
             }
         }
+        for (i, up) in self.dns.upstreams.iter().enumerate() {
+            if up.port() == 0 {
+                p.push(format!("dns.upstreams[{i}]: {up} has no port (0)"));
+            }
+        }
+        if self.dns.transparent.as_ref().is_some_and(|t| t.port == 0) {
+            p.push("dns.transparent.port: must not be 0".to_owned());
+        }
+        for (i, suffix) in self.dns.search_suffixes.iter().enumerate() {
+            if let Err(e) = dnsfence_policy::FoldedName::new(suffix.as_bytes()) {
+                p.push(format!(
+                    "dns.search_suffixes[{i}]: {suffix:?} is not a DNS name: {e}"
+                ));
+            }
+        }
         let dns = &self.dns;
         for (key, value) in [
             ("dns.min_ttl", dns.min_ttl),

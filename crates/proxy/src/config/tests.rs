@@ -366,3 +366,24 @@ fn a_zero_ct_mark_and_ipv4_mapped_upstreams_are_refused() {
     let ok = Config::parse("c.yaml", "datapath: {ct_mark: 0x10}").unwrap();
     assert_eq!(ok.datapath.ct_mark, 0x10);
 }
+
+#[test]
+fn ports_0_and_search_suffixes_that_are_not_names_are_refused() {
+    let err = Config::parse(
+        "c.yaml",
+        "dns: {listen: [\"127.0.0.1:5353\"], upstreams: [\"127.0.0.1:0\"], transparent: {port: 0}, search_suffixes: [cluster.local, \"\", \"a..b\", \"with space\", \"*.x\"]}",
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    for needle in [
+        "dns.upstreams[0]: 127.0.0.1:0 has no port (0)",
+        "dns.transparent.port: must not be 0",
+        "dns.search_suffixes[1]: \"\"",
+        "dns.search_suffixes[2]: \"a..b\"",
+        "dns.search_suffixes[3]: \"with space\"",
+        "dns.search_suffixes[4]: \"*.x\"",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(err.problems.len(), 6, "{all}");
+}
