@@ -371,6 +371,12 @@ pub struct DnsConfig {
     /// Idle TCP client connections are closed after this (default `10s`; 1 ms to 1 h).
     #[serde(default = "default_tcp_idle", deserialize_with = "duration")]
     pub tcp_idle_timeout: Duration,
+    /// How long an upstream TCP connection is kept for reuse once its query is answered
+    /// (default `0s`: closed at once; at most 1 min). Reuse saves a handshake per TCP
+    /// query, but a server that handles TCP in its only process (dnsmasq with `-d`) is
+    /// blocked for as long as an idle connection stays open.
+    #[serde(default, deserialize_with = "duration")]
+    pub upstream_tcp_idle: Duration,
     /// On SIGTERM, how long queries in flight may take to finish (default 5s; at most 1 h).
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
@@ -398,6 +404,7 @@ impl Default for DnsConfig {
             upstream_hedge_after: HedgeAfter::default(),
             max_inflight_per_client: default_max_inflight(),
             tcp_idle_timeout: default_tcp_idle(),
+            upstream_tcp_idle: Duration::ZERO,
             drain_timeout: default_drain(),
             search_suffixes: Vec::new(),
         }
@@ -583,6 +590,11 @@ const DURATION_LIMITS: &[(&str, Duration, Duration)] = &[
         Duration::from_secs(86_400),
     ),
     ("dns.tcp_idle_timeout", Duration::from_millis(1), HOUR),
+    (
+        "dns.upstream_tcp_idle",
+        Duration::ZERO,
+        Duration::from_secs(60),
+    ),
     ("dns.drain_timeout", Duration::ZERO, HOUR),
 ];
 
@@ -664,6 +676,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "upstream_hedge_after",
             "max_inflight_per_client",
             "tcp_idle_timeout",
+            "upstream_tcp_idle",
             "drain_timeout",
             "search_suffixes",
         ],
@@ -925,6 +938,7 @@ impl Config {
             ("dns.upstream_timeout", dns.upstream_timeout),
             ("dns.upstream_port_lifetime", dns.upstream_port_lifetime),
             ("dns.tcp_idle_timeout", dns.tcp_idle_timeout),
+            ("dns.upstream_tcp_idle", dns.upstream_tcp_idle),
             ("dns.drain_timeout", dns.drain_timeout),
         ] {
             let Some((_, least, most)) = DURATION_LIMITS.iter().find(|(k, _, _)| *k == key) else {

@@ -387,8 +387,9 @@ async fn attempt(
     }
 }
 
-/// Idle upstream TCP connections, reused for later queries (RFC 7766 encourages reuse):
-/// at most [`POOL_PER_UPSTREAM`] per upstream, each dropped after [`POOL_IDLE`] unused.
+/// Idle upstream TCP connections, reused for later queries (RFC 7766 encourages reuse)
+/// when `dns.upstream_tcp_idle` is set: at most [`POOL_PER_UPSTREAM`] per upstream, each
+/// dropped after that long unused.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: std::sync::Mutex<
@@ -400,25 +401,29 @@ pub(crate) struct Pool {
 const POOL_PER_UPSTREAM: usize = 8;
 /// Upstreams with idle connections kept at once.
 const POOL_UPSTREAMS: usize = 64;
-/// How long an idle connection is kept.
-const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl Pool {
-    fn take(&self, upstream: SocketAddr) -> Option<TcpStream> {
+    fn take(&self, upstream: SocketAddr, keep: std::time::Duration) -> Option<TcpStream> {
+        if keep.is_zero() {
+            return None;
+        }
         let mut idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = idle.get_mut(&upstream)?;
         while let Some((stream, since)) = list.pop() {
-            if since.elapsed() < POOL_IDLE {
+            if since.elapsed() < keep {
                 return Some(stream);
             }
         }
         None
     }
 
-    fn put(&self, upstream: SocketAddr, stream: TcpStream) {
+    fn put(&self, upstream: SocketAddr, stream: TcpStream, keep: std::time::Duration) {
+        if keep.is_zero() {
+            // Closed now: the server is not left holding an idle connection.
+            return;
+        }
         let mut idle = self
             .idle
             .lock()
@@ -426,7 +431,7 @@ impl Pool {
         // Expired connections are closed here, for every upstream: a transparent proxy
         // sees many servers, most of them asked once.
         idle.retain(|_, list| {
-            list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+            list.retain(|(_, since)| since.elapsed() < keep);
             !list.is_empty()
         });
         if idle.len() >= POOL_UPSTREAMS && !idle.contains_key(&upstream) {
@@ -465,7 +470,8 @@ async fn exchange(
     let id = rand::random::<u16>();
     wire::set_id(&mut query, id);
     let sent = std::time::Instant::now();
-    let (mut up, mut answer) = match shared.tcp_pool.take(upstream) {
+    let keep = shared.config.upstream_tcp_idle;
+    let (mut up, mut answer) = match shared.tcp_pool.take(upstream, keep) {
         Some(mut up) => match ask(&mut up, &query, id, shared).await {
             Ok(a) => (up, a),
             Err(_) => {
@@ -492,7 +498,7 @@ async fn exchange(
         };
         match shared.accept_answer(question, &answer, learn, asked) {
             Some(hold) => {
-                shared.tcp_pool.put(upstream, up);
+                shared.tcp_pool.put(upstream, up, keep);
                 return Ok((answer, hold));
             }
             // Not an answer to this question: keep reading.

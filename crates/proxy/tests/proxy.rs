@@ -779,14 +779,26 @@ async fn tcp_upstream() -> SocketAddr {
 
 /// A TCP upstream, and how many connections it accepted.
 async fn tcp_upstream_counting() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let (addr, accepted, _) = tcp_upstream_counting_closes().await;
+    (addr, accepted)
+}
+
+/// The same, also counting the connections the proxy closed.
+async fn tcp_upstream_counting_closes() -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (count, closes) = (accepted.clone(), closed.clone());
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let closes = closes.clone();
             tokio::spawn(async move {
                 while let Some(q) = tcp_recv(&mut s).await {
                     let slow = q[13..17].eq_ignore_ascii_case(b"slow");
@@ -801,16 +813,44 @@ async fn tcp_upstream_counting() -> (SocketAddr, Arc<std::sync::atomic::AtomicUs
                     let r = msg::response(&q, 0, &[msg::a(owner, 60, [192, 0, 2, 1])], &[]);
                     tcp_send(&mut s, &r).await;
                 }
+                closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, closed)
+}
+
+// By default an upstream TCP connection closes once its answer is in: a server that
+// serves TCP in its only process is not left blocked by an idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_upstream_connections_close_after_their_answer_by_default() {
+    let (up, accepted, closed) = tcp_upstream_counting_closes().await;
+    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    for id in 0..3u16 {
+        let mut s = tcp_from("127.0.0.2", proxy.tcp_addrs()[0]).await.unwrap();
+        tcp_send(&mut s, &msg::query(id, "fast.example.com", 1)).await;
+        let r = tcp_recv(&mut s).await.expect("answer");
+        assert_eq!(rcode(&r), 0);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while closed.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an upstream connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_queries_reuse_upstream_connections() {
+async fn tcp_queries_reuse_upstream_connections_when_asked_to() {
     let (up, accepted) = tcp_upstream_counting().await;
-    let proxy = start(dns_config(up), VerdictConfig::default(), Arc::new(NoopSink)).await;
+    let cfg = DnsConfig {
+        upstream_tcp_idle: Duration::from_secs(10),
+        ..dns_config(up)
+    };
+    let proxy = start(cfg, VerdictConfig::default(), Arc::new(NoopSink)).await;
     for id in 0..5u16 {
         // A new client connection each time: the upstream side is still reused.
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
