@@ -9,7 +9,8 @@
 //! every watch has listed, so a restart never enforces half a cluster, and it keeps its
 //! last state while the API server is unreachable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,7 +24,8 @@ use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::PolicySet;
 use dnsfence_proxy::config::{Backend, Config, Listeners, Usage};
 use dnsfence_proxy::control::{
-    read_message, write_message, Message, Role, SelectorSets, SnapshotData, CONTROL_PROTOCOL,
+    read_message, write_message, LearnedIp, Message, Role, SelectorSets, SnapshotData,
+    CONTROL_PROTOCOL,
 };
 use dnsfence_proxy::flows::{Flow, FlowLog, Source};
 use tokio::io::BufReader;
@@ -239,6 +241,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     // The thread reading refused packets: stopped after serving ends, before the runtime
     // waits for the flow log's writer (which its callback keeps open).
     let mut reader = None;
+    let context = Arc::new(DropContext::default());
     let worker = match config.datapath.backend {
         Backend::None => None,
         Backend::Nftables => {
@@ -252,9 +255,9 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
             let names = datapath.names();
             let worker = Worker::spawn(datapath).context("starting the datapath thread")?;
             if let Some(group) = options(&config).log_group {
-                let flows = flows.clone();
+                let (flows, context) = (flows.clone(), context.clone());
                 let on_refusal = Box::new(move |r: &dnsfence_datapath::drops::Refusal| {
-                    flows.push(agent_drop_flow(r));
+                    flows.push(agent_drop_flow(r, &context));
                 });
                 match dnsfence_datapath::drops::spawn_reader(
                     group,
@@ -337,6 +340,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
         flows,
         cluster,
         k8s_metrics,
+        context,
     ));
     drop(reader);
     code
@@ -373,8 +377,12 @@ async fn serve(
     flows: Arc<FlowLog>,
     mut cluster: Option<watch::Receiver<View>>,
     k8s_metrics: dnsfence_k8s::watch::Metrics,
+    context: Arc<DropContext>,
 ) -> Result<ExitCode> {
     let started = Instant::now();
+    if let Some(d) = &data {
+        context.set_endpoints(d);
+    }
     // Versions grow within one agent's life and across restarts (start time in the high bits).
     let base = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -438,9 +446,9 @@ async fn serve(
             accepted = async { socket.as_ref()?.0.accept().await.ok() }, if socket.is_some() => {
                 let Some((stream, _)) = accepted else { continue };
                 let (rx, status, worker) = (rx.clone(), status.clone(), worker.clone());
-                let flows = flows.clone();
+                let (flows, context) = (flows.clone(), context.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, rx, status, worker, started, flows).await {
+                    if let Err(e) = connection(stream, rx, status, worker, started, flows, context).await {
                         debug!(error = %e, "agent connection ended");
                     }
                 });
@@ -511,6 +519,7 @@ async fn serve(
                 lock(&status).policies = set.policies().len();
                 version += 1;
                 version_gauge.set(i64::try_from(version).unwrap_or(i64::MAX));
+                context.set_endpoints(&data);
                 let _ = tx.send(Some(Arc::new((version, data))));
                 lock(&status).reloads += 1;
                 lock(&status).kubernetes = view.as_deref().map(|v| KubernetesStatus {
@@ -545,6 +554,7 @@ async fn connection(
     worker: Option<Worker>,
     started: Instant,
     flows: Arc<FlowLog>,
+    context: Arc<DropContext>,
 ) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
@@ -614,6 +624,7 @@ async fn connection(
                     error!(pid, version, %reason, "proxy refused the snapshot");
                 }
                 Ok(Some(Message::Learned { ips, dropped })) => {
+                    context.learned(&ips);
                     let mut s = lock(&status);
                     let p = s.proxies.entry(pid).or_default();
                     p.learned_reports += 1;
@@ -682,11 +693,101 @@ fn status_json(
 }
 
 /// A refused packet as a flow event (the agent knows endpoints, not learned names).
-fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
-    let (namespace, pod_name) = match r.endpoint.as_deref().and_then(|e| e.split_once('/')) {
-        Some((ns, name)) => (Some(ns.to_owned()), Some(name.to_owned())),
-        None => (None, None),
-    };
+/// What the agent knows to describe a refused packet: the names the proxies reported for
+/// each address, and the endpoints of the snapshot in force.
+#[derive(Debug, Default)]
+struct DropContext {
+    names: Mutex<HashMap<IpAddr, Vec<(String, Instant)>>>,
+    endpoints: Mutex<HashMap<IpAddr, Arc<Source>>>,
+}
+
+/// Addresses whose names are remembered at once (a bound on memory; the proxies' own
+/// caches are bounded the same way).
+const DROP_CONTEXT_ADDRESSES: usize = 200_000;
+
+impl DropContext {
+    /// Takes a proxy's report of learned (or forgotten: TTL 0) mappings.
+    fn learned(&self, ips: &[LearnedIp]) {
+        let now = Instant::now();
+        let mut names = lock(&self.names);
+        for l in ips {
+            if l.ttl_ms == 0 {
+                if let Some(list) = names.get_mut(&l.ip) {
+                    list.retain(|(n, _)| *n != l.name);
+                    if list.is_empty() {
+                        names.remove(&l.ip);
+                    }
+                }
+                continue;
+            }
+            if names.len() >= DROP_CONTEXT_ADDRESSES && !names.contains_key(&l.ip) {
+                names.retain(|_, list| {
+                    list.retain(|(_, until)| *until > now);
+                    !list.is_empty()
+                });
+                if names.len() >= DROP_CONTEXT_ADDRESSES {
+                    continue;
+                }
+            }
+            let until = now + std::time::Duration::from_millis(l.ttl_ms);
+            let list = names.entry(l.ip).or_default();
+            match list.iter_mut().find(|(n, _)| *n == l.name) {
+                Some(entry) => entry.1 = entry.1.max(until),
+                None => list.push((l.name.clone(), until)),
+            }
+        }
+    }
+
+    /// The names last learned for `ip` that have not expired (at most 5).
+    fn names_of(&self, ip: IpAddr) -> Vec<String> {
+        let now = Instant::now();
+        lock(&self.names).get(&ip).map_or_else(Vec::new, |list| {
+            list.iter()
+                .filter(|(_, until)| *until > now)
+                .map(|(n, _)| n.clone())
+                .take(5)
+                .collect()
+        })
+    }
+
+    /// Takes the endpoints of a new snapshot.
+    fn set_endpoints(&self, data: &SnapshotData) {
+        let mut map = HashMap::new();
+        for ep in &data.endpoints {
+            let labels: Vec<String> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            for ip in &ep.ips {
+                map.insert(
+                    *ip,
+                    Arc::new(Source {
+                        ip: Some(*ip),
+                        namespace: Some(ep.namespace.clone()),
+                        pod_name: Some(ep.name.clone()),
+                        labels: labels.clone(),
+                    }),
+                );
+            }
+        }
+        *lock(&self.endpoints) = map;
+    }
+}
+
+fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal, context: &DropContext) -> Flow {
+    let source = lock(&context.endpoints)
+        .get(&r.packet.src)
+        .cloned()
+        .unwrap_or_else(|| {
+            let (namespace, pod_name) = match r.endpoint.as_deref().and_then(|e| e.split_once('/'))
+            {
+                Some((ns, name)) => (Some(ns.to_owned()), Some(name.to_owned())),
+                None => (None, None),
+            };
+            Arc::new(Source {
+                ip: Some(r.packet.src),
+                namespace,
+                pod_name,
+                labels: Vec::new(),
+            })
+        });
     let mut flow = Flow::new(
         "drop",
         if r.reason
@@ -696,18 +797,13 @@ fn agent_drop_flow(r: &dnsfence_datapath::drops::Refusal) -> Flow {
         } else {
             "denied"
         },
-        Arc::new(Source {
-            ip: Some(r.packet.src),
-            namespace,
-            pod_name,
-            labels: Vec::new(),
-        }),
+        source,
     );
     flow.destination = Some(dnsfence_proxy::flows::Destination {
         ip: Some(r.packet.dst),
         port: r.packet.dst_port,
         protocol: Some(dnsfence_datapath::drops::protocol_name(r.packet.protocol)),
-        names: Vec::new(),
+        names: context.names_of(r.packet.dst),
     });
     flow.drop_reason_desc = Some(
         r.reason

@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{blocked, env, env_config, ip, metrics_port, observe, reach, resolve, scrape};
+use common::{
+    blocked, env, env_config, env_split, ip, metrics_port, observe, reach, resolve, scrape,
+};
 use dnsfence_lab::{DnsStatus, RecordType, Transport};
 use serde_json::Value;
 
@@ -66,6 +68,36 @@ fn observe_names_the_domain_pod_policy_and_reason() {
     // Filters: another pod, another type.
     assert!(observe(&env, &["--pod", "other"]).is_empty());
     assert!(observe(&env, &["--type", "drop", "--verdict", "allowed"]).is_empty());
+}
+
+// With the agent and the proxy as two processes, the agent reads the refused packets: it
+// names their destination from what the proxies reported learning, and their pod with
+// its labels.
+#[test]
+fn split_drop_events_name_the_domain_and_the_pods_labels() {
+    let Some(env) = env_split(vec![]) else { return };
+    let (status, ips) = resolve(env.web(), "api.example.com", RecordType::A, Transport::Udp);
+    assert_eq!(status, DnsStatus::NoError);
+    // The proxy's report of the learned IP reaches the agent.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(blocked(reach(env.web(), ips[0], 8080)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let drop = loop {
+        let drops = observe(&env, &["--type", "drop", "--last", "100"]);
+        if let Some(d) = drops
+            .iter()
+            .find(|f| f["destination"]["port"] == 8080)
+            .cloned()
+        {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "{drops:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(drop["destination"]["names"][0], "api.example.com", "{drop}");
+    assert_eq!(drop["source"]["pod_name"], "web", "{drop}");
+    let labels = drop["source"]["labels"].as_array().unwrap();
+    assert!(labels.iter().any(|l| l == "app=web"), "{drop}");
 }
 
 #[test]
