@@ -837,6 +837,12 @@ impl Config {
                     &mut problems,
                     &mut failed,
                 )),
+                ("kubernetes", Value::Mapping(inner)) => Some(valid_fields::<KubernetesConfig>(
+                    "kubernetes",
+                    inner,
+                    &mut problems,
+                    &mut failed,
+                )),
                 ("endpoints", Value::Sequence(items)) => Some(Value::Sequence(
                     items
                         .iter()

@@ -387,3 +387,23 @@ fn ports_0_and_search_suffixes_that_are_not_names_are_refused() {
     }
     assert_eq!(err.problems.len(), 6, "{all}");
 }
+
+#[test]
+fn kubernetes_keys_are_checked_one_by_one() {
+    let err = Config::parse(
+        "c.yaml",
+        "kubernetes: {cluster_name: [1], node_name: [5], kubeconfig: [x], enabled: 7, watch_cilium_policies: true}",
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    for key in [
+        "kubernetes.cluster_name: ",
+        "kubernetes.node_name: ",
+        "kubernetes.kubeconfig: ",
+        "kubernetes.enabled: ",
+    ] {
+        assert!(all.contains(key), "missing {key:?} in:\n{all}");
+    }
+    assert!(!all.contains("watch_cilium_policies"), "{all}");
+    assert_eq!(err.problems.len(), 4, "{all}");
+}
