@@ -407,3 +407,32 @@ fn kubernetes_keys_are_checked_one_by_one() {
     assert!(!all.contains("watch_cilium_policies"), "{all}");
     assert_eq!(err.problems.len(), 4, "{all}");
 }
+
+/// The example configuration shows every key the configuration accepts.
+#[test]
+fn the_standalone_example_names_every_key() {
+    let full = std::fs::read_to_string(examples().join("standalone.yaml")).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&full).unwrap();
+    let mut missing = Vec::new();
+    for (section, keys) in KNOWN {
+        let map = match *section {
+            "" => Some(&doc),
+            "endpoints[]" => doc.get("endpoints").and_then(|e| e.get(0)),
+            path => path.split('.').try_fold(&doc, |v, k| v.get(k)),
+        };
+        for key in *keys {
+            // Endpoint keys are spread over several endpoints.
+            let present = if *section == "endpoints[]" {
+                doc.get("endpoints")
+                    .and_then(|e| e.as_sequence())
+                    .is_some_and(|eps| eps.iter().any(|ep| ep.get(key).is_some()))
+            } else {
+                map.and_then(|m| m.get(key)).is_some()
+            };
+            if !present {
+                missing.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in standalone.yaml: {missing:?}");
+}
