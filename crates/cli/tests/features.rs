@@ -104,6 +104,12 @@ fn search_lists_just_work_for_allowed_names_and_teach_nothing() {
         Ok(vec![ip("192.0.2.99")])
     );
     assert!(blocked(reach(env.web(), ip("192.0.2.99"), 443)));
+    // The policy forwarded it: its flow says allowed, not unfiltered.
+    let flows = common::observe(&env, &["--name", "api.example.com.cluster.local"]);
+    assert!(
+        !flows.is_empty() && flows.iter().all(|f| f["verdict"] == "allowed"),
+        "{flows:#?}"
+    );
     // A denied name is refused at the first candidate, as before.
     let denied = musl_getaddrinfo(env.web(), "blocked.example.org", &search);
     assert!(denied.unwrap_err().contains("REFUSED"));

@@ -325,6 +325,9 @@ impl Shared {
         };
         let learn = verdict.learn;
         let audited = verdict.audit;
+        // Forwarded by an enforced endpoint's policy without teaching (a search-list
+        // candidate, a port allowed without DNS rules) is still allowed, not unfiltered.
+        let enforced = verdict.endpoint.is_some_and(|e| e.policy.enforced);
         if audited {
             let mut flow = Flow::new("dns", "audit", self.source(client.ip()));
             let (name, _) = flows::question_name(query.question(packet));
@@ -349,7 +352,7 @@ impl Shared {
         self.metrics.query(
             if audited {
                 VerdictLabel::Audit
-            } else if learn {
+            } else if learn || enforced {
                 VerdictLabel::Allowed
             } else {
                 VerdictLabel::Unfiltered
@@ -470,7 +473,13 @@ impl Shared {
         let learned = checked.learned;
         {
             // Answers to queries no policy vetted are told apart from allowed ones.
-            let verdict = if learn { "allowed" } else { "unfiltered" };
+            let enforced = learn
+                || self
+                    .snapshot
+                    .load()
+                    .endpoint(asked.client)
+                    .is_some_and(|e| e.policy.enforced);
+            let verdict = if enforced { "allowed" } else { "unfiltered" };
             let mut flow = Flow::new("dns", verdict, self.source(asked.client));
             let (name, qtype) = flows::question_name(question);
             flow.dns = Some(Dns {
