@@ -322,6 +322,10 @@ pub(crate) async fn serve(
         None
     };
     let following = follower.is_some();
+    proxy
+        .shared()
+        .follows_agent
+        .store(following, std::sync::atomic::Ordering::Relaxed);
     let config = Arc::new(config);
     if let Some(f) = follower {
         crate::follow::restore(proxy.shared(), &config).await;

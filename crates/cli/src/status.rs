@@ -81,6 +81,11 @@ pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
     };
     let agent = agent_status(&config.api.agent_socket);
     let proxy = proxy_status(&config.api.socket);
+    // `dnsfence run` (or a proxy alone) takes its policy from its own files: no agent to
+    // ask, and none missing.
+    let agent_needed = !proxy
+        .as_ref()
+        .is_ok_and(|p| p["follows_agent"] == serde_json::Value::Bool(false));
     let show = |r: &Result<serde_json::Value>| match r {
         Ok(v) => v.clone(),
         Err(e) => serde_json::json!({"error": format!("{e:#}")}),
@@ -90,7 +95,14 @@ pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
         writeln!(
             out,
             "{}",
-            serde_json::json!({"agent": show(&agent), "proxy": show(&proxy)})
+            serde_json::json!({
+                "agent": if agent_needed || agent.is_ok() {
+                    show(&agent)
+                } else {
+                    serde_json::json!({"not_used": "the proxy runs on its own files (dnsfence run, or proxy without --agent)"})
+                },
+                "proxy": show(&proxy),
+            })
         )?;
     } else {
         for (name, r) in [("agent", &agent), ("proxy", &proxy)] {
@@ -103,13 +115,17 @@ pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
                         }
                     }
                 }
+                Err(_) if name == "agent" && !agent_needed => writeln!(
+                    out,
+                    "agent: not used (the proxy runs on its own files: dnsfence run, or proxy without --agent)"
+                )?,
                 Err(e) => writeln!(out, "{name}: DOWN ({e:#})")?,
             }
         }
     }
     out.flush()?;
-    // 0 when both answer, 1 when either is down.
-    Ok(if agent.is_ok() && proxy.is_ok() {
+    // 0 when what is needed answers, 1 when something is down.
+    Ok(if (agent.is_ok() || !agent_needed) && proxy.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

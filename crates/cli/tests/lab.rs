@@ -394,3 +394,21 @@ fn run_without_nft_fails_clearly_before_touching_anything() {
     assert!(stderr.contains("`nft` not found"), "{stderr}");
     assert!(stderr.contains("apt install nftables"), "{stderr}");
 }
+
+// `dnsfence run` has no agent: status says so and is healthy (exit 0).
+#[test]
+fn status_of_run_needs_no_agent() {
+    let Some(env) = env(vec![]) else { return };
+    let out = env
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["status", "-o", "json", "--config"])
+        .arg(env.daemon.config_path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["proxy"]["follows_agent"], false, "{v}");
+    assert!(v["agent"]["not_used"].is_string(), "{v}");
+}

@@ -104,6 +104,7 @@ fn answer(shared: &Shared, line: &str) -> serde_json::Value {
             let (names, ips) = shared.with_cache(|c| (c.len(), c.mappings()));
             serde_json::json!({"version": API_VERSION, "status": {
                 "role": "proxy",
+                "follows_agent": shared.follows_agent.load(std::sync::atomic::Ordering::Relaxed),
                 "pid": std::process::id(),
                 "uptime_s": shared.uptime().as_secs(),
                 "snapshot_version": shared.snapshot_version.load(std::sync::atomic::Ordering::Relaxed),

@@ -103,6 +103,9 @@ pub struct Shared {
     sources: ArcSwap<foldhash::HashMap<IpAddr, Arc<Source>>>,
     /// The version of the agent's snapshot in force (0: none, or not following an agent).
     pub snapshot_version: std::sync::atomic::AtomicU64,
+    /// Whether this proxy takes its policy from an agent (`proxy --agent`), rather than
+    /// from its own files (`run`, or `proxy` alone).
+    pub follows_agent: std::sync::atomic::AtomicBool,
     started: Instant,
     snapshot_at: Mutex<Instant>,
 }
@@ -164,6 +167,7 @@ impl Shared {
             confirming: Arc::default(),
             sources: ArcSwap::from_pointee(sources),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
+            follows_agent: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             snapshot_at: Mutex::new(Instant::now()),
         };
