@@ -109,7 +109,7 @@ const REBIND_EVERY: Duration = Duration::from_secs(2);
 
 /// Reads NFLOG `group` on a thread of its own (in the caller's network namespace) until
 /// the returned [`Reader`] is dropped. While the group cannot be bound (another process
-/// holds it), or after reading fails, the thread binds it again every [`REBIND_EVERY`].
+/// holds it), or after reading fails, the thread binds it again every 2 s.
 pub fn spawn_reader(
     group: u16,
     names: EndpointNames,
