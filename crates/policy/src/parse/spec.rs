@@ -735,30 +735,32 @@ fn check_dns_ports(
 
 fn port_protocol(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<PortProtocol> {
     let f = fields(sink, v, path, &["port", "endPort", "protocol"])?;
+    // Every field is judged, so that one run reports all of an entry's problems.
     let port_value = match f.get("port") {
-        Some(p) => Some(port(sink, p, &join(path, "port"))?),
-        None => None,
+        Some(p) => port(sink, p, &join(path, "port")),
+        None => Some(0),
     };
     let end = match f.get("endPort") {
-        Some(e) => Some(port(sink, e, &join(path, "endPort"))?),
-        None => None,
+        Some(e) => port(sink, e, &join(path, "endPort")).map(Some),
+        None => Some(None),
     };
     let protocol = match f.get("protocol") {
         Some(p) => {
             let pp = join(path, "protocol");
-            let s = string(sink, p, &pp)?;
-            let parsed = Protocol::parse(s);
-            if parsed.is_none() {
-                sink.error(
-                    &pp,
-                    format!("unknown protocol {s:?} (expected TCP, UDP, SCTP or ANY)"),
-                );
-            }
-            parsed?
+            string(sink, p, &pp).and_then(|s| {
+                let parsed = Protocol::parse(s);
+                if parsed.is_none() {
+                    sink.error(
+                        &pp,
+                        format!("unknown protocol {s:?} (expected TCP, UDP, SCTP or ANY)"),
+                    );
+                }
+                parsed
+            })
         }
-        None => Protocol::Any,
+        None => Some(Protocol::Any),
     };
-    let port_value = port_value.unwrap_or(0);
+    let (port_value, end) = (port_value?, end?);
     let end_port = match end {
         None | Some(0) => port_value,
         Some(_) if port_value == 0 => {
@@ -777,7 +779,7 @@ fn port_protocol(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<PortProto
     Some(PortProtocol {
         port: port_value,
         end_port,
-        protocol,
+        protocol: protocol?,
     })
 }
 
