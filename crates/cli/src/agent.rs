@@ -637,8 +637,29 @@ async fn connection(
         }
     };
     info!(pid, "proxy disconnected");
-    lock(&status).proxies.entry(pid).or_default().connected = false;
+    {
+        let mut s = lock(&status);
+        s.proxies.entry(pid).or_default().connected = false;
+        forget_gone(&mut s.proxies, pid);
+    }
     result
+}
+
+/// Disconnected proxies `dnsfence status` still lists.
+const GONE_PROXIES_SHOWN: usize = 4;
+
+/// Proxies come and go (rolling updates): of the disconnected ones, keeps `last` (just
+/// gone) and the most recent others (highest process IDs first), [`GONE_PROXIES_SHOWN`] in all.
+fn forget_gone(proxies: &mut BTreeMap<u32, ProxyState>, last: u32) {
+    let gone: Vec<u32> = proxies
+        .iter()
+        .filter(|(p, st)| !st.connected && **p != last)
+        .map(|(p, _)| *p)
+        .collect();
+    let extra = gone.len().saturating_sub(GONE_PROXIES_SHOWN - 1);
+    for old in gone.iter().take(extra) {
+        proxies.remove(old);
+    }
 }
 
 fn status_json(
@@ -838,5 +859,27 @@ async fn observe<W: tokio::io::AsyncWrite + Unpin>(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_keeps_connected_proxies_and_the_last_few_gone() {
+        let mut proxies = BTreeMap::new();
+        for pid in 1..=10u32 {
+            proxies.insert(
+                pid,
+                ProxyState {
+                    connected: pid == 5,
+                    ..ProxyState::default()
+                },
+            );
+        }
+        forget_gone(&mut proxies, 2);
+        let left: Vec<u32> = proxies.keys().copied().collect();
+        assert_eq!(left, [2, 5, 8, 9, 10]);
     }
 }

@@ -17,9 +17,13 @@ pub(crate) enum FqdnCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
-    /// The API socket.
-    #[arg(long, default_value = "/run/dnsfence/dnsfence.sock")]
-    socket: PathBuf,
+    /// The API socket (default: the configuration's `api.socket`, else
+    /// /run/dnsfence/dnsfence.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The configuration file naming the socket.
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     output: Format,
@@ -33,8 +37,18 @@ enum Format {
 
 pub(crate) fn run(cmd: &FqdnCommand) -> Result<ExitCode> {
     let FqdnCommand::List(args) = cmd;
-    let mut stream = UnixStream::connect(&args.socket)
-        .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
+    let socket = match (&args.socket, &args.config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(path)) => {
+            match crate::proxy::read_config(path, dnsfence_proxy::config::Usage::default()) {
+                Ok(c) => c.api.socket,
+                Err(code) => return Ok(code),
+            }
+        }
+        (None, None) => PathBuf::from("/run/dnsfence/dnsfence.sock"),
+    };
+    let mut stream = UnixStream::connect(&socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
     writeln!(
         stream,
         "{}",

@@ -412,3 +412,26 @@ fn status_of_run_needs_no_agent() {
     assert_eq!(v["proxy"]["follows_agent"], false, "{v}");
     assert!(v["agent"]["not_used"].is_string(), "{v}");
 }
+
+// `fqdn list` finds the API socket through the configuration, as status and observe do.
+#[test]
+fn fqdn_list_reads_the_socket_from_the_configuration() {
+    let Some(env) = env(vec![]) else { return };
+    a(env.web(), "api.example.com");
+    let out = env
+        .lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["fqdn", "list", "-o", "json", "-c"])
+        .arg(env.daemon.config_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("api.example.com"), "{text}");
+}
