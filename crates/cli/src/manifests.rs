@@ -61,7 +61,13 @@ impl InstallArgs {
                 self.namespace
             );
         }
-        if self.image.is_empty() || self.image.chars().any(char::is_whitespace) {
+        if self.image.is_empty() {
+            bail!(
+                "--image: empty; give an image reference (default {})",
+                manifests::default_image()
+            );
+        }
+        if self.image.chars().any(char::is_whitespace) {
             bail!("--image {:?}: an image reference has no spaces", self.image);
         }
         if self.log_level.chars().any(char::is_whitespace) {

@@ -118,4 +118,11 @@ fn bad_options_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["manifests", "--image", ""])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--image: empty"), "{stderr}");
 }
