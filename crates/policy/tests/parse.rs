@@ -173,6 +173,37 @@ spec:
     assert_eq!(diags.len(), 2, "{:?}", lines(&diags));
 }
 
+// Kubernetes label syntax: a key or value no pod can carry is reported, as a warning (the
+// policy stays: its selector only matches nothing).
+#[test]
+fn labels_no_pod_can_carry_are_warned_about() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: labels, namespace: default}
+spec:
+  endpointSelector:
+    matchLabels: {"bad key!": web, "Team.Example/tier": front, "k8s:app.kubernetes.io/name": web}
+  egress:
+    - toEndpoints:
+        - matchLabels: {app: "bad value!"}
+          matchExpressions: [{key: tier, operator: In, values: ["-dash", ok]}]
+"#;
+    let (policies, diags) = parse(yaml);
+    assert_eq!(policies.len(), 1, "{:?}", lines(&diags));
+    assert!(diags.iter().all(|d| d.severity == Severity::Warning));
+    let got = lines(&diags).join("\n");
+    for needle in [
+        "matchLabels.bad key!: warning: label key \"bad key!\" is not a label name",
+        "matchLabels.Team.Example/tier: warning: label key \"Team.Example/tier\" has a prefix that is not a DNS subdomain",
+        "matchLabels.app: warning: label value \"bad value!\" is not a valid label value",
+        "matchExpressions[0].values[0]: warning: label value \"-dash\"",
+    ] {
+        assert!(got.contains(needle), "missing {needle:?} in:\n{got}");
+    }
+    assert_eq!(diags.len(), 4, "{got}");
+}
+
 #[test]
 fn loader_reports_duplicates_across_files() {
     let doc = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: d, namespace: n}\nspec: {endpointSelector: {}}\n";
