@@ -75,12 +75,24 @@ pub(crate) fn read_config(path: &Path, usage: Usage) -> Result<Config, ExitCode>
             return Err(ExitCode::from(2));
         }
     };
-    Config::parse_file(path, &text, usage).map_err(|e| {
+    let config = Config::parse_file(path, &text, usage).map_err(|e| {
         for p in &e.problems {
             eprintln!("{p}");
         }
         ExitCode::from(2)
-    })
+    })?;
+    // The filter syntax is tracing's: checked here, where it is known, not when logging
+    // starts (which could only ignore it).
+    if let Some(level) = &config.log.level {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+            eprintln!(
+                "{}: log.level: {level:?} is not a log filter (such as info or info,dnsfence_proxy=debug): {e}",
+                path.display()
+            );
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(config)
 }
 
 /// Policy paths are relative to the configuration file's directory.

@@ -208,6 +208,20 @@ fn a_bad_config_exits_2_before_binding() {
         err.contains("bogus: unknown key") && err.contains("dns.min_ttl"),
         "{err}"
     );
+    // So does a log filter tracing cannot read.
+    std::fs::write(
+        dir.join("c.yaml"),
+        format!("log: {{level: \"info,=[bad\"}}\ndns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("log.level"), "{err}");
     // Invalid policies also stop it before it binds anything.
     std::fs::write(dir.join("p.yaml"), "kind: Nope\n").unwrap();
     std::fs::write(
