@@ -801,12 +801,25 @@ impl Config {
                 continue;
             };
             let section = match (k, v) {
-                ("dns", Value::Mapping(inner)) => Some(valid_fields::<DnsConfig>(
-                    "dns",
-                    inner,
-                    &mut problems,
-                    &mut failed,
-                )),
+                ("dns", Value::Mapping(inner)) => {
+                    // `dns.transparent.port` is named itself when it does not parse.
+                    let mut inner = inner.clone();
+                    let port = inner
+                        .get("transparent")
+                        .and_then(|t| t.get("port"))
+                        .cloned();
+                    if let Some(Err(e)) = port.map(serde_yaml_ng::from_value::<u16>) {
+                        push_error("dns.transparent.port", &e, &mut problems);
+                        failed.push("dns.transparent".to_owned());
+                        inner.remove("transparent");
+                    }
+                    Some(valid_fields::<DnsConfig>(
+                        "dns",
+                        &inner,
+                        &mut problems,
+                        &mut failed,
+                    ))
+                }
                 ("api", Value::Mapping(inner)) => Some(valid_fields::<ApiConfig>(
                     "api",
                     inner,

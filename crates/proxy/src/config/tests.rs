@@ -436,3 +436,14 @@ fn the_standalone_example_names_every_key() {
     }
     assert!(missing.is_empty(), "not in standalone.yaml: {missing:?}");
 }
+
+#[test]
+fn a_transparent_port_that_does_not_parse_is_named() {
+    let err = Config::parse("c.yaml", "dns: {transparent: {port: abc}}").unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{:?}", err.problems);
+    assert!(
+        err.problems[0].starts_with("c.yaml: dns.transparent.port: "),
+        "{:?}",
+        err.problems
+    );
+}
