@@ -205,6 +205,37 @@ spec:
 }
 
 #[test]
+fn names_kubernetes_would_refuse_are_warned_about() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: Bad_Name, namespace: "Bad NS"}
+spec:
+  endpointSelector: {}
+  egress: [{toEntities: [world]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: good.name-1, namespace: team-a}
+spec:
+  endpointSelector: {}
+  egress: [{toEntities: [world]}]
+"#;
+    let (policies, diags) = parse(yaml);
+    assert_eq!(policies.len(), 2, "{:?}", lines(&diags));
+    let got = lines(&diags);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0].contains("metadata.name: warning: \"Bad_Name\": Kubernetes would refuse"),
+        "{got:?}"
+    );
+    assert!(
+        got[1].contains("metadata.namespace: warning: \"Bad NS\": Kubernetes would refuse"),
+        "{got:?}"
+    );
+}
+
+#[test]
 fn loader_reports_duplicates_across_files() {
     let doc = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: d, namespace: n}\nspec: {endpointSelector: {}}\n";
     let mut loader = PolicyLoader::new();
