@@ -187,59 +187,41 @@ fn resolve_inspect_and_reload() {
     );
 }
 
+/// Runs `dnsfence proxy` on the configuration `text` (written to `dir/c.yaml`); its exit
+/// code and standard error.
+fn proxy_on(dir: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    std::fs::write(dir.join("c.yaml"), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(["proxy", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn a_bad_config_exits_2_before_binding() {
     let tmp = TempDir::new("badcfg");
     let dir = tmp.path().to_owned();
     let port = free_port();
-    std::fs::write(
-        dir.join("c.yaml"),
-        format!("dns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n  min_ttl: soon\nbogus: 1\n"),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["proxy", "--config"])
-        .arg(dir.join("c.yaml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let dns = format!("dns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n");
+    let (code, err) = proxy_on(&dir, &format!("{dns}  min_ttl: soon\nbogus: 1\n"));
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("bogus: unknown key") && err.contains("dns.min_ttl"),
         "{err}"
     );
     // So does a log filter tracing cannot read.
-    std::fs::write(
-        dir.join("c.yaml"),
-        format!("log: {{level: \"info,=[bad\"}}\ndns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n"),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["proxy", "--config"])
-        .arg(dir.join("c.yaml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = proxy_on(&dir, &format!("log: {{level: \"info,=[bad\"}}\n{dns}"));
+    assert_eq!(code, Some(2));
     assert!(err.contains("log.level"), "{err}");
     // Invalid policies also stop it before it binds anything.
     std::fs::write(dir.join("p.yaml"), "kind: Nope\n").unwrap();
-    std::fs::write(
-        dir.join("c.yaml"),
-        format!("policies: [p.yaml]\ndns:\n  listen: [\"127.0.0.1:{port}\"]\n  upstreams: [\"127.0.0.1:53\"]\n"),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["proxy", "--config"])
-        .arg(dir.join("c.yaml"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = proxy_on(&dir, &format!("policies: [p.yaml]\n{dns}"));
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(),
         "nothing was bound"

@@ -194,6 +194,20 @@ fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// The Internet checksum (RFC 1071) of the concatenated `parts` (a pseudo-header's
+/// fields, then the message).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let bytes = parts.concat();
+    let mut sum: u32 = 0;
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Sends `packet` (a whole IP packet, header included) from `ns` towards `to`.
 fn send_packet(ns: &Netns, to: IpAddr, packet: &[u8]) {
     let v4 = to.is_ipv4();
@@ -411,21 +425,13 @@ fn redteam_node_service_from_unspecified_source() {
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
     // checksum over the pseudo-header
-    let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| {
-        for pair in b.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-    };
-    add(&Ipv6Addr::UNSPECIFIED.octets());
-    add(&dst.octets());
-    add(&(udp.len() as u32).to_be_bytes());
-    add(&[0, 0, 0, 17]);
-    add(&udp);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let ck = !(sum as u16);
+    let ck = checksum(&[
+        &Ipv6Addr::UNSPECIFIED.octets(),
+        &dst.octets(),
+        &(udp.len() as u32).to_be_bytes(),
+        &[0, 0, 0, 17],
+        &udp,
+    ]);
     udp[6..8].copy_from_slice(&ck.to_be_bytes());
     let mut pkt = vec![0x60, 0, 0, 0];
     pkt.extend_from_slice(&(udp.len() as u16).to_be_bytes());
@@ -673,14 +679,7 @@ fn redteam_icmp_other_types_are_refused() {
     unreach.extend_from_slice(&[192, 0, 2, 10, 10, 200, 0, 2]);
     unreach.extend_from_slice(&[0, 53, 0x9c, 0x40, 0, 8, 0, 0]);
     for msg in [&mut ts, &mut unreach] {
-        let mut sum: u32 = 0;
-        for pair in msg.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let ck = !(sum as u16);
+        let ck = checksum(&[&msg[..]]);
         msg[2..4].copy_from_slice(&ck.to_be_bytes());
     }
     for to in ["192.0.2.10", "203.0.113.66"] {
@@ -724,14 +723,7 @@ fn redteam_crafted_related_icmp_error_to_denied_destination() {
     msg.extend_from_slice(&sport.to_be_bytes());
     msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
     msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
-    let mut sum: u32 = 0;
-    for pair in msg.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let ck = !(sum as u16);
+    let ck = checksum(&[&msg[..]]);
     msg[2..4].copy_from_slice(&ck.to_be_bytes());
     send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
@@ -770,14 +762,7 @@ fn redteam_icmp_error_related_to_redirected_dns_does_not_leave() {
     msg.extend_from_slice(&sport.to_be_bytes());
     msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
     msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
-    let mut sum: u32 = 0;
-    for pair in msg.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let ck = !(sum as u16);
+    let ck = checksum(&[&msg[..]]);
     msg[2..4].copy_from_slice(&ck.to_be_bytes());
     send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
@@ -831,21 +816,13 @@ fn redteam_icmpv6_error_related_to_redirected_dns_does_not_leave() {
     let mut msg = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
     msg.extend_from_slice(&quoted);
     msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMPV6-ERROR");
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-    };
-    add(&web6.octets());
-    add(&evil.octets());
-    add(&(msg.len() as u32).to_be_bytes());
-    add(&[0, 0, 0, 58]);
-    add(&msg);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let ck = !(sum as u16);
+    let ck = checksum(&[
+        &web6.octets(),
+        &evil.octets(),
+        &(msg.len() as u32).to_be_bytes(),
+        &[0, 0, 0, 58],
+        &msg,
+    ]);
     msg[2..4].copy_from_slice(&ck.to_be_bytes());
     send_raw(env.web(), 58, IpAddr::V6(evil), &msg);
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());

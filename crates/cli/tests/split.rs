@@ -117,16 +117,9 @@ fn with_the_proxy_killed_enforced_pods_fail_closed_then_recover() {
     );
 }
 
-#[test]
-fn learned_mappings_survive_a_restart_of_both_and_a_lost_table() {
-    let Some(mut env) = env_split(vec![]) else {
-        return;
-    };
-    wait_for(&env, "snapshot in force", 1);
-    let cdn = a(env.web(), "a.cdn.example.com")[0];
-    assert_eq!(reach(env.web(), cdn, 443), Outcome::Connected);
-    // Let the journal write (every 2 s), then lose everything but the state directory:
-    // both processes and the kernel table (as a reboot would).
+/// Lets the journal write (every 2 s), then loses everything but the state directory:
+/// both processes and the kernel table, as a reboot would.
+fn lose_all_but_the_state(env: &mut Env) {
     std::thread::sleep(Duration::from_millis(2500));
     env.daemon.kill_all();
     let out = env
@@ -137,6 +130,17 @@ fn learned_mappings_survive_a_restart_of_both_and_a_lost_table() {
         .output()
         .unwrap();
     assert!(out.status.success());
+}
+
+#[test]
+fn learned_mappings_survive_a_restart_of_both_and_a_lost_table() {
+    let Some(mut env) = env_split(vec![]) else {
+        return;
+    };
+    wait_for(&env, "snapshot in force", 1);
+    let cdn = a(env.web(), "a.cdn.example.com")[0];
+    assert_eq!(reach(env.web(), cdn, 443), Outcome::Connected);
+    lose_all_but_the_state(&mut env);
     assert_eq!(
         reach(env.web(), cdn, 443),
         Outcome::Connected,
@@ -168,16 +172,7 @@ fn learned_mappings_come_back_when_the_proxy_starts_before_the_agent() {
     wait_for(&env, "snapshot in force", 1);
     let cdn = a(env.web(), "a.cdn.example.com")[0];
     assert_eq!(reach(env.web(), cdn, 443), Outcome::Connected);
-    std::thread::sleep(Duration::from_millis(2500));
-    env.daemon.kill_all();
-    let out = env
-        .lab
-        .node()
-        .command("nft")
-        .args(["delete", "table", "inet", "dnsfence"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    lose_all_but_the_state(&mut env);
     let before = log_count(&env, "snapshot in force");
     env.daemon.spawn(Process::Proxy).unwrap();
     wait_for(&env, "learned IPs restored", 1);
