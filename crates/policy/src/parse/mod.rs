@@ -272,7 +272,7 @@ fn parse_metadata(
 
 /// Whether `s` is a DNS-1123 label (or, with `dots`, subdomain) of at most `max`
 /// characters, as Kubernetes requires of object names and namespaces.
-fn dns1123(s: &str, max: usize, dots: bool) -> bool {
+pub(super) fn dns1123(s: &str, max: usize, dots: bool) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.split('.').count() <= if dots { usize::MAX } else { 1 }

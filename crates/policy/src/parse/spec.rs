@@ -436,16 +436,7 @@ fn key_syntax(key: &str) -> Result<(), &'static str> {
         None => (None, key),
     };
     if let Some(p) = prefix {
-        let subdomain = !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                let b = l.as_bytes();
-                !b.is_empty()
-                    && b.iter()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                    && b.first().is_some_and(u8::is_ascii_alphanumeric)
-                    && b.last().is_some_and(u8::is_ascii_alphanumeric)
-            });
+        let subdomain = super::dns1123(p, 253, true);
         if !subdomain {
             return Err(
                 "has a prefix that is not a DNS subdomain (lowercase letters, digits, '-' and '.')",
