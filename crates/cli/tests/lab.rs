@@ -399,14 +399,7 @@ fn run_without_nft_fails_clearly_before_touching_anything() {
 #[test]
 fn status_of_run_needs_no_agent() {
     let Some(env) = env(vec![]) else { return };
-    let out = env
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["status", "-o", "json", "--config"])
-        .arg(env.daemon.config_path())
-        .output()
-        .unwrap();
+    let out = common::dnsfence_cli(&env, &["status", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0), "{v}");
     assert_eq!(v["proxy"]["follows_agent"], false, "{v}");
@@ -418,14 +411,7 @@ fn status_of_run_needs_no_agent() {
 fn fqdn_list_reads_the_socket_from_the_configuration() {
     let Some(env) = env(vec![]) else { return };
     a(env.web(), "api.example.com");
-    let out = env
-        .lab
-        .node()
-        .command(env!("CARGO_BIN_EXE_dnsfence"))
-        .args(["fqdn", "list", "-o", "json", "-c"])
-        .arg(env.daemon.config_path())
-        .output()
-        .unwrap();
+    let out = common::dnsfence_cli(&env, &["fqdn", "list", "-o", "json"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),

@@ -306,6 +306,24 @@ fn rcode(pod: &Pod, to: SocketAddr, query: &[u8]) -> Option<u8> {
 
 const REFUSED: u8 = 5;
 
+/// Sends a DNS query from `pod` to `server`:53, which its policy does not allow (the
+/// redirect answers it REFUSED in the server's name); the query's source port.
+fn refused_dns(pod: &Pod, server: IpAddr) -> u16 {
+    let any = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = pod.netns().run(|| UdpSocket::bind(any)).unwrap().unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let query = dns_msg(0x4242, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
+    sock.send_to(&query, SocketAddr::new(server, 53)).unwrap();
+    let mut b = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut b).expect("the proxy answers");
+    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
+    sock.local_addr().unwrap().port()
+}
+
 // ---------------------------------------------------------------------------------------
 // The node itself (input hook)
 // ---------------------------------------------------------------------------------------
@@ -746,20 +764,7 @@ fn redteam_icmp_error_related_to_redirected_dns_does_not_leave() {
         &env,
         &[("evil", "ip daddr 203.0.113.66 ip protocol icmp".to_owned())],
     );
-    // DNS to a server the policy does not allow: redirected, answered REFUSED.
-    let sock = env
-        .web()
-        .netns()
-        .run(|| UdpSocket::bind("0.0.0.0:0"))
-        .unwrap()
-        .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let query = dns_msg(0x4242, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
-    sock.send_to(&query, "203.0.113.66:53").unwrap();
-    let mut b = [0u8; 512];
-    let (n, _) = sock.recv_from(&mut b).expect("the proxy answers");
-    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
-    let sport = sock.local_addr().unwrap().port();
+    let sport = refused_dns(env.web(), ip("203.0.113.66"));
     // ICMP port unreachable quoting that answer (203.0.113.66:53 -> web:sport).
     let msg = icmp_unreachable_quoting([203, 0, 113, 66], 53, env.web().ipv4().octets(), sport);
     send_raw(env.web(), 1, ip("203.0.113.66"), &msg);
@@ -789,20 +794,7 @@ fn redteam_icmpv6_error_related_to_redirected_dns_does_not_leave() {
         .send_to(b"x", SocketAddr::new(IpAddr::V6(evil), 9))
         .unwrap();
     assert_eq!(watch.count("routed"), 1, "{}", env.diag());
-    let sock = env
-        .web()
-        .netns()
-        .run(|| UdpSocket::bind("[::]:0"))
-        .unwrap()
-        .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let query = dns_msg(0x4343, 0x0100, &[b"api", b"example", b"com"], 1, 0, &[]);
-    sock.send_to(&query, SocketAddr::new(IpAddr::V6(evil), 53))
-        .unwrap();
-    let mut b = [0u8; 512];
-    let (n, _) = sock.recv_from(&mut b).expect("the proxy answers");
-    assert_eq!(b.get(3).map(|f| f & 0x0f), Some(REFUSED), "{:?}", &b[..n]);
-    let sport = sock.local_addr().unwrap().port();
+    let sport = refused_dns(env.web(), IpAddr::V6(evil));
     let web6 = env.web().ipv6();
     // ICMPv6 port unreachable quoting that answer ([evil]:53 -> [web]:sport).
     let mut quoted = vec![0x60, 0, 0, 0, 0, 10, 17, 64];

@@ -219,14 +219,7 @@ fn status_shows_both_processes() {
     let api = a(env.web(), "api.example.com")[0];
     assert_eq!(reach(env.web(), api, 443), Outcome::Connected);
     let status = |env: &Env| {
-        let out = env
-            .lab
-            .node()
-            .command(env!("CARGO_BIN_EXE_dnsfence"))
-            .args(["status", "-o", "json", "--config"])
-            .arg(env.daemon.config_path())
-            .output()
-            .unwrap();
+        let out = common::dnsfence_cli(env, &["status", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (out.status.code(), v)
     };

@@ -150,6 +150,18 @@ impl Env {
     }
 }
 
+/// Runs `dnsfence ARGS... --config <the lab's configuration>` in the node.
+pub fn dnsfence_cli(env: &Env, args: &[&str]) -> std::process::Output {
+    env.lab
+        .node()
+        .command(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(args)
+        .arg("--config")
+        .arg(env.daemon.config_path())
+        .output()
+        .unwrap()
+}
+
 pub fn resolve(
     pod: &Pod,
     name: &str,
