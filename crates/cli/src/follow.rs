@@ -17,7 +17,7 @@ use anyhow::Result;
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Worker;
 use dnsfence_fqdncache::Change;
-use dnsfence_proxy::config::{Config, DnsConfig};
+use dnsfence_proxy::config::Config;
 use dnsfence_proxy::control::{
     read_message, write_message, LearnedIp, Message, Role, SnapshotData, CONTROL_PROTOCOL,
 };
@@ -66,7 +66,7 @@ fn unix_ms() -> u64 {
 /// mismatch means the two speak different versions and learned IPs would go astray.
 pub(crate) fn compile_data(
     data: &SnapshotData,
-    dns: &DnsConfig,
+    config: &Config,
     previous: &dnsfence_policy::PolicySet,
 ) -> Result<Snapshot> {
     let set = compile(&data.policies, previous, data.audit)?;
@@ -86,14 +86,14 @@ pub(crate) fn compile_data(
             None => anyhow::bail!("selector {:?} of the agent is not in the policies", sel.pattern),
         }
     }
-    snapshot_of(set, &data.endpoints, &data.host_ips, dns)
+    snapshot_of(set, &data.endpoints, &data.host_ips, config)
 }
 
 /// Where the proxy starts: the saved snapshot, else the configuration's files.
 pub(crate) fn initial(config_path: &Path, config: &Config) -> Result<(u64, Snapshot)> {
     match state::load(&snapshot_file(config)) {
         Ok(Some(body)) => match serde_json::from_str::<Saved>(&body) {
-            Ok(saved) => match compile_data(&saved.data, &config.dns, &Default::default()) {
+            Ok(saved) => match compile_data(&saved.data, config, &Default::default()) {
                 Ok(s) => {
                     info!(version = saved.version, "starting from the saved snapshot");
                     return Ok((saved.version, s));
@@ -112,7 +112,7 @@ pub(crate) fn initial(config_path: &Path, config: &Config) -> Result<(u64, Snaps
     let set = compile(&docs, &Default::default(), config.audit)?;
     Ok((
         0,
-        snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)?,
+        snapshot_of(set, &config.endpoints, &config.host_ips, config)?,
     ))
 }
 
@@ -376,9 +376,9 @@ async fn apply(
     data: Box<SnapshotData>,
 ) -> Result<Box<SnapshotData>> {
     let previous = shared.snapshot().policies().clone();
-    let dns = config.dns.clone();
+    let local = config.clone();
     let (data, compiled) = tokio::task::spawn_blocking(move || {
-        let compiled = compile_data(&data, &dns, &previous);
+        let compiled = compile_data(&data, &local, &previous);
         (data, compiled)
     })
     .await?;
@@ -447,7 +447,7 @@ mod tests {
         let (data, took) = loop {
             let data = snapshot_data(n);
             let started = Instant::now();
-            compile_data(&data, &config.dns, &Default::default()).unwrap();
+            compile_data(&data, &config, &Default::default()).unwrap();
             let took = started.elapsed();
             if took >= Duration::from_millis(300) || n >= 64_000 {
                 break (data, took);
@@ -461,7 +461,7 @@ mod tests {
         );
         let proxy = Proxy::start(
             config.dns.clone(),
-            compile_data(&snapshot_data(1), &config.dns, &Default::default()).unwrap(),
+            compile_data(&snapshot_data(1), &config, &Default::default()).unwrap(),
             Arc::new(NoopSink),
             ProxyMetrics::register(&mut registry),
             flows,

@@ -13,7 +13,7 @@ use dnsfence_datapath::Worker;
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
 use dnsfence_policy::{Labels, PolicyLoader, PolicySet};
 use dnsfence_proxy::config::{
-    Backend, Config, DenyRcode, DnsConfig, EndpointConfig, Listeners, UnknownClientsConfig, Usage,
+    Backend, Config, DenyRcode, EndpointConfig, Listeners, UnknownClientsConfig, Usage,
 };
 use dnsfence_proxy::control::PolicyDoc;
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
@@ -142,8 +142,9 @@ pub(crate) fn snapshot_of(
     set: PolicySet,
     endpoints: &[EndpointConfig],
     host_ips: &[IpAddr],
-    dns: &DnsConfig,
+    config: &Config,
 ) -> Result<Snapshot> {
+    let dns = &config.dns;
     let endpoints: Vec<EndpointSpec> = endpoints
         .iter()
         .map(|e| {
@@ -167,8 +168,28 @@ pub(crate) fn snapshot_of(
     };
     Ok(
         Snapshot::new(Arc::new(set), &endpoints, host_ips.to_vec(), verdict)
-            .with_search_suffixes(&dns.search_suffixes),
+            .with_search_suffixes(&dns.search_suffixes)
+            .with_inside(Arc::new(inside(config))),
     )
+}
+
+/// What answers may teach, as `config` says (see [`dnsfence_dns::inside`]).
+pub(crate) fn inside(config: &Config) -> dnsfence_dns::InsideConfig {
+    dnsfence_dns::InsideConfig {
+        never_learn: config
+            .dns
+            .never_learn
+            .iter()
+            .map(ipnet::IpNet::trunc)
+            .collect(),
+        cluster_cidrs: config
+            .cluster_cidrs
+            .iter()
+            .map(ipnet::IpNet::trunc)
+            .collect(),
+        cluster_domain: String::new(),
+    }
+    .with_cluster_domain(&config.dns.cluster_domain)
 }
 
 /// Builds the snapshot from the configuration's files; `Err` lists policy problems (the
@@ -180,7 +201,7 @@ pub(crate) fn build_snapshot(
 ) -> Result<Snapshot> {
     let docs = policy_docs(config_path, config)?;
     let set = compile(&docs, previous, config.audit)?;
-    snapshot_of(set, &config.endpoints, &config.host_ips, &config.dns)
+    snapshot_of(set, &config.endpoints, &config.host_ips, config)
 }
 
 pub(crate) fn run(args: &ProxyArgs) -> Result<ExitCode> {

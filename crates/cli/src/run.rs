@@ -69,6 +69,7 @@ pub(crate) fn options(config: &Config) -> Options {
             0 => None,
             g => Some(g),
         },
+        never_learn: config.dns.never_learn.clone(),
     }
 }
 

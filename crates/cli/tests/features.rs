@@ -134,8 +134,12 @@ fn a_service_name_allows_exactly_its_service_behind_kube_proxy_dnat() {
     let records = vec![
         Rec::Addr("api.payments.svc.cluster.local", 30, ip("10.96.5.5")),
         Rec::Addr("db.payments.svc.cluster.local", 30, ip("10.96.5.6")),
+        // An allowed external name pointing at a ClusterIP.
+        Rec::Addr("alias.cdn.example.com", 30, ip("10.96.5.6")),
     ];
-    let Some(env) = env_config(records, "") else {
+    // With the service range declared, only the cluster's service names teach its
+    // addresses.
+    let Some(env) = env_config(records, "cluster_cidrs: [10.96.0.0/12]\n") else {
         return;
     };
     // kube-proxy's part: ClusterIPs DNATed to backends in the world.
@@ -180,6 +184,9 @@ fn a_service_name_allows_exactly_its_service_behind_kube_proxy_dnat() {
         a(env.web(), "db.payments.svc.cluster.local"),
         [ip("10.96.5.6")]
     );
+    assert!(blocked(reach(env.web(), ip("10.96.5.6"), 443)));
+    // Nor through an allowed name outside the cluster that points at it.
+    assert_eq!(a(env.web(), "alias.cdn.example.com"), [ip("10.96.5.6")]);
     assert!(blocked(reach(env.web(), ip("10.96.5.6"), 443)));
     // The backend itself was never resolved: not reachable directly.
     assert!(blocked(reach(env.web(), ip("192.0.2.80"), 443)));

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{a, blocked, env, ip, reach, WorldCounter};
-use dnsfence_lab::{Netns, Outcome, Pod, DNS_V4};
+use dnsfence_lab::{Netns, Outcome, Pod, Rec, DNS_V4};
 use nix::sys::socket::{
     bind, connect, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag,
     SockProtocol, SockType, SockaddrIn, SockaddrIn6,
@@ -1066,3 +1066,230 @@ fn redteam_learned_ip_other_ports_and_protocols() {
 // ---------------------------------------------------------------------------------------
 // CNAME chains: whose selectors does an answer teach?
 // ---------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------
+// Allowed names that point inside
+// ---------------------------------------------------------------------------------------
+
+/// Addresses the world's zone gives names under the allowed `*.cdn.example.com`: the other
+/// pod (10.200.1.2), the node's address on web's link (10.200.0.1), an unused address of
+/// the pod range, special-purpose ranges, and a private address outside the cluster (the
+/// world's own 10.201.0.2), which stays learnable.
+fn inside_records() -> Vec<Rec> {
+    vec![
+        Rec::Addr("int-pod.cdn.example.com", 60, ip("10.200.1.2")),
+        Rec::Addr("int-pod.cdn.example.com", 60, ip("fd00:200:1::2")),
+        Rec::Addr("int-node.cdn.example.com", 60, ip("10.200.0.1")),
+        Rec::Addr("int-node.cdn.example.com", 60, ip("fd00:200::1")),
+        Rec::Addr("int-range.cdn.example.com", 60, ip("10.200.9.9")),
+        Rec::Addr("loop.cdn.example.com", 60, ip("127.0.0.1")),
+        Rec::Addr("meta.cdn.example.com", 60, ip("169.254.169.254")),
+        Rec::Addr("bcast.cdn.example.com", 60, ip("255.255.255.255")),
+        Rec::Addr("mapped.cdn.example.com", 60, ip("::ffff:198.51.100.66")),
+        Rec::Addr("corp.cdn.example.com", 60, ip("10.201.0.2")),
+    ]
+}
+
+/// The `not_learned` entries of the allowed-answer flow events for `name`: (ip, reason).
+fn not_learned(env: &common::Env, name: &str) -> Vec<(String, String)> {
+    common::observe(env, &["--name", name, "--verdict", "allowed"])
+        .iter()
+        .flat_map(|f| {
+            f["dns"]["not_learned"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|n| {
+            (
+                n["ip"].as_str().unwrap().to_owned(),
+                n["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+// Found by the hardening review, fixed: a name under an allowed wildcard whose answer held
+// another pod's or the node's address made that address reachable; loopback, metadata,
+// broadcast and IPv4-mapped addresses went into the selector sets too.
+#[test]
+fn redteam_allowed_names_never_open_the_node_other_pods_or_special_addresses() {
+    allowed_names_never_open_inside(false);
+}
+
+/// The same with `dnsfence agent` and `dnsfence proxy --agent`: the proxy filters what it
+/// writes into the agent's sets.
+#[test]
+fn redteam_allowed_names_never_open_inside_in_split_mode() {
+    allowed_names_never_open_inside(true);
+}
+
+fn allowed_names_never_open_inside(split: bool) {
+    let port = common::metrics_port(3);
+    let config = format!(
+        "cluster_cidrs: [10.200.0.0/16, \"fd00:200::/32\"]\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n"
+    );
+    let env = if split {
+        common::env_split_config(inside_records(), &config)
+    } else {
+        common::env_config(inside_records(), &config)
+    };
+    let Some(env) = env else {
+        return;
+    };
+    let other = Service::start(env.other().netns(), 7001);
+    let node = Service::start(env.lab.node(), 7002);
+    let targets = [
+        (ip("10.200.1.2"), 7001),
+        (ip("fd00:200:1::2"), 7001),
+        (ip("10.200.0.1"), 7002),
+        (ip("fd00:200::1"), 7002),
+    ];
+    // Controls: the plain pod (no policy) reaches both services, and web reaches neither
+    // before resolving anything.
+    assert_eq!(
+        reach(env.plain(), ip("10.200.1.2"), 7001),
+        Outcome::Connected
+    );
+    assert_eq!(
+        reach(env.plain(), IpAddr::V4(env.plain().gateway_v4()), 7002),
+        Outcome::Connected
+    );
+    for (to, port) in targets {
+        assert!(blocked(reach(env.web(), to, port)), "{to} before");
+    }
+    let (other_before, node_before) = (other.tcp(), node.tcp());
+    // The names resolve (the answer reaches the pod unchanged) ...
+    assert_eq!(a(env.web(), "int-pod.cdn.example.com"), [ip("10.200.1.2")]);
+    assert_eq!(a(env.web(), "int-node.cdn.example.com"), [ip("10.200.0.1")]);
+    for name in ["int-pod", "int-node", "int-range", "loop", "meta", "bcast"] {
+        a(env.web(), &format!("{name}.cdn.example.com"));
+    }
+    for name in ["int-pod", "int-node", "mapped"] {
+        let (status, _) = common::resolve(
+            env.web(),
+            &format!("{name}.cdn.example.com"),
+            dnsfence_lab::RecordType::AAAA,
+            dnsfence_lab::Transport::Udp,
+        );
+        assert_eq!(status, dnsfence_lab::DnsStatus::NoError, "{name}");
+    }
+    // ... but open nothing.
+    for (to, port) in targets {
+        assert!(blocked(reach(env.web(), to, port)), "{to} after resolving");
+    }
+    assert_eq!(other.tcp(), other_before);
+    assert_eq!(node.tcp(), node_before);
+    // Each address is reported with why.
+    for (name, ip, reason) in [
+        ("int-pod.cdn.example.com", "10.200.1.2", "endpoint"),
+        ("int-pod.cdn.example.com", "fd00:200:1::2", "endpoint"),
+        ("int-node.cdn.example.com", "10.200.0.1", "node"),
+        ("int-node.cdn.example.com", "fd00:200::1", "node"),
+        ("int-range.cdn.example.com", "10.200.9.9", "cluster"),
+        ("loop.cdn.example.com", "127.0.0.1", "loopback"),
+        ("meta.cdn.example.com", "169.254.169.254", "link-local"),
+        ("bcast.cdn.example.com", "255.255.255.255", "broadcast"),
+        (
+            "mapped.cdn.example.com",
+            "::ffff:198.51.100.66",
+            "mapped-ipv4",
+        ),
+    ] {
+        let got = not_learned(&env, name);
+        assert!(
+            got.contains(&(ip.to_owned(), reason.to_owned())),
+            "{name}: {got:?}\n{}",
+            env.diag()
+        );
+    }
+    // None of them is in the learned mappings.
+    let out = common::dnsfence_cli(&env, &["fqdn", "list", "-o", "json"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for ip in [
+        "10.200.1.2",
+        "10.200.0.1",
+        "10.200.9.9",
+        "127.0.0.1",
+        "169.254.169.254",
+        "255.255.255.255",
+        "::ffff:",
+    ] {
+        assert!(!listed.contains(ip), "{ip} learned: {listed}");
+    }
+    // The metric counts them by reason.
+    let text = common::scrape(&env, port);
+    for reason in [
+        "endpoint",
+        "node",
+        "cluster",
+        "loopback",
+        "link-local",
+        "broadcast",
+        "mapped-ipv4",
+    ] {
+        let line = format!("dnsfence_dns_answer_ips_not_learned_total{{reason=\"{reason}\"}}");
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"));
+        assert!(n >= 1.0, "{line} {n}");
+    }
+    // A private address outside the cluster stays learnable: refused before, open after.
+    assert!(blocked(reach(env.web(), ip("10.201.0.2"), 443)));
+    assert_eq!(a(env.web(), "corp.cdn.example.com"), [ip("10.201.0.2")]);
+    assert_eq!(reach(env.web(), ip("10.201.0.2"), 443), Outcome::Connected);
+}
+
+// The kernel's own guard: even with the node's address in a selector set (as a proxy of an
+// older version, or a state file, could leave it), the node is not opened.
+#[test]
+fn redteam_a_node_address_in_a_selector_set_does_not_open_the_node() {
+    let Some(env) = env(vec![]) else { return };
+    let node = Service::start(env.lab.node(), 7003);
+    let out = env
+        .lab
+        .node()
+        .command("nft")
+        .args(["list", "table", "inet", "dnsfence"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Every IPv4 selector set of web's policy (`*.cdn.example.com` allows every port).
+    let sets: Vec<String> = table
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            (l.starts_with("set fq_") && l.ends_with("_4 {")).then(|| {
+                l.trim_start_matches("set ")
+                    .trim_end_matches(" {")
+                    .to_owned()
+            })
+        })
+        .collect();
+    assert!(!sets.is_empty(), "{table}");
+    let node_ip = env.web().gateway_v4();
+    for set in &sets {
+        let st = env
+            .lab
+            .node()
+            .command("nft")
+            .args([
+                "add",
+                "element",
+                "inet",
+                "dnsfence",
+                set,
+                &format!("{{ {node_ip} timeout 60s, 10.201.0.2 timeout 60s }}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // The same sets open the world's address (so the elements are in force) ...
+    assert_eq!(reach(env.web(), ip("10.201.0.2"), 443), Outcome::Connected);
+    // ... but never the node.
+    assert!(blocked(reach(env.web(), IpAddr::V4(node_ip), 7003)));
+    assert_eq!(node.tcp(), 0, "{}", env.diag());
+}

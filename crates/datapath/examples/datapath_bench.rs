@@ -124,6 +124,11 @@ fn main() {
         tproxy_port: Some(15053),
         route_table: 20053,
         log_group: Some(20053),
+        never_learn: vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "169.254.0.0/16".parse().unwrap(),
+            "::ffff:0:0/96".parse().unwrap(),
+        ],
     };
     let dp = Datapath::new(Box::new(RealKernel::default()), options).unwrap();
     let worker = Worker::spawn(dp).unwrap();

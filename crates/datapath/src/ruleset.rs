@@ -56,6 +56,9 @@ pub struct Options {
     /// NFLOG group that drops and rejects of enforced endpoints are logged to (rate
     /// limited in the kernel), for flow events; `None`: not logged.
     pub log_group: Option<u16>,
+    /// Ranges a learned IP never opens (`dns.never_learn`: loopback, link-local...),
+    /// whatever a selector set holds.
+    pub never_learn: Vec<ipnet::IpNet>,
 }
 
 /// Why the datapath refused a packet: the NFLOG prefix of its log rule.
@@ -245,6 +248,8 @@ pub fn render(
     cluster.extend(inventory.host_ips.iter().copied());
     r.addr_set("cluster", &cluster);
     r.addr_set("host", &inventory.host_ips);
+    // Ranges no learned IP opens (the proxy does not learn them either).
+    r.cidr_set("never", &options.never_learn);
 
     // Selector sets: created when missing, never flushed.
     for (id, pattern) in policies.fqdn_selectors() {
@@ -557,6 +562,32 @@ impl Renderer {
         self.map(&format!("{base}6"), "ipv6_addr", "", &v6);
     }
 
+    fn cidr_set(&mut self, base: &str, nets: &[ipnet::IpNet]) {
+        let (v4, v6): (Vec<ipnet::IpNet>, Vec<ipnet::IpNet>) = nets
+            .iter()
+            .map(ipnet::IpNet::trunc)
+            .partition(|n| n.addr().is_ipv4());
+        // Interval sets refuse overlapping elements: merge them first.
+        let show = |nets: Vec<ipnet::IpNet>| -> Vec<String> {
+            ipnet::IpNet::aggregate(&nets)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        self.map(
+            &format!("{base}4"),
+            "ipv4_addr",
+            " flags interval;",
+            &show(v4),
+        );
+        self.map(
+            &format!("{base}6"),
+            "ipv6_addr",
+            " flags interval;",
+            &show(v6),
+        );
+    }
+
     /// A set or map whose content is replaced (atomically) by each reconcile.
     fn map(&mut self, name: &str, ty: &str, flags: &str, elements: &[String]) {
         let kind = if ty.contains(" : ") { "map" } else { "set" };
@@ -601,7 +632,7 @@ fn policy_chain(
         DenyAction::Drop => "drop",
     };
     for d in &ep.policy.denies {
-        for m in rule_matches(&d.rule, inventory, policies) {
+        for m in rule_matches(&d.rule, inventory, policies, Use::Deny) {
             if let Some(l) = log(options, DropReason::EgressDeny) {
                 rules.push(format!("{m} {l}"));
             }
@@ -614,7 +645,7 @@ fn policy_chain(
     // egressDeny of policies in audit mode: recorded, not enforced.
     if let Some(l) = log(options, DropReason::AuditEgressDeny) {
         for d in &ep.policy.audit_denies {
-            for m in rule_matches(&d.rule, inventory, policies) {
+            for m in rule_matches(&d.rule, inventory, policies, Use::Deny) {
                 rules.push(format!("{m} {l}"));
             }
         }
@@ -625,7 +656,7 @@ fn policy_chain(
         return rules;
     }
     for a in &ep.policy.allows {
-        for m in rule_matches(&a.rule, inventory, policies) {
+        for m in rule_matches(&a.rule, inventory, policies, Use::Allow) {
             rules.push(format!("{m} accept"));
         }
     }
@@ -659,8 +690,13 @@ fn log(options: &Options, reason: DropReason) -> Option<String> {
 }
 
 /// The match expressions of a rule: one per (destination, port) alternative.
-fn rule_matches(rule: &EgressRule, inventory: &Inventory, policies: &PolicySet) -> Vec<String> {
-    let peers = peer_matches(&rule.peer, inventory, policies);
+fn rule_matches(
+    rule: &EgressRule,
+    inventory: &Inventory,
+    policies: &PolicySet,
+    usage: Use,
+) -> Vec<String> {
+    let peers = peer_matches(&rule.peer, inventory, policies, usage);
     let ports = port_matches(&allowed_ports(rule));
     let mut out = Vec::new();
     for p in &peers {
@@ -704,8 +740,20 @@ fn set_literal(ips: &[String]) -> String {
     format!("{{ {} }}", ips.join(", "))
 }
 
+/// Whether a rule allows or denies: a learned IP allows less than it denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Allow,
+    Deny,
+}
+
 /// Destination matches; empty when the peer selects nothing.
-fn peer_matches(peer: &Peer, inventory: &Inventory, policies: &PolicySet) -> Vec<String> {
+fn peer_matches(
+    peer: &Peer,
+    inventory: &Inventory,
+    policies: &PolicySet,
+    usage: Use,
+) -> Vec<String> {
     let both = |v4: String, v6: String| vec![v4, v6];
     match peer {
         Peer::Any => vec![String::new()],
@@ -772,15 +820,35 @@ fn peer_matches(peer: &Peer, inventory: &Inventory, policies: &PolicySet) -> Vec
         Peer::Fqdns(patterns) => {
             let mut out = Vec::new();
             for p in patterns {
-                if policies.selector_id(p).is_some() {
-                    let (v4, v6) = (fqdn_set_name(p, false), fqdn_set_name(p, true));
+                if policies.selector_id(p).is_none() {
+                    continue;
+                }
+                let (v4, v6) = (fqdn_set_name(p, false), fqdn_set_name(p, true));
+                if usage == Use::Deny {
+                    // Denied as broadly as learned.
                     out.push(format!("ip daddr @{v4}"));
                     out.push(format!("ip6 daddr @{v6}"));
-                    // A learned service IP that the node rewrote (kube-proxy's DNAT to a
-                    // backend) is judged by the address the pod connected to.
                     out.push(format!("ct original ip daddr @{v4}"));
                     out.push(format!("ct original ip6 daddr @{v6}"));
+                    continue;
                 }
+                // A learned IP never opens the node (a local address, whatever the
+                // inventory says), a broadcast or multicast address, nor a range of
+                // `dns.never_learn`, even if a set holds it.
+                out.push(format!(
+                    "ip daddr @{v4} ip daddr != @never4 fib daddr type unicast"
+                ));
+                out.push(format!(
+                    "ip6 daddr @{v6} ip6 daddr != @never6 fib daddr type unicast"
+                ));
+                // A learned service IP that the node rewrote (kube-proxy's DNAT to a
+                // backend) is judged by the address the pod connected to.
+                out.push(format!(
+                    "ct status dnat ct original ip daddr @{v4} ct original ip daddr != @never4"
+                ));
+                out.push(format!(
+                    "ct status dnat ct original ip6 daddr @{v6} ct original ip6 daddr != @never6"
+                ));
             }
             out
         }

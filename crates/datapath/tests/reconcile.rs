@@ -86,6 +86,11 @@ fn options(table: &str) -> Options {
         tproxy_port: Some(15053),
         route_table: 20053,
         log_group: Some(20053),
+        never_learn: vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "169.254.0.0/16".parse().unwrap(),
+            "::ffff:0:0/96".parse().unwrap(),
+        ],
     }
 }
 

@@ -11,11 +11,13 @@
 //! from the packet (the `domain` crate's zero-copy parser) and never panics on any input.
 
 mod answer;
+pub mod inside;
 mod query;
 mod snapshot;
 pub mod wire;
 
 pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN, MAX_IPS_PER_ANSWER};
+pub use inside::{InsideConfig, NotLearned};
 pub use query::{fold_name, parse_query, ParsedQuery, Query};
 pub use snapshot::{
     EndpointEntry, EndpointSpec, Reason, Snapshot, UnknownClients, Verdict, VerdictConfig,

@@ -8,6 +8,7 @@ use dnsfence_policy::{
     Destination, DnsReason, Endpoint, EndpointPolicy, FoldedName, Labels, PolicySet, Protocol,
 };
 
+use crate::inside::{InsideConfig, NotLearned};
 use crate::query::Query;
 use crate::wire::Rcode;
 
@@ -73,6 +74,8 @@ pub struct Snapshot {
     config: VerdictConfig,
     /// Search domains (folded, without dots at either end), longest first.
     search_suffixes: Vec<String>,
+    /// Which answer addresses may be learned.
+    inside: Arc<InsideConfig>,
 }
 
 /// Why a query got its verdict.
@@ -142,7 +145,32 @@ impl Snapshot {
             host_ips,
             config,
             search_suffixes: Vec::new(),
+            inside: Arc::default(),
         }
+    }
+
+    /// Sets what answers may teach (see [`crate::inside`]); the default is
+    /// [`InsideConfig::default`].
+    pub fn with_inside(mut self, inside: Arc<InsideConfig>) -> Self {
+        self.inside = inside;
+        self
+    }
+
+    /// Why `ip`, an address of an allowed answer to `name`, must not be learned; `None`: it
+    /// may be. `local(ip)` says whether the node has `ip` on one of its interfaces (the
+    /// configured `host_ips` count too).
+    pub fn not_learned(
+        &self,
+        ip: IpAddr,
+        name: &FoldedName,
+        local: impl FnOnce(IpAddr) -> bool,
+    ) -> Option<NotLearned> {
+        self.inside.judge(
+            ip,
+            name,
+            |ip| self.host_ips.contains(&ip) || local(ip),
+            |ip| self.by_ip.contains_key(&ip),
+        )
     }
 
     /// The policy set.

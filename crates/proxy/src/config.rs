@@ -28,6 +28,12 @@ pub struct Config {
     /// The node's own addresses, for `toEntities: host` (default: none).
     #[serde(default, deserialize_with = "ip_addresses")]
     pub host_ips: Vec<IpAddr>,
+    /// The cluster's pod and service ranges (default: none). An answer's address inside
+    /// them is learned only from the cluster's own service names
+    /// (`NAME.NAMESPACE.svc.<dns.cluster_domain>`), so an allowed external name cannot
+    /// point a pod at another pod or a Service.
+    #[serde(default, deserialize_with = "cidrs")]
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
     /// The DNS proxy.
     #[serde(default)]
     pub dns: DnsConfig,
@@ -385,6 +391,23 @@ pub struct DnsConfig {
     /// instead of refused; its answer teaches nothing (default: none).
     #[serde(default)]
     pub search_suffixes: Vec<String>,
+    /// Ranges an answer's address is never learned from, whatever the name (default:
+    /// loopback, link-local including cloud metadata, multicast, broadcast and class E,
+    /// unspecified, IPv4-mapped and -compatible IPv6; see [`dnsfence_dns::inside`]).
+    /// Setting it replaces the default; the datapath refuses these ranges too.
+    #[serde(
+        default = "dnsfence_dns::inside::default_never_learn",
+        deserialize_with = "cidrs"
+    )]
+    pub never_learn: Vec<ipnet::IpNet>,
+    /// The cluster's DNS domain (default `cluster.local`): its service names may teach
+    /// addresses of endpoints and of `cluster_cidrs`.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+}
+
+fn default_cluster_domain() -> String {
+    dnsfence_dns::inside::DEFAULT_CLUSTER_DOMAIN.to_owned()
 }
 
 impl Default for DnsConfig {
@@ -407,6 +430,8 @@ impl Default for DnsConfig {
             upstream_tcp_idle: Duration::ZERO,
             drain_timeout: default_drain(),
             search_suffixes: Vec::new(),
+            never_learn: dnsfence_dns::inside::default_never_learn(),
+            cluster_domain: default_cluster_domain(),
         }
     }
 }
@@ -544,6 +569,14 @@ fn ip_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error
     addresses(d, "IP address", "")
 }
 
+fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    addresses(
+        d,
+        "CIDR",
+        " (expected ADDRESS/LENGTH, like 10.96.0.0/12 or fd00::/8)",
+    )
+}
+
 const SOCKET_HINT: &str = " (expected IP:port, like 127.0.0.1:53 or \"[::1]:53\")";
 
 fn socket_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
@@ -648,6 +681,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "policies",
             "endpoints",
             "host_ips",
+            "cluster_cidrs",
             "dns",
             "api",
             "metrics",
@@ -679,6 +713,8 @@ const KNOWN: &[(&str, &[&str])] = &[
             "upstream_tcp_idle",
             "drain_timeout",
             "search_suffixes",
+            "never_learn",
+            "cluster_domain",
         ],
     ),
     ("dns.transparent", &["port"]),
@@ -941,6 +977,14 @@ impl Config {
         }
         if self.dns.transparent.as_ref().is_some_and(|t| t.port == 0) {
             p.push("dns.transparent.port: must not be 0".to_owned());
+        }
+        if !self.dns.cluster_domain.is_empty() {
+            if let Err(e) = dnsfence_policy::FoldedName::new(self.dns.cluster_domain.as_bytes()) {
+                p.push(format!(
+                    "dns.cluster_domain: {:?} is not a DNS name: {e}",
+                    self.dns.cluster_domain
+                ));
+            }
         }
         for (i, suffix) in self.dns.search_suffixes.iter().enumerate() {
             if let Err(e) = dnsfence_policy::FoldedName::new(suffix.as_bytes()) {

@@ -77,6 +77,19 @@ pub struct Dns {
     /// Time from the query's arrival to the answer, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// Addresses of the answer that were not learned, each with why (they point inside:
+    /// the node, an endpoint, the cluster, a special-purpose range).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_learned: Vec<NotLearnedIp>,
+}
+
+/// An address of an answer that was not learned.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NotLearnedIp {
+    /// The address.
+    pub ip: IpAddr,
+    /// Why: `loopback`, `link-local`, `node`, `endpoint`, `cluster`...
+    pub reason: &'static str,
 }
 
 /// One event.

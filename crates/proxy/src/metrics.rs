@@ -96,6 +96,21 @@ struct RcodeLabels {
     rcode: RcodeLabel,
 }
 
+/// Why an answer's address was not learned (see [`dnsfence_dns::inside`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NotLearnedLabel(pub dnsfence_dns::NotLearned);
+
+impl EncodeLabelValue for NotLearnedLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NotLearnedLabels {
+    reason: NotLearnedLabel,
+}
+
 /// Pre-resolved handles for the proxy's metrics.
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
@@ -105,6 +120,9 @@ pub struct ProxyMetrics {
     query_handles: [[Counter; 2]; 6],
     /// Resolved handles, by `RcodeLabel` order.
     rcode_handles: [Counter; 6],
+    not_learned: Family<NotLearnedLabels, Counter>,
+    /// Resolved handles, by [`dnsfence_dns::NotLearned::ALL`] order.
+    not_learned_handles: [Counter; 10],
     /// Upstream timeouts (asked of another upstream, or answered SERVFAIL).
     pub upstream_timeouts: Counter,
     /// Queries whose upstream could not be reached (its port unreachable, the TCP
@@ -179,11 +197,21 @@ impl Default for ProxyMetrics {
                 .get_or_create(&RcodeLabels { rcode })
                 .clone()
         });
+        let not_learned: Family<NotLearnedLabels, Counter> = Family::default();
+        let not_learned_handles = dnsfence_dns::NotLearned::ALL.map(|reason| {
+            not_learned
+                .get_or_create(&NotLearnedLabels {
+                    reason: NotLearnedLabel(reason),
+                })
+                .clone()
+        });
         Self {
             queries,
             upstream_rcodes,
             query_handles,
             rcode_handles,
+            not_learned,
+            not_learned_handles,
             upstream_timeouts: Counter::default(),
             upstream_errors: Counter::default(),
             upstream_retries: Counter::default(),
@@ -295,6 +323,11 @@ impl ProxyMetrics {
             m.latency_hold.clone(),
         );
         r.register(
+            "answer_ips_not_learned",
+            "Addresses of allowed answers that were not learned because they point inside (the node, endpoints, the cluster, special-purpose ranges), by reason",
+            m.not_learned.clone(),
+        );
+        r.register(
             "learned_names",
             "Names with learned IPs",
             m.learned_names.clone(),
@@ -321,6 +354,26 @@ impl ProxyMetrics {
     /// How many queries got `verdict` over `transport`.
     pub fn queries(&self, verdict: VerdictLabel, transport: TransportLabel) -> u64 {
         self.query_handle(verdict, transport).get()
+    }
+
+    /// Counts an answer's address that was not learned.
+    pub fn not_learned(&self, reason: dnsfence_dns::NotLearned) {
+        let i = dnsfence_dns::NotLearned::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        if let Some(c) = self.not_learned_handles.get(i) {
+            c.inc();
+        }
+    }
+
+    /// How many addresses were not learned for `reason`.
+    pub fn not_learned_count(&self, reason: dnsfence_dns::NotLearned) -> u64 {
+        self.not_learned
+            .get_or_create(&NotLearnedLabels {
+                reason: NotLearnedLabel(reason),
+            })
+            .get()
     }
 
     /// Counts an upstream rcode.

@@ -108,7 +108,13 @@ pub struct Shared {
     pub follows_agent: std::sync::atomic::AtomicBool,
     started: Instant,
     snapshot_at: Mutex<Instant>,
+    /// The node's interface addresses, and when they were last read.
+    local_ips: ArcSwap<foldhash::HashSet<IpAddr>>,
+    local_ips_at: Mutex<Option<Instant>>,
 }
+
+/// How often the node's interface addresses are read again.
+const LOCAL_ADDRESSES_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Turns true when the sink is done with a batch of new IPs (confirmed or failed).
 pub(crate) type Confirmation = watch::Receiver<bool>;
@@ -170,6 +176,8 @@ impl Shared {
             follows_agent: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             snapshot_at: Mutex::new(Instant::now()),
+            local_ips: ArcSwap::from_pointee(crate::sys::local_addresses()),
+            local_ips_at: Mutex::new(None),
         };
         (shared, refresh_rx)
     }
@@ -474,7 +482,13 @@ impl Shared {
             }
         };
         self.metrics.upstream_rcode(checked.rcode);
-        let learned = checked.learned;
+        let mut learned = checked.learned;
+        // Addresses that point inside are never learned, whatever the policy allows.
+        let not_learned = if learn {
+            self.keep_learnable(&mut learned)
+        } else {
+            Vec::new()
+        };
         {
             // Answers to queries no policy vetted are told apart from allowed ones.
             let enforced = learn
@@ -486,11 +500,13 @@ impl Shared {
             let verdict = if enforced { "allowed" } else { "unfiltered" };
             let mut flow = Flow::new("dns", verdict, self.source(asked.client));
             let (name, qtype) = flows::question_name(question);
+            let mut ips = learned.ips.to_vec();
+            ips.extend(not_learned.iter().map(|n| n.ip));
             flow.dns = Some(Dns {
                 query: name,
                 qtypes: qtype.map(flows::qtype_name).into_iter().collect(),
                 rcode: Some(rcode_name(checked.rcode)),
-                ips: learned.ips.to_vec(),
+                ips,
                 ttl: (!learned.ips.is_empty()).then_some(learned.ttl),
                 server: Some(asked.server),
                 latency_us: Some(
@@ -502,6 +518,7 @@ impl Shared {
                     )
                     .unwrap_or(u64::MAX),
                 ),
+                not_learned,
             });
             self.flows.push(flow);
         }
@@ -509,6 +526,52 @@ impl Shared {
             return Some(None);
         }
         Some(self.learn(&learned, asked.answered))
+    }
+
+    /// Removes from `learned` the addresses that point inside (see
+    /// [`dnsfence_dns::inside`]), counting each; returns them with their reasons.
+    fn keep_learnable(&self, learned: &mut dnsfence_dns::Learned) -> Vec<flows::NotLearnedIp> {
+        let Some(name) = learned.names.first() else {
+            return Vec::new();
+        };
+        let snapshot = self.snapshot.load();
+        let local = self.local_ips.load();
+        let mut refused = Vec::new();
+        learned.ips.retain(
+            |ip| match snapshot.not_learned(*ip, name, |ip| local.contains(&ip)) {
+                None => true,
+                Some(reason) => {
+                    self.metrics.not_learned(reason);
+                    refused.push(flows::NotLearnedIp {
+                        ip: *ip,
+                        reason: reason.as_str(),
+                    });
+                    false
+                }
+            },
+        );
+        if !refused.is_empty() {
+            debug!(
+                name = name.as_str(),
+                ?refused,
+                "answer addresses that point inside are not learned"
+            );
+        }
+        refused
+    }
+
+    /// Reads the node's interface addresses again (answers naming one are never learned),
+    /// at most every [`LOCAL_ADDRESSES_REFRESH`].
+    pub(crate) fn refresh_local_addresses(&self, now: Instant) {
+        {
+            let mut at = lock(&self.local_ips_at);
+            if at.is_some_and(|t| now.saturating_duration_since(t) < LOCAL_ADDRESSES_REFRESH) {
+                return;
+            }
+            *at = Some(now);
+        }
+        self.local_ips
+            .store(Arc::new(crate::sys::local_addresses()));
     }
 
     /// Records what an answer taught; returns what its release must wait for: the sink's
@@ -632,6 +695,7 @@ impl Shared {
 
     /// Removes expired mappings and tells the sink. Returns when the next one expires.
     pub(crate) async fn expire(&self) -> Option<Instant> {
+        self.refresh_local_addresses(Instant::now());
         self.metrics
             .snapshot_age
             .set(lock(&self.snapshot_at).elapsed().as_secs_f64());

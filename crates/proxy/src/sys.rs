@@ -437,6 +437,23 @@ pub(crate) fn raise_fd_limit() {
     }
 }
 
+/// Every address on the node's interfaces (the namespace the proxy runs in): answers
+/// naming one are never learned. Empty when they cannot be read.
+pub(crate) fn local_addresses() -> foldhash::HashSet<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return foldhash::HashSet::default();
+    };
+    addrs
+        .filter_map(|a| {
+            let a = a.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                return Some(std::net::IpAddr::V4(v4.ip()));
+            }
+            a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+        })
+        .collect()
+}
+
 /// A non-blocking socket of `addr`'s family; an IPv6 one is IPv6 only.
 fn nonblocking(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;

@@ -1180,12 +1180,14 @@ async fn an_authoritative_upstream_with_chains_many_ips_and_aaaa() {
     use dnsfence_testsupport::authority::{Authority, Rec};
     use std::net::IpAddr;
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // Addresses this test host does not have (its own, 192.0.2.2 on some machines, would
+    // rightly not be learned).
     let mut records = vec![
         Rec::Cname("www.example.com", 300, "a.example.com"),
         Rec::Cname("a.example.com", 120, "b.example.com"),
-        Rec::Addr("b.example.com", 60, ip("192.0.2.1")),
-        Rec::Addr("b.example.com", 60, ip("192.0.2.2")),
-        Rec::Addr("b.example.com", 90, ip("192.0.2.3")),
+        Rec::Addr("b.example.com", 60, ip("203.0.113.1")),
+        Rec::Addr("b.example.com", 60, ip("203.0.113.2")),
+        Rec::Addr("b.example.com", 90, ip("203.0.113.3")),
         Rec::Addr("v6.example.com", 30, ip("2001:db8::1")),
     ];
     for i in 1..=50u8 {

@@ -49,6 +49,11 @@ fn options() -> Options {
         tproxy_port: Some(15053),
         route_table: 20053,
         log_group: Some(20053),
+        never_learn: vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "169.254.0.0/16".parse().unwrap(),
+            "::ffff:0:0/96".parse().unwrap(),
+        ],
     }
 }
 
@@ -125,8 +130,34 @@ fn fqdn_selectors_get_timeout_sets_with_ports_and_deny_comes_first() {
     )));
     assert!(
         r.script.contains(&format!(
-            "add rule inet dnsfence pol_0 ip daddr @{v4} tcp dport 443 accept"
+            "add rule inet dnsfence pol_0 ip daddr @{v4} ip daddr != @never4 fib daddr type unicast tcp dport 443 accept"
         )),
+        "{}",
+        r.script
+    );
+    // Through a DNAT (a Service's ClusterIP), judged by the address the pod asked for.
+    assert!(
+        r.script.contains(&format!(
+            "add rule inet dnsfence pol_0 ct status dnat ct original ip daddr @{v4} ct original ip daddr != @never4 tcp dport 443 accept"
+        )),
+        "{}",
+        r.script
+    );
+    // No learned IP opens a never-learn range, nor the node (fib: local), whatever the
+    // sets hold: every accept of a selector set says so.
+    for line in r
+        .script
+        .lines()
+        .filter(|l| l.contains(&format!("@{v4}")) && l.ends_with("accept"))
+    {
+        assert!(line.contains("!= @never4"), "{line}");
+    }
+    assert!(r
+        .script
+        .contains("add element inet dnsfence never4 { 127.0.0.0/8, 169.254.0.0/16 }"));
+    assert!(
+        r.script
+            .contains("add element inet dnsfence never6 { ::ffff:0.0.0.0/96 }"),
         "{}",
         r.script
     );

@@ -447,3 +447,39 @@ fn a_transparent_port_that_does_not_parse_is_named() {
         err.problems
     );
 }
+
+#[test]
+fn never_learn_cluster_cidrs_and_cluster_domain() {
+    let c = Config::parse("c.yaml", "").unwrap();
+    assert_eq!(
+        c.dns.never_learn,
+        dnsfence_dns::inside::default_never_learn()
+    );
+    assert!(c.cluster_cidrs.is_empty());
+    assert_eq!(c.dns.cluster_domain, "cluster.local");
+    let c = Config::parse(
+        "c.yaml",
+        "cluster_cidrs: [10.244.0.0/16, \"fd00:10::/64\"]\ndns: {never_learn: [127.0.0.0/8], cluster_domain: corp.internal}\n",
+    )
+    .unwrap();
+    assert_eq!(c.cluster_cidrs.len(), 2);
+    assert_eq!(
+        c.dns.never_learn,
+        vec!["127.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(c.dns.cluster_domain, "corp.internal");
+    let err = Config::parse(
+        "c.yaml",
+        "cluster_cidrs: [10.244.0.0/16, 10.96.0.0]\ndns: {never_learn: [x/8], cluster_domain: \"a..b\"}\n",
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    for needle in [
+        "c.yaml: cluster_cidrs[1]: invalid CIDR \"10.96.0.0\" (expected ADDRESS/LENGTH",
+        "c.yaml: dns.never_learn[0]: invalid CIDR \"x/8\"",
+        "c.yaml: dns.cluster_domain: \"a..b\" is not a DNS name",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert_eq!(err.problems.len(), 3, "{all}");
+}
