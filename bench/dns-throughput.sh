@@ -38,11 +38,13 @@ PX=$(free_port)
 DD=$(free_port)
 FL=$(free_port)
 
-# 1000 names, each with one A record, served by dnsmasq from its configuration.
+# 1000 names, each with one A record, served by dnsmasq from its configuration. (Not in
+# 192.0.2.0/24: the machines this runs on have 192.0.2.2 themselves, and the proxy never
+# learns a node address.)
 : > "$work/dnsmasq.conf"
 : > "$work/queries"
 for i in $(seq 0 999); do
-  echo "host-record=h$i.bench.example.com,192.0.2.$((i % 250 + 1))" >> "$work/dnsmasq.conf"
+  echo "host-record=h$i.bench.example.com,198.51.100.$((i % 250 + 1))" >> "$work/dnsmasq.conf"
   echo "h$i.bench.example.com A" >> "$work/queries"
 done
 /usr/sbin/dnsmasq --keep-in-foreground --conf-file="$work/dnsmasq.conf" --no-resolv --no-hosts \

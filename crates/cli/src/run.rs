@@ -33,9 +33,7 @@ pub(crate) const DEFAULT_TRANSPARENT_PORT: u16 = 15053;
 /// when the configuration names none.
 pub(crate) fn default_transparent(config: &mut Config) {
     if config.dns.transparent.is_none() {
-        config.dns.transparent = Some(TransparentConfig {
-            port: DEFAULT_TRANSPARENT_PORT,
-        });
+        config.dns.transparent = Some(TransparentConfig::on_port(DEFAULT_TRANSPARENT_PORT));
     }
 }
 
@@ -70,6 +68,12 @@ pub(crate) fn options(config: &Config) -> Options {
             g => Some(g),
         },
         never_learn: config.dns.never_learn.clone(),
+        dns_rate_limit: config
+            .dns
+            .transparent
+            .as_ref()
+            .map(|t| t.client_packets_per_second)
+            .filter(|r| *r > 0),
     }
 }
 

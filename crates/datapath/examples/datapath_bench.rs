@@ -129,6 +129,7 @@ fn main() {
             "169.254.0.0/16".parse().unwrap(),
             "::ffff:0:0/96".parse().unwrap(),
         ],
+        dns_rate_limit: Some(5000),
     };
     let dp = Datapath::new(Box::new(RealKernel::default()), options).unwrap();
     let worker = Worker::spawn(dp).unwrap();

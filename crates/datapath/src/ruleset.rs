@@ -59,6 +59,10 @@ pub struct Options {
     /// Ranges a learned IP never opens (`dns.never_learn`: loopback, link-local...),
     /// whatever a selector set holds.
     pub never_learn: Vec<ipnet::IpNet>,
+    /// Redirected DNS packets (UDP datagrams and TCP connection attempts) each enforced
+    /// endpoint address may send per second (bursts of as many); more are dropped in the
+    /// kernel, before they cost the proxy anything. `None`: no limit.
+    pub dns_rate_limit: Option<u32>,
 }
 
 /// Why the datapath refused a packet: the NFLOG prefix of its log rule.
@@ -72,6 +76,9 @@ pub enum DropReason {
     ForgedSource,
     /// DNS to be redirected but no proxy socket took it.
     DnsProxyUnavailable,
+    /// DNS over the endpoint's per-second share of the proxy (`dns.transparent.
+    /// client_packets_per_second`).
+    DnsRateLimited,
     /// Would be refused, but the endpoint's policies are in audit mode: accepted.
     AuditPolicyDenied,
     /// An `egressDeny` rule of a policy in audit mode matched: accepted.
@@ -80,11 +87,12 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::PolicyDenied,
         DropReason::EgressDeny,
         DropReason::ForgedSource,
         DropReason::DnsProxyUnavailable,
+        DropReason::DnsRateLimited,
         DropReason::AuditPolicyDenied,
         DropReason::AuditEgressDeny,
     ];
@@ -96,6 +104,7 @@ impl DropReason {
             DropReason::EgressDeny => "egress-deny",
             DropReason::ForgedSource => "forged-source",
             DropReason::DnsProxyUnavailable => "dns-proxy-unavailable",
+            DropReason::DnsRateLimited => "dns-rate-limited",
             DropReason::AuditPolicyDenied => "audit-policy-denied",
             DropReason::AuditEgressDeny => "audit-egress-deny",
         }
@@ -395,6 +404,43 @@ pub fn render(
         );
     }
     if let Some(port) = options.tproxy_port {
+        if let Some(rate) = options.dns_rate_limit {
+            // Each endpoint address's share of the proxy, enforced before the proxy reads
+            // anything: one pod's flood cannot fill the socket every pod's DNS waits in.
+            // The meters forget an address idle for a minute.
+            for name in ["dnsrate4", "dnsrate6"] {
+                let ty = if name.ends_with('4') {
+                    "ipv4_addr"
+                } else {
+                    "ipv6_addr"
+                };
+                let _ = writeln!(
+                    r.out,
+                    "add set {} {name} {{ type {ty}; size 65535; flags dynamic,timeout; timeout 1m; }}",
+                    r.t
+                );
+                r.objects.insert(name.to_owned());
+            }
+            r.plain_chain("dns_limited");
+            if let Some(l) = log(options, DropReason::DnsRateLimited) {
+                r.rule("dns_limited", format_args!("{l}"));
+            }
+            r.rule(
+                "dns_limited",
+                format_args!("counter drop comment \"dns over the client's rate\""),
+            );
+            for (fam, set, meter) in [("ip", "dns4", "dnsrate4"), ("ip6", "dns6", "dnsrate6")] {
+                // UDP datagrams and TCP connection attempts share one meter per address.
+                for first in ["meta l4proto udp", "tcp flags & (syn | ack) == syn"] {
+                    r.rule(
+                        "prerouting",
+                        format_args!(
+                            "{first} {fam} saddr . meta l4proto . th dport @{set} update @{meter} {{ {fam} saddr limit rate over {rate}/second burst {rate} packets }} jump dns_limited"
+                        ),
+                    );
+                }
+            }
+        }
         for (fam, set) in [("ip", "dns4"), ("ip6", "dns6")] {
             for proto in ["udp", "tcp"] {
                 r.rule(
@@ -544,6 +590,13 @@ impl Renderer {
         {
             let _ = writeln!(self.out, "flush chain {} {name}", self.t);
         }
+        self.objects.insert(name.to_owned());
+    }
+
+    /// A regular chain, emptied and filled anew by each reconcile.
+    fn plain_chain(&mut self, name: &str) {
+        let _ = writeln!(self.out, "add chain {} {name}", self.t);
+        let _ = writeln!(self.out, "flush chain {} {name}", self.t);
         self.objects.insert(name.to_owned());
     }
 

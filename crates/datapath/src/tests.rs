@@ -45,6 +45,7 @@ fn options() -> Options {
             "169.254.0.0/16".parse().unwrap(),
             "::ffff:0:0/96".parse().unwrap(),
         ],
+        dns_rate_limit: Some(5000),
     }
 }
 

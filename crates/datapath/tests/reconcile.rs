@@ -91,6 +91,7 @@ fn options(table: &str) -> Options {
             "169.254.0.0/16".parse().unwrap(),
             "::ffff:0:0/96".parse().unwrap(),
         ],
+        dns_rate_limit: Some(5000),
     }
 }
 

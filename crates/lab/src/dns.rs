@@ -122,6 +122,14 @@ impl Authority {
             .map_err(service_error)?;
         for s in &udp {
             s.set_nonblocking(true).map_err(service_error)?;
+            // A queue of a production server's size (4 MiB): under a test's flood the lab
+            // measures the proxy, not this server's default queue of ~300 datagrams. Only
+            // root may go past `rmem_max`; the default stands otherwise.
+            let _ = nix::sys::socket::setsockopt(
+                s,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(4usize << 20),
+            );
         }
         for s in &tcp {
             s.set_nonblocking(true).map_err(service_error)?;

@@ -319,6 +319,36 @@ pub enum UnknownClientsConfig {
 pub struct TransparentConfig {
     /// The port TPROXY redirects DNS to.
     pub port: u16,
+    /// Redirected DNS packets (UDP datagrams and TCP connection attempts) each endpoint
+    /// address may send per second, in bursts of as many (default 10000; `0`: no limit).
+    /// The datapath drops the rest before the proxy reads them, so one pod's flood
+    /// cannot fill the socket every pod's DNS waits in.
+    #[serde(default = "default_client_packets")]
+    pub client_packets_per_second: u32,
+    /// Servers a client may ask for the first time per second, in bursts of twice as
+    /// many (default 20; at least 1): answering from a server's address the proxy has not
+    /// answered from lately takes sockets, so a pod asking a new address with every query
+    /// gets its share and no more (its other queries are dropped unanswered).
+    #[serde(default = "default_client_new_servers")]
+    pub client_new_servers_per_second: u32,
+}
+
+impl TransparentConfig {
+    /// The listener on `port` with the default limits.
+    pub fn on_port(port: u16) -> Self {
+        Self {
+            port,
+            client_packets_per_second: default_client_packets(),
+            client_new_servers_per_second: default_client_new_servers(),
+        }
+    }
+}
+
+fn default_client_packets() -> u32 {
+    10_000
+}
+fn default_client_new_servers() -> u32 {
+    20
 }
 
 /// `dns`.
@@ -717,7 +747,14 @@ const KNOWN: &[(&str, &[&str])] = &[
             "cluster_domain",
         ],
     ),
-    ("dns.transparent", &["port"]),
+    (
+        "dns.transparent",
+        &[
+            "port",
+            "client_packets_per_second",
+            "client_new_servers_per_second",
+        ],
+    ),
     ("api", &["socket", "agent_socket"]),
     ("flows", &["ring_size", "file", "file_max_bytes"]),
     ("log", &["format", "level"]),
@@ -977,6 +1014,14 @@ impl Config {
         }
         if self.dns.transparent.as_ref().is_some_and(|t| t.port == 0) {
             p.push("dns.transparent.port: must not be 0".to_owned());
+        }
+        if self
+            .dns
+            .transparent
+            .as_ref()
+            .is_some_and(|t| t.client_new_servers_per_second == 0)
+        {
+            p.push("dns.transparent.client_new_servers_per_second: must be at least 1".to_owned());
         }
         if !self.dns.cluster_domain.is_empty() {
             if let Err(e) = dnsfence_policy::FoldedName::new(self.dns.cluster_domain.as_bytes()) {

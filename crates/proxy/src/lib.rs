@@ -12,6 +12,7 @@ pub mod flows;
 mod health;
 mod http;
 pub mod metrics;
+mod replies;
 mod reply;
 mod shared;
 mod sink;

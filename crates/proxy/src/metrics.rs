@@ -136,6 +136,9 @@ pub struct ProxyMetrics {
     pub hold_timeouts: Counter,
     /// TCP client connections closed at once: the client already had its share open.
     pub tcp_refused: Counter,
+    /// Transparent UDP queries dropped unanswered: their client had set up its share of
+    /// reply paths to new servers this second.
+    pub new_servers_refused: Counter,
     /// TCP client connections closed because the client did not read its answers.
     pub tcp_write_timeouts: Counter,
     /// Configured upstreams marked down (passed over until they answer a probe).
@@ -218,6 +221,7 @@ impl Default for ProxyMetrics {
             answers_rejected: Counter::default(),
             hold_timeouts: Counter::default(),
             tcp_refused: Counter::default(),
+            new_servers_refused: Counter::default(),
             tcp_write_timeouts: Counter::default(),
             upstreams_down: Gauge::default(),
             upstream_sockets: Gauge::default(),
@@ -263,6 +267,11 @@ impl ProxyMetrics {
             "tcp_connections_refused",
             "TCP client connections closed at once because the client had its share open",
             m.tcp_refused.clone(),
+        );
+        r.register(
+            "new_servers_refused",
+            "Transparent queries dropped unanswered because their client asked more new servers per second than dns.transparent.client_new_servers_per_second",
+            m.new_servers_refused.clone(),
         );
         r.register(
             "tcp_write_timeouts",

@@ -374,6 +374,25 @@ impl Shared {
         Step::Forward(query, learn, server)
     }
 
+    /// Counts a transparent query dropped because `client` set up its share of reply
+    /// paths to new servers; `report`: also as a flow event (at most one a second per
+    /// client).
+    pub(crate) fn new_server_refused(&self, client: IpAddr, server: SocketAddr, report: bool) {
+        self.metrics.new_servers_refused.inc();
+        if report {
+            debug!(%client, %server, "over the client's budget of new servers; dropped");
+            let mut flow = Flow::new("dns", "fairness", self.source(client));
+            flow.dns = Some(Dns {
+                server: Some(server),
+                ..Dns::default()
+            });
+            flow.policy = Some(format!(
+                "more new servers per second than dns.transparent.client_new_servers_per_second: queries to new servers are dropped for the rest of the second (first: {server})"
+            ));
+            self.flows.push(flow);
+        }
+    }
+
     /// Another configured upstream to ask `query` of when `failed` did not answer: the
     /// first one, in configured order, that `client`'s policy allows for the name and
     /// that is not marked down. Returns it with whether its answer may teach IPs.

@@ -7,11 +7,9 @@
 //! built whole and sent through a raw socket (see [`crate::reply`]). A TCP connection's
 //! local address is the original destination.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
 use nix::sys::socket::{
     recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -21,8 +19,6 @@ use smallvec::SmallVec;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
-
-use crate::reply::{RawSender, ReplyVia};
 
 fn transparent(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
@@ -39,10 +35,28 @@ fn transparent(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket
     Ok(socket)
 }
 
+/// How many bytes of datagrams a listener's queue holds (about 4,000 queries): a burst
+/// waits there instead of being dropped while the proxy catches up.
+const LISTENER_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// How many bytes of answers an upstream socket's queue holds (about 1,000): answers to
+/// a burst of queries wait there while the proxy catches up.
+const UPSTREAM_RECEIVE_BUFFER: usize = 1 << 20;
+
+/// Gives a UDP socket a receive queue of `bytes`: past the system's `rmem_max` when
+/// allowed (`CAP_NET_ADMIN`), else as much as it allows.
+fn large_receive_buffer(socket: &Socket, bytes: usize) {
+    let forced = nix::sys::socket::setsockopt(socket, sockopt::RcvBufForce, &bytes);
+    if forced.is_err() {
+        let _ = socket.set_recv_buffer_size(bytes);
+    }
+}
+
 /// A UDP socket on `addr` (usually `0.0.0.0:PORT` or `[::]:PORT`) that receives
 /// TPROXY-redirected queries with their original destination.
 pub(crate) fn udp_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = transparent(addr, Type::DGRAM, Protocol::UDP)?;
+    large_receive_buffer(&socket, LISTENER_RECEIVE_BUFFER);
     if addr.is_ipv4() {
         setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
     } else {
@@ -62,7 +76,7 @@ pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// A UDP socket bound to `from` (a non-local address: the server the pod asked), so
 /// replies appear to come from it.
-fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
     let socket = transparent(from, Type::DGRAM, Protocol::UDP)?;
     socket.bind(&from.into())?;
     UdpSocket::from_std(socket.into())
@@ -71,7 +85,7 @@ fn reply_socket(from: SocketAddr) -> io::Result<UdpSocket> {
 /// Whether a socket on this node is already bound to `addr` (exactly, or on its port of
 /// the wildcard address): a transparent socket without address or port sharing cannot
 /// bind it then.
-fn bound_elsewhere(addr: SocketAddr) -> bool {
+pub(crate) fn bound_elsewhere(addr: SocketAddr) -> bool {
     let probe = || -> io::Result<()> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv4() {
@@ -83,74 +97,6 @@ fn bound_elsewhere(addr: SocketAddr) -> bool {
         socket.bind(&addr.into())
     };
     matches!(probe(), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
-}
-
-/// Reply sockets kept at once. Pods ask few DNS servers, but a pod can send to any
-/// address: past this many, the one used longest ago is closed (queries waiting for an
-/// answer keep theirs until they are answered).
-pub(crate) const MAX_REPLY_SOCKETS: usize = 256;
-
-/// Reply sockets by the address they answer from, with the turn each was last used on.
-#[derive(Default)]
-pub(crate) struct ReplySockets {
-    sockets: HashMap<SocketAddr, (ReplyVia, u64)>,
-    turn: u64,
-    /// For addresses another socket on the node holds (opened on first need).
-    raw: Option<Arc<RawSender>>,
-    /// Opening the raw sockets failed (no `CAP_NET_RAW`): such addresses get a bound
-    /// socket after all, with a warning.
-    raw_failed: bool,
-}
-
-impl ReplySockets {
-    /// How replies from `from` are sent, set up on first use: a socket bound to `from`,
-    /// or, when another socket on the node already holds `from`, the raw sockets.
-    pub(crate) fn get(&mut self, from: SocketAddr) -> io::Result<ReplyVia> {
-        self.turn += 1;
-        if let Some((s, used)) = self.sockets.get_mut(&from) {
-            *used = self.turn;
-            return Ok(s.clone());
-        }
-        let s = match bound_elsewhere(from).then(|| self.raw()).flatten() {
-            Some(raw) => {
-                tracing::info!(server = %from, "another socket on this node holds the DNS server's address; its replies are sent through a raw socket");
-                ReplyVia::Raw { from, raw }
-            }
-            None => ReplyVia::Socket(Arc::new(reply_socket(from)?)),
-        };
-        if self.sockets.len() >= MAX_REPLY_SOCKETS {
-            let oldest = self
-                .sockets
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(addr, _)| *addr);
-            if let Some(oldest) = oldest {
-                self.sockets.remove(&oldest);
-            }
-        }
-        self.sockets.insert(from, (s.clone(), self.turn));
-        Ok(s)
-    }
-
-    /// The raw sockets, opened on first need; `None` when they cannot be.
-    fn raw(&mut self) -> Option<Arc<RawSender>> {
-        if self.raw.is_none() && !self.raw_failed {
-            match RawSender::new() {
-                Ok(raw) => self.raw = Some(Arc::new(raw)),
-                Err(e) => {
-                    self.raw_failed = true;
-                    tracing::warn!(error = %e, "cannot open raw sockets: replies from an address another socket on this node holds (a DNS server on the node itself) go through a socket bound to it, which can take some of that server's traffic; see docs/proxy.md");
-                }
-            }
-        }
-        self.raw.clone()
-    }
-
-    /// How many are open.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.sockets.len()
-    }
 }
 
 /// The largest control message expected (an IPv6 original destination).
@@ -410,6 +356,7 @@ pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    large_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
     socket.bind(&any.into())?;
     socket.connect(&upstream.into())?;
     UdpSocket::from_std(socket.into())
@@ -418,6 +365,7 @@ pub(crate) fn connected_udp(upstream: SocketAddr) -> io::Result<UdpSocket> {
 /// A UDP socket on an ephemeral port of `any` (the unspecified address of a family).
 pub(crate) fn unconnected_udp(any: SocketAddr) -> io::Result<UdpSocket> {
     let socket = nonblocking(any, Type::DGRAM, Protocol::UDP)?;
+    large_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
     socket.bind(&any.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -466,6 +414,7 @@ fn nonblocking(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket
 
 pub(crate) fn explicit_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = nonblocking(addr, Type::DGRAM, Protocol::UDP)?;
+    large_receive_buffer(&socket, LISTENER_RECEIVE_BUFFER);
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
@@ -487,41 +436,6 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
     use super::*;
     use std::time::Duration;
-
-    #[tokio::test]
-    async fn reply_sockets_are_capped_and_the_least_recently_used_goes_first() {
-        let mut replies = ReplySockets::default();
-        let socket = |via: ReplyVia| match via {
-            ReplyVia::Socket(s) => s,
-            ReplyVia::Raw { from, .. } => panic!("{from}: nothing else holds it"),
-        };
-        let addr = |i: usize| -> SocketAddr {
-            let [hi, lo] = u16::try_from(i).unwrap().to_be_bytes();
-            (std::net::Ipv4Addr::new(127, 77, hi, lo), 0).into()
-        };
-        let first = match replies.get(addr(0)) {
-            Ok(s) => socket(s),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                eprintln!("skipped: transparent sockets need CAP_NET_ADMIN");
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let second = socket(replies.get(addr(1)).unwrap());
-        for i in 2..MAX_REPLY_SOCKETS + 40 {
-            replies.get(addr(i)).unwrap();
-            // The first address stays in use all along.
-            assert!(Arc::ptr_eq(&first, &socket(replies.get(addr(0)).unwrap())));
-        }
-        assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
-        // The second one was used longest ago: it was dropped, and is made anew.
-        assert!(!Arc::ptr_eq(
-            &second,
-            &socket(replies.get(addr(1)).unwrap())
-        ));
-        assert_eq!(replies.len(), MAX_REPLY_SOCKETS);
-        assert!(Arc::ptr_eq(&first, &socket(replies.get(addr(0)).unwrap())));
-    }
 
     #[test]
     fn an_address_another_socket_holds_is_noticed() {

@@ -27,9 +27,10 @@ use smallvec::SmallVec;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
+use crate::replies::{Path, ReplySockets};
 use crate::reply::ReplyVia;
 use crate::shared::{Shared, Step};
-use crate::sys::{self, Batch, ReplySockets};
+use crate::sys::{self, Batch};
 
 /// Client datagrams received with one system call.
 const CLIENT_BATCH: usize = 32;
@@ -848,33 +849,47 @@ async fn sweep(shared: Arc<Shared>, pool: Arc<UpstreamPool>) {
 
 /// Judges every datagram of a client batch, then sends what it produced: replies, one
 /// `sendmmsg` per reply socket, and forwarded queries, one `sendmmsg` per upstream socket.
-/// `route(i)` gives the `i`-th datagram's candidate servers, the index to try them from,
-/// and the socket replies leave from (`None`: the datagram is skipped).
+/// `route(i)` gives the `i`-th datagram's candidate servers and the index to try them
+/// from (`None`: the datagram is skipped). `reply_via(client, server, now)` gives the
+/// socket a reply to `client` from `server` leaves from, once the query has passed the
+/// client's bounds (`None`: the query is dropped, unanswered).
 async fn handle_batch<'r>(
     shared: &Shared,
     pool: &UpstreamPool,
     batch: &mut Batch,
     count: usize,
     outs: &mut [Vec<u8>],
-    mut route: impl FnMut(usize) -> Option<(&'r [SocketAddr], usize, ReplyVia)>,
+    mut route: impl FnMut(usize) -> Option<(&'r [SocketAddr], usize)>,
+    mut reply_via: impl FnMut(SocketAddr, SocketAddr, Instant) -> Option<ReplyVia>,
 ) {
     let at = Instant::now();
     let turn = pool.next.fetch_add(1, Ordering::Relaxed);
     let mut replies: SmallVec<[Reply; 8]> = SmallVec::new();
     let mut queries: SmallVec<[(usize, Outbound); CLIENT_BATCH]> = SmallVec::new();
     for i in 0..count {
-        let Some((servers, start, reply_via)) = route(i) else {
+        let Some((servers, start)) = route(i) else {
             continue;
         };
         let (Some((packet, client)), Some(out)) = (batch.datagram(i), outs.get_mut(i)) else {
             continue;
         };
+        // The server whose address a reply of the proxy's own comes from (transparent
+        // listeners have exactly one candidate: the original destination).
+        let asked = servers.first().copied().unwrap_or(NO_SERVER);
         match shared.judge(packet, client, servers, start, Protocol::Udp, out) {
-            Step::Reply(len) => replies.push((i, len, client, reply_via)),
+            Step::Reply(len) => {
+                if let Some(via) = reply_via(client, asked, at) {
+                    replies.push((i, len, client, via));
+                }
+            }
             Step::Forward(query, learn, server) => {
+                let Some(via) = reply_via(client, asked, at) else {
+                    shared.leave(client.ip());
+                    continue;
+                };
                 let asker = ClientRef {
                     addr: client,
-                    reply_via: reply_via.clone(),
+                    reply_via: via.clone(),
                     received: at,
                     sent: at,
                 };
@@ -904,7 +919,7 @@ async fn handle_batch<'r>(
                             out,
                         );
                         if let Some(n) = reply {
-                            replies.push((i, n, client, reply_via));
+                            replies.push((i, n, client, via));
                         }
                     }
                 }
@@ -963,10 +978,19 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        handle_batch(&shared, &pool, &mut batch, count, &mut outs, |_| {
-            turn = turn.wrapping_add(1);
-            Some((&upstreams[..], turn, ReplyVia::Socket(socket.clone())))
-        })
+        let via = ReplyVia::Socket(socket.clone());
+        handle_batch(
+            &shared,
+            &pool,
+            &mut batch,
+            count,
+            &mut outs,
+            |_| {
+                turn = turn.wrapping_add(1);
+                Some((&upstreams[..], turn))
+            },
+            |_, _, _| Some(via.clone()),
+        )
         .await;
     }
 }
@@ -980,7 +1004,11 @@ pub(crate) async fn serve_transparent(
 ) -> io::Result<()> {
     let mut batch = Batch::with_orig_dst(CLIENT_BATCH, CLIENT_DATAGRAM);
     let mut outs = reply_buffers();
-    let mut replies = ReplySockets::default();
+    let per_second = shared
+        .config
+        .transparent
+        .map_or(1, |t| t.client_new_servers_per_second);
+    let mut replies = ReplySockets::new(per_second);
     // The original destinations of the current batch, so each datagram can name its one
     // candidate server as a slice.
     let mut servers: Vec<SocketAddr> = Vec::with_capacity(CLIENT_BATCH);
@@ -995,20 +1023,32 @@ pub(crate) async fn serve_transparent(
         servers.clear();
         servers.extend((0..count).map(|i| batch.orig_dst(i).unwrap_or(NO_SERVER)));
         let servers = &servers;
-        handle_batch(&shared, &pool, &mut batch, count, &mut outs, |i| {
-            let server = *servers.get(i)?;
-            if server == NO_SERVER {
-                debug!("transparent datagram without its original destination dropped");
-                return None;
-            }
-            match replies.get(server) {
-                Ok(via) => Some((servers.get(i..=i)?, 0, via)),
+        handle_batch(
+            &shared,
+            &pool,
+            &mut batch,
+            count,
+            &mut outs,
+            |i| {
+                let server = *servers.get(i)?;
+                if server == NO_SERVER {
+                    debug!("transparent datagram without its original destination dropped");
+                    return None;
+                }
+                Some((servers.get(i..=i)?, 0))
+            },
+            |client, server, now| match replies.get(server, client.ip(), now) {
+                Ok(Path::Via(via)) => Some(via),
+                Ok(Path::OverBudget { report }) => {
+                    shared.new_server_refused(client.ip(), server, report);
+                    None
+                }
                 Err(e) => {
                     warn!(%server, error = %e, "cannot answer from the original destination");
                     None
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 }

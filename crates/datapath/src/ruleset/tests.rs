@@ -54,6 +54,7 @@ fn options() -> Options {
             "169.254.0.0/16".parse().unwrap(),
             "::ffff:0:0/96".parse().unwrap(),
         ],
+        dns_rate_limit: Some(5000),
     }
 }
 
@@ -217,6 +218,41 @@ fn dns_of_enforced_endpoints_is_redirected_on_its_rule_ports() {
         &Existing::default(),
     );
     assert!(!r.script.contains("tproxy"));
+}
+
+#[test]
+fn each_address_dns_is_metered_before_the_redirect() {
+    let set = policies();
+    let render_with = |o: &Options| {
+        render(
+            &set,
+            &inventory(&set),
+            &BTreeMap::new(),
+            o,
+            &Existing::default(),
+        )
+        .script
+    };
+    let script = render_with(&options());
+    let meter = script
+        .find("update @dnsrate4 { ip saddr limit rate over 5000/second burst 5000 packets } jump dns_limited")
+        .unwrap_or_else(|| panic!("{script}"));
+    assert!(script.contains(
+        "tcp flags & (syn | ack) == syn ip saddr . meta l4proto . th dport @dns4 update @dnsrate4"
+    ));
+    assert!(script.contains("update @dnsrate6 { ip6 saddr limit rate over 5000/second"));
+    // Metered before the redirect takes it, and the meters are never flushed.
+    assert!(meter < script.find("tproxy ip to :15053").unwrap());
+    assert!(!script.contains("flush set inet dnsfence dnsrate4"));
+    assert!(script.contains("prefix \"dns-rate-limited\""));
+    assert!(script.contains("add rule inet dnsfence dns_limited counter drop"));
+    let mut unlimited = options();
+    unlimited.dns_rate_limit = None;
+    let script = render_with(&unlimited);
+    assert!(
+        !script.contains("dnsrate") && !script.contains("dns_limited"),
+        "{script}"
+    );
 }
 
 #[test]

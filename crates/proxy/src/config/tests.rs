@@ -483,3 +483,40 @@ fn never_learn_cluster_cidrs_and_cluster_domain() {
     }
     assert_eq!(err.problems.len(), 3, "{all}");
 }
+
+#[test]
+fn transparent_limits_default_and_are_checked() {
+    let c = Config::parse("c.yaml", "dns: {transparent: {port: 15053}}\n").unwrap();
+    let t = c.dns.transparent.unwrap();
+    assert_eq!(t, TransparentConfig::on_port(15053));
+    assert_eq!(
+        (t.client_packets_per_second, t.client_new_servers_per_second),
+        (10_000, 20)
+    );
+    let c = Config::parse(
+        "c.yaml",
+        "dns: {transparent: {port: 15053, client_packets_per_second: 0, client_new_servers_per_second: 5}}\n",
+    )
+    .unwrap();
+    let t = c.dns.transparent.unwrap();
+    assert_eq!(
+        (t.client_packets_per_second, t.client_new_servers_per_second),
+        (0, 5)
+    );
+    for (text, problem) in [
+        (
+            "dns: {transparent: {port: 15053, client_packet_per_second: 1}}\n",
+            "c.yaml: dns.transparent.client_packet_per_second: unknown key",
+        ),
+        (
+            "dns: {transparent: {port: 15053, client_new_servers_per_second: 0}}\n",
+            "c.yaml: dns.transparent.client_new_servers_per_second: must be at least 1",
+        ),
+    ] {
+        let all = Config::parse("c.yaml", text)
+            .unwrap_err()
+            .problems
+            .join("\n");
+        assert!(all.contains(problem), "{all}");
+    }
+}
