@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
 
+#[path = "integration/common.rs"]
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};

@@ -2,8 +2,6 @@
 //! load is fully answered, and an outage (packets dropped on the node) shows as timeouts,
 //! or as retries when the load retries, and the load recovers. Skips unless root with `ip`.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a failure")]
-
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -182,7 +180,7 @@ fn thread_ticks(prefix: &str) -> u64 {
 }
 
 /// How fast the generator goes against the lab's DNS server (not run by default):
-/// `cargo test -p dnsfence-lab --test load -- --ignored --nocapture`.
+/// `cargo test -p dnsfence-lab --test integration -- load:: --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, not a test"]
 fn capacity() {

@@ -2,11 +2,9 @@
 //! asserts that the traffic is blocked. The attempts that got through when the review was
 //! made carry a `// Found by the red-team review, fixed:` comment and now guard the fix.
 //!
-//! Run: `cargo test -p dnsfence --test redteam -- --nocapture`
+//! Run: `cargo test -p dnsfence --test integration -- redteam:: --nocapture`
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, UdpSocket};

@@ -3,8 +3,6 @@
 //! second agent (a rolling update) takes over the refused-packet log once the first is
 //! gone.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -1,9 +1,7 @@
 //! Agent and proxy as two processes, in the lab: each is killed (SIGKILL), restarted or
 //! rolled while pods resolve and connect, and what the pods observe is asserted.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

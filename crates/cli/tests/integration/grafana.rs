@@ -2,8 +2,6 @@
 //! queries is one dnsfence exports, so renaming a metric breaks this test until the
 //! dashboard follows.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 

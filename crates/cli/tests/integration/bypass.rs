@@ -4,9 +4,7 @@
 //! node, a counter in the world's namespace proves that nothing arrived; each refusal also
 //! shows in dnsfence's log with its reason.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;

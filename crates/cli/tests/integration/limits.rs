@@ -1,7 +1,5 @@
 //! `dnsfence proxy` at the limits of the process: out of file descriptors.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -2,9 +2,7 @@
 //! with the domain, the pod, the policy and the reason; `--follow` streams them within a
 //! second; a flood stays within the ring and the loss is counted.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -1,7 +1,5 @@
 //! `NftSocket` against the real kernel, in network namespaces of its own.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::fs::File;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -340,8 +338,8 @@ fn elements_expire_by_themselves() {
     }
 }
 
-/// Latency of `apply` by batch size: `cargo test -p dnsfence-datapath --test netlink
-/// -- --ignored --nocapture`.
+/// Latency of `apply` by batch size: `cargo test -p dnsfence-datapath --test integration
+/// -- netlink:: --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, not a test"]
 fn measure_apply_latency() {

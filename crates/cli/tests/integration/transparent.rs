@@ -3,8 +3,6 @@
 //! datapath) to `dnsfence proxy`'s transparent port. The policy sees the original server,
 //! the query goes there, and the reply comes from its address.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 

@@ -3,12 +3,10 @@
 //! the world's servers through the node's nftables table. Every assertion is about what a
 //! pod observes (answers, connections, resets), not about internal state.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 
 use common::{a, blocked, env, ip, reach, resolve, POLICY};
 use dnsfence_lab::{DnsStatus, Outcome, Rec, RecordType, Transport};

@@ -1,8 +1,6 @@
 //! `NflogSocket` against the real kernel: nftables `log group` rules in network namespaces
 //! of its own.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpStream, UdpSocket};

@@ -4,9 +4,7 @@
 //! The same policy is also run in standalone mode (files) on a second lab, and what the
 //! pods observe must be the same.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

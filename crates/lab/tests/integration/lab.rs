@@ -1,8 +1,6 @@
 //! The lab against the real kernel: DNS, TCP and UDP from pods to the world, parallel labs,
 //! cleanup on drop and on panic. Skips unless root with `ip`.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a failure")]
-
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};

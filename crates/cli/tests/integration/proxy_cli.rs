@@ -1,8 +1,6 @@
 //! `dnsfence proxy` and `dnsfence fqdn list` as a user runs them: a real upstream
 //! (dnsmasq), a real client (dig), signals, the API socket.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

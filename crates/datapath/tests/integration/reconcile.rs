@@ -4,8 +4,6 @@
 //! in the selector sets, and cleanup removes everything. Packet-level behaviour is tested
 //! in the lab (crates/cli/tests/lab.rs).
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,9 +1,7 @@
 //! Policy features beyond the peers, in the lab: audit mode, search lists that just work
 //! (a musl-style stub resolver), and Kubernetes service names behind a DNAT.
 
-#![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
-
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 use std::process::Stdio;
