@@ -18,11 +18,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use dnsfence_agent::config::{Listeners, NodeConfig as Config, Usage};
 use dnsfence_datapath::ruleset::fqdn_set_name;
+use dnsfence_datapath::Backend;
 use dnsfence_datapath::{Datapath, RealKernel, Worker};
 use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::PolicySet;
-use dnsfence_proxy::config::{Backend, Config, Listeners, Usage};
 use dnsfence_proxy::control::{
     read_message, write_message, LearnedIp, Message, Role, SelectorSets, SnapshotData,
     CONTROL_PROTOCOL,
@@ -91,11 +92,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The snapshot data of `set` under `config`.
-fn data(
-    config: &Config,
-    docs: Vec<dnsfence_proxy::control::PolicyDoc>,
-    set: &PolicySet,
-) -> SnapshotData {
+fn data(config: &Config, docs: Vec<dnsfence_policy::PolicyDoc>, set: &PolicySet) -> SnapshotData {
     SnapshotData {
         policies: docs,
         endpoints: config.endpoints.clone(),
@@ -121,7 +118,7 @@ fn data(
 #[derive(Clone)]
 struct Files {
     config: Config,
-    docs: Vec<dnsfence_proxy::control::PolicyDoc>,
+    docs: Vec<dnsfence_policy::PolicyDoc>,
     /// (kind, namespace, name) of their policies.
     ids: std::collections::BTreeSet<(String, Option<String>, String)>,
 }
@@ -149,7 +146,7 @@ fn read_files(config_path: &std::path::Path, previous: &PolicySet) -> Result<(Fi
 }
 
 /// (kind, namespace, name) of a cluster policy document (JSON).
-fn doc_id(doc: &dnsfence_proxy::control::PolicyDoc) -> Option<(String, Option<String>, String)> {
+fn doc_id(doc: &dnsfence_policy::PolicyDoc) -> Option<(String, Option<String>, String)> {
     let v: serde_json::Value = serde_json::from_str(&doc.text).ok()?;
     Some((
         v["kind"].as_str()?.to_owned(),

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+use dnsfence_agent::config::NodeConfig as Config;
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Worker;
 use dnsfence_fqdncache::Change;
-use dnsfence_proxy::config::Config;
 use dnsfence_proxy::control::{
     read_message, write_message, LearnedIp, Message, Role, SnapshotData, CONTROL_PROTOCOL,
 };
@@ -409,7 +409,7 @@ fn save_snapshot(file: &Path, version: u64, data: SnapshotData) {
 #[allow(clippy::unwrap_used, reason = "tests: a panic is a failure")]
 mod tests {
     use super::*;
-    use dnsfence_proxy::control::PolicyDoc;
+    use dnsfence_policy::PolicyDoc;
     use dnsfence_proxy::{NoopSink, Proxy, ProxyMetrics};
 
     /// `n` policies, each with its own DNS rule and `toFQDNs` selectors.

@@ -63,7 +63,7 @@ enum Command {
 
 /// Logs to stderr, as text or JSON lines; `RUST_LOG` filters, else `log.level` (default
 /// `info`).
-fn init_logging(log: &dnsfence_proxy::config::LogConfig) {
+fn init_logging(log: &dnsfence_agent::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(log.level.as_deref().unwrap_or("info"))
     });
@@ -71,8 +71,8 @@ fn init_logging(log: &dnsfence_proxy::config::LogConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match log.format {
-        dnsfence_proxy::config::LogFormat::Json => builder.json().try_init(),
-        dnsfence_proxy::config::LogFormat::Text => builder
+        dnsfence_agent::config::LogFormat::Json => builder.json().try_init(),
+        dnsfence_agent::config::LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init(),
     };

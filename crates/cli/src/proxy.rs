@@ -9,13 +9,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dnsfence_datapath::Worker;
+use dnsfence_agent::config::{Listeners, NodeConfig as Config, Usage};
+use dnsfence_datapath::{Backend, Worker};
 use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
-use dnsfence_policy::{Labels, PolicyLoader, PolicySet};
-use dnsfence_proxy::config::{
-    Backend, Config, DenyRcode, EndpointConfig, Listeners, UnknownClientsConfig, Usage,
-};
-use dnsfence_proxy::control::PolicyDoc;
+use dnsfence_policy::{EndpointConfig, Labels, PolicyDoc, PolicyLoader, PolicySet};
+use dnsfence_proxy::config::{DenyRcode, UnknownClientsConfig};
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};

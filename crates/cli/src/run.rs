@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
+use dnsfence_agent::config::{Listeners, NodeConfig as Config, Usage};
+use dnsfence_datapath::{Backend, Datapath, Inventory, Kernel, Options, RealKernel, Worker};
 use dnsfence_policy::{Endpoint, Labels, PolicySet};
-use dnsfence_proxy::config::{self, Backend, Config, Listeners, TransparentConfig, Usage};
+use dnsfence_proxy::config::TransparentConfig;
 use dnsfence_proxy::{IpSink, NoopSink};
 use tracing::{info, warn};
 
@@ -53,28 +54,14 @@ pub(crate) struct CleanupArgs {
 
 /// The datapath options a configuration asks for.
 pub(crate) fn options(config: &Config) -> Options {
-    Options {
-        table: config.datapath.table.clone(),
-        deny_action: match config.datapath.deny_action {
-            config::DenyAction::Reject => DenyAction::Reject,
-            config::DenyAction::Drop => DenyAction::Drop,
-        },
-        fwmark: config.datapath.fwmark,
-        ct_mark: config.datapath.ct_mark,
-        tproxy_port: config.dns.transparent.as_ref().map(|t| t.port),
-        route_table: config.datapath.route_table,
-        log_group: match config.datapath.log_group {
-            0 => None,
-            g => Some(g),
-        },
-        never_learn: config.dns.never_learn.clone(),
-        dns_rate_limit: config
-            .dns
-            .transparent
-            .as_ref()
+    let transparent = config.dns.transparent.as_ref();
+    config.datapath.options(
+        transparent.map(|t| t.port),
+        config.dns.never_learn.clone(),
+        transparent
             .map(|t| t.client_packets_per_second)
             .filter(|r| *r > 0),
-    }
+    )
 }
 
 /// The configuration's endpoints with their resolved policies (none for remote ones).

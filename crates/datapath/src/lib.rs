@@ -7,6 +7,7 @@
 //! learned-IP updates into one netlink transaction, so a burst of answers costs one kernel
 //! round trip.
 
+pub mod config;
 pub mod drops;
 pub mod learned;
 pub mod ruleset;
@@ -26,6 +27,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tracing::{debug, info, warn};
 
+pub use config::{Backend, DatapathConfig};
 pub use learned::{Learned, Op, MIN_TIMEOUT};
 pub use ruleset::{DenyAction, DropReason, EndpointState, Existing, Inventory, Options, Ruleset};
 pub use sys::{FakeKernel, Kernel, RealKernel, SetOp, SysError};

@@ -25,13 +25,14 @@ use dnsfence_policy::{
     Protocol, SelectorId,
 };
 
-/// What the datapath does with traffic nothing allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the datapath does with traffic nothing allows (`datapath.deny_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DenyAction {
-    /// ICMP administratively prohibited, TCP reset.
+    /// ICMP administratively prohibited, TCP reset: clients fail fast.
     #[default]
     Reject,
-    /// Silent drop.
+    /// Silent drop: clients time out.
     Drop,
 }
 

@@ -25,9 +25,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use dnsfence_policy::EndpointConfig;
+use dnsfence_policy::PolicyDoc;
 use dnsfence_policy::{EndpointSelector, Operator, Peer, Policy, PolicyLoader, NAMESPACE_LABEL};
-use dnsfence_proxy::config::EndpointConfig;
-use dnsfence_proxy::control::PolicyDoc;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use serde_json::{json, Value};
 

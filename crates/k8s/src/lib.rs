@@ -3,6 +3,7 @@
 //! and the install manifests ([`manifests`]).
 
 pub mod cluster;
+pub mod config;
 pub mod crd;
 pub mod manifests;
 pub mod watch;

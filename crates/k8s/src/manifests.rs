@@ -884,39 +884,4 @@ mod tests {
         assert_eq!(e["ips"][0], Value::from("169.254.20.10"));
         assert_eq!(e["remote"], Value::from(true));
     }
-
-    #[test]
-    fn config_parses_as_a_dnsfence_config() {
-        for options in [
-            Options::default(),
-            Options {
-                node_local_dns: Some("fd00::a".parse().unwrap()),
-                watch_cilium_policies: true,
-                log_level: "debug".to_owned(),
-                ..Options::default()
-            },
-        ] {
-            let text = config_yaml(&options).unwrap();
-            let config = dnsfence_proxy::config::Config::parse("config.yaml", &text)
-                .unwrap_or_else(|e| panic!("{e}\n{text}"));
-            assert!(config.kubernetes.enabled);
-            assert_eq!(
-                config.kubernetes.watch_cilium_policies,
-                options.watch_cilium_policies
-            );
-            assert_eq!(
-                config.endpoints.len(),
-                usize::from(options.node_local_dns.is_some())
-            );
-            assert!(config.endpoints.iter().all(|e| e.remote));
-            assert_eq!(
-                config.log.level.as_deref(),
-                Some(options.log_level.as_str())
-            );
-            assert_eq!(
-                config.metrics.agent_listen.map(|a| a.port()),
-                Some(AGENT_METRICS_PORT)
-            );
-        }
-    }
 }

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dnsfence_proxy::config::EndpointConfig;
-use dnsfence_proxy::control::PolicyDoc;
+use dnsfence_policy::EndpointConfig;
+use dnsfence_policy::PolicyDoc;
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

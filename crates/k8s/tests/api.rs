@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dnsfence_k8s::watch::{run, ClusterView, Metrics, Settings};
-use dnsfence_proxy::config::EndpointConfig;
+use dnsfence_policy::EndpointConfig;
 use dnsfence_testsupport::apiserver::FakeApiServer;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};

@@ -48,6 +48,7 @@
 //! ```
 
 mod diag;
+pub mod inventory;
 mod labels;
 mod load;
 mod matcher;
@@ -59,6 +60,7 @@ mod pattern;
 mod resolve;
 
 pub use diag::{Diagnostic, Severity};
+pub use inventory::{EndpointConfig, PolicyDoc};
 pub use labels::{
     normalize_key, Endpoint, EndpointSelector, LabelKeyError, LabelSelector, Labels, Operator,
     Requirement, NAMESPACE_LABEL,

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::EndpointConfig;
+use dnsfence_policy::{EndpointConfig, PolicyDoc};
 
 /// The protocol version.
 pub const CONTROL_PROTOCOL: u32 = 1;
@@ -36,15 +36,6 @@ pub enum Role {
     Agent,
     /// An operator's command (`dnsfence status`): gets one `status` and the connection ends.
     Cli,
-}
-
-/// One policy file's text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyDoc {
-    /// Where it was read (names it in diagnostics).
-    pub file: String,
-    /// The YAML.
-    pub text: String,
 }
 
 /// A selector and its kernel sets.

@@ -29,7 +29,6 @@ pub use dnsfence_dns::Snapshot;
 use tracing::error;
 
 pub use api::{serve_api, FqdnEntry, FqdnIp, API_VERSION};
-pub use config::Config;
 pub use http::{bind_metrics, serve_metrics};
 pub use metrics::ProxyMetrics;
 pub use shared::Shared;
