@@ -55,7 +55,7 @@ pub struct NodeConfig {
     pub datapath: DatapathConfig,
     /// Flow events.
     #[serde(default)]
-    pub flows: FlowsConfig,
+    pub flows: dnsfence_proxy::flows::FlowSettings,
     /// Every policy in audit mode: denials are recorded, not enforced (default false).
     #[serde(default)]
     pub audit: bool,
@@ -65,38 +65,6 @@ pub struct NodeConfig {
     /// Kubernetes mode of `dnsfence agent` (default: off).
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
-}
-
-/// The `flows` section.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FlowsConfig {
-    /// Events kept in memory for `dnsfence observe` (default 10000).
-    #[serde(default = "default_ring")]
-    pub ring_size: usize,
-    /// Also append them to this JSON-lines file (default: none).
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    /// Rotate the file past this many bytes, keeping one old file (default 104857600).
-    #[serde(default = "default_file_max")]
-    pub file_max_bytes: u64,
-}
-
-impl Default for FlowsConfig {
-    fn default() -> Self {
-        Self {
-            ring_size: default_ring(),
-            file: None,
-            file_max_bytes: default_file_max(),
-        }
-    }
-}
-
-fn default_ring() -> usize {
-    10_000
-}
-fn default_file_max() -> u64 {
-    100 * 1024 * 1024
 }
 
 /// `log.format`.

@@ -230,10 +230,7 @@ pub(crate) fn run(args: &AgentArgs) -> Result<ExitCode> {
     let runtime = crate::runtime()?;
     let flows = {
         let _guard = runtime.enter();
-        FlowLog::new(
-            &crate::proxy::flow_settings(&config),
-            dnsfence_proxy::flows::FlowMetrics::default(),
-        )
+        FlowLog::new(&config.flows, dnsfence_proxy::flows::FlowMetrics::default())
     };
     // The thread reading refused packets: stopped after serving ends, before the runtime
     // waits for the flow log's writer (which its callback keeps open).

@@ -456,7 +456,7 @@ mod tests {
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let flows = dnsfence_proxy::flows::FlowLog::new(
-            &crate::proxy::flow_settings(&config),
+            &config.flows,
             dnsfence_proxy::flows::FlowMetrics::default(),
         );
         let proxy = Proxy::start(

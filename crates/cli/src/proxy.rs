@@ -11,9 +11,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_agent::config::{Listeners, NodeConfig as Config, Usage};
 use dnsfence_datapath::{Backend, Worker};
-use dnsfence_dns::{EndpointSpec, Rcode, Snapshot, UnknownClients, VerdictConfig};
+use dnsfence_dns::{EndpointSpec, Snapshot};
 use dnsfence_policy::{EndpointConfig, Labels, PolicyDoc, PolicyLoader, PolicySet};
-use dnsfence_proxy::config::{DenyRcode, UnknownClientsConfig};
 use dnsfence_proxy::{IpSink, NoopSink, Proxy, ProxyMetrics};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
@@ -154,40 +153,11 @@ pub(crate) fn snapshot_of(
             })
         })
         .collect::<Result<_, dnsfence_policy::LabelKeyError>>()?;
-    let verdict = VerdictConfig {
-        deny_rcode: match dns.deny_rcode {
-            DenyRcode::Refused => Rcode::Refused,
-            DenyRcode::Nxdomain => Rcode::NxDomain,
-        },
-        unknown_clients: match dns.unknown_clients {
-            UnknownClientsConfig::Refuse => UnknownClients::Refuse,
-            UnknownClientsConfig::Forward => UnknownClients::Forward,
-        },
-    };
     Ok(
-        Snapshot::new(Arc::new(set), &endpoints, host_ips.to_vec(), verdict)
+        Snapshot::new(Arc::new(set), &endpoints, host_ips.to_vec(), dns.verdict())
             .with_search_suffixes(&dns.search_suffixes)
-            .with_inside(Arc::new(inside(config))),
+            .with_inside(Arc::new(dns.inside(&config.cluster_cidrs))),
     )
-}
-
-/// What answers may teach, as `config` says (see [`dnsfence_dns::inside`]).
-pub(crate) fn inside(config: &Config) -> dnsfence_dns::InsideConfig {
-    dnsfence_dns::InsideConfig {
-        never_learn: config
-            .dns
-            .never_learn
-            .iter()
-            .map(ipnet::IpNet::trunc)
-            .collect(),
-        cluster_cidrs: config
-            .cluster_cidrs
-            .iter()
-            .map(ipnet::IpNet::trunc)
-            .collect(),
-        cluster_domain: String::new(),
-    }
-    .with_cluster_domain(&config.dns.cluster_domain)
 }
 
 /// Builds the snapshot from the configuration's files; `Err` lists policy problems (the
@@ -291,7 +261,7 @@ pub(crate) async fn serve(
     follower: Option<Follower>,
 ) -> Result<ExitCode> {
     let flow_metrics = dnsfence_proxy::flows::FlowMetrics::default();
-    let flows = dnsfence_proxy::flows::FlowLog::new(&flow_settings(&config), flow_metrics.clone());
+    let flows = dnsfence_proxy::flows::FlowLog::new(&config.flows, flow_metrics.clone());
     let mut registry = Registry::with_prefix("dnsfence");
     let metrics = ProxyMetrics::register(&mut registry);
     if let Some(worker) = datapath
@@ -436,15 +406,6 @@ async fn reload(config_path: &Path, proxy: &Proxy, datapath: Option<&Worker>) {
             info!("policies reloaded");
         }
         Err(e) => error!("reload rejected, the running policy stays in force: {e:#}"),
-    }
-}
-
-/// The flow settings of a configuration.
-pub(crate) fn flow_settings(config: &Config) -> dnsfence_proxy::flows::FlowSettings {
-    dnsfence_proxy::flows::FlowSettings {
-        ring_size: config.flows.ring_size,
-        file: config.flows.file.clone(),
-        file_max_bytes: config.flows.file_max_bytes,
     }
 }
 

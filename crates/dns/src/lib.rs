@@ -20,6 +20,7 @@ pub use answer::{check_answer, Answer, AnswerError, Learned, MAX_CHAIN, MAX_IPS_
 pub use inside::{InsideConfig, NotLearned};
 pub use query::{fold_name, parse_query, ParsedQuery, Query};
 pub use snapshot::{
-    EndpointEntry, EndpointSpec, Reason, Snapshot, UnknownClients, Verdict, VerdictConfig,
+    DenyRcode, EndpointEntry, EndpointSpec, Reason, Snapshot, UnknownClients, Verdict,
+    VerdictConfig,
 };
 pub use wire::{write_reply, Rcode};

@@ -36,14 +36,37 @@ pub struct EndpointEntry {
     pub policy: EndpointPolicy,
 }
 
-/// What to do with queries from sources that are not in the inventory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with queries from sources that are not in the inventory
+/// (`dns.unknown_clients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UnknownClients {
     /// Answer REFUSED (fail closed; the default).
     #[default]
     Refuse,
     /// Forward unfiltered.
     Forward,
+}
+
+/// The rcode of denied queries (`dns.deny_rcode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyRcode {
+    /// REFUSED (the default).
+    #[default]
+    Refused,
+    /// NXDOMAIN (helps musl resolvers walk their search list).
+    Nxdomain,
+}
+
+impl DenyRcode {
+    /// The rcode itself.
+    pub fn rcode(self) -> Rcode {
+        match self {
+            DenyRcode::Refused => Rcode::Refused,
+            DenyRcode::Nxdomain => Rcode::NxDomain,
+        }
+    }
 }
 
 /// Behaviour switches of the verdict.

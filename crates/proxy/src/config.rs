@@ -10,17 +10,6 @@ use dnsfence_config::de::show_duration;
 use dnsfence_config::Problems;
 use serde::{Deserialize, Deserializer};
 
-/// `deny_rcode`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DenyRcode {
-    /// REFUSED (default).
-    #[default]
-    Refused,
-    /// NXDOMAIN.
-    Nxdomain,
-}
-
 /// `upstream_hedge_after`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HedgeAfter {
@@ -34,6 +23,35 @@ pub enum HedgeAfter {
 }
 
 impl DnsConfig {
+    /// The learned mappings' bounds.
+    pub fn cache(&self) -> dnsfence_fqdncache::CacheConfig {
+        dnsfence_fqdncache::CacheConfig {
+            min_ttl: self.min_ttl,
+            max_ttl: self.max_ttl,
+            max_ips_per_name: self.max_ips_per_name,
+            ..dnsfence_fqdncache::CacheConfig::default()
+        }
+    }
+
+    /// The verdict's switches.
+    pub fn verdict(&self) -> dnsfence_dns::VerdictConfig {
+        dnsfence_dns::VerdictConfig {
+            deny_rcode: self.deny_rcode.rcode(),
+            unknown_clients: self.unknown_clients,
+        }
+    }
+
+    /// What answers may teach: `dns.never_learn`, `dns.cluster_domain`, and the cluster's
+    /// ranges (`cluster_cidrs`, a top-level key).
+    pub fn inside(&self, cluster_cidrs: &[ipnet::IpNet]) -> dnsfence_dns::InsideConfig {
+        dnsfence_dns::InsideConfig {
+            never_learn: self.never_learn.iter().map(ipnet::IpNet::trunc).collect(),
+            cluster_cidrs: cluster_cidrs.iter().map(ipnet::IpNet::trunc).collect(),
+            cluster_domain: String::new(),
+        }
+        .with_cluster_domain(&self.cluster_domain)
+    }
+
     /// How long a query waits for its upstream before a second copy goes to another
     /// one; `None`: no second copy.
     pub fn hedge_after(&self) -> Option<Duration> {
@@ -46,17 +64,6 @@ impl DnsConfig {
             HedgeAfter::Off => None,
         }
     }
-}
-
-/// `unknown_clients`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum UnknownClientsConfig {
-    /// Answer REFUSED (default: fail closed).
-    #[default]
-    Refuse,
-    /// Forward unfiltered.
-    Forward,
 }
 
 /// `dns.transparent`.
@@ -112,10 +119,10 @@ pub struct DnsConfig {
     pub transparent: Option<TransparentConfig>,
     /// Rcode for denied queries (default `refused`).
     #[serde(default)]
-    pub deny_rcode: DenyRcode,
+    pub deny_rcode: dnsfence_dns::DenyRcode,
     /// Sources not in the inventory (default `refuse`).
     #[serde(default)]
-    pub unknown_clients: UnknownClientsConfig,
+    pub unknown_clients: dnsfence_dns::UnknownClients,
     /// Smallest TTL applied to learned IPs (default `0s`: honour the server; at most 7 days).
     #[serde(default, deserialize_with = "dnsfence_config::de::duration")]
     pub min_ttl: Duration,
@@ -207,8 +214,8 @@ impl Default for DnsConfig {
             listen: Vec::new(),
             upstreams: Vec::new(),
             transparent: None,
-            deny_rcode: DenyRcode::default(),
-            unknown_clients: UnknownClientsConfig::default(),
+            deny_rcode: dnsfence_dns::DenyRcode::default(),
+            unknown_clients: dnsfence_dns::UnknownClients::default(),
             min_ttl: Duration::ZERO,
             max_ttl: default_max_ttl(),
             max_ips_per_name: default_max_ips(),

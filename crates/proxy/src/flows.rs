@@ -141,15 +141,37 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
-/// Flow settings.
-#[derive(Debug, Clone)]
+/// Flow settings: the `flows` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FlowSettings {
-    /// Events kept in memory.
+    /// Events kept in memory for `dnsfence observe` (default 10000; at least 1).
+    #[serde(default = "default_ring")]
     pub ring_size: usize,
-    /// Also append JSON lines here.
+    /// Also append them to this JSON-lines file (default: none).
+    #[serde(default)]
     pub file: Option<PathBuf>,
-    /// Rotate the file past this size (one old file, `.1`, is kept).
+    /// Rotate the file past this many bytes, keeping one old file, `.1` (default
+    /// 104857600).
+    #[serde(default = "default_file_max")]
     pub file_max_bytes: u64,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        Self {
+            ring_size: default_ring(),
+            file: None,
+            file_max_bytes: default_file_max(),
+        }
+    }
+}
+
+fn default_ring() -> usize {
+    10_000
+}
+fn default_file_max() -> u64 {
+    100 * 1024 * 1024
 }
 
 /// Labels of the flow counter.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use dnsfence_dns::Reason;
 use dnsfence_dns::{check_answer, parse_query, write_reply, ParsedQuery, Query, Rcode, Snapshot};
-use dnsfence_fqdncache::{CacheConfig, Change, FqdnCache};
+use dnsfence_fqdncache::{Change, FqdnCache};
 use dnsfence_policy::{DnsReason, Protocol};
 
 use crate::flows::{self, Dns, Flow, FlowLog, Source};
@@ -146,12 +146,7 @@ impl Shared {
         metrics: ProxyMetrics,
         flows: Arc<FlowLog>,
     ) -> (Self, mpsc::UnboundedReceiver<Vec<Change>>) {
-        let cache = FqdnCache::new(CacheConfig {
-            min_ttl: config.min_ttl,
-            max_ttl: config.max_ttl,
-            max_ips_per_name: config.max_ips_per_name,
-            ..CacheConfig::default()
-        });
+        let cache = FqdnCache::new(config.cache());
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
         let sources = Self::prepare_sources(&snapshot);
         let upstreams = crate::health::Health::new(

@@ -2,7 +2,6 @@
 
 use super::*;
 use dnsfence_datapath::DenyAction;
-use dnsfence_proxy::config::UnknownClientsConfig;
 use std::time::Duration;
 
 fn examples() -> std::path::PathBuf {
@@ -184,7 +183,7 @@ fn defaults() {
     assert_eq!(c.dns, DnsConfig::default());
     assert_eq!(c.dns.response_max_delay, Duration::from_millis(100));
     assert_eq!(c.dns.max_ttl, Duration::from_secs(86_400));
-    assert_eq!(c.dns.unknown_clients, UnknownClientsConfig::Refuse);
+    assert_eq!(c.dns.unknown_clients, dnsfence_dns::UnknownClients::Refuse);
     assert_eq!(c.api.socket, PathBuf::from("/run/dnsfence/dnsfence.sock"));
     let full = std::fs::read_to_string(examples().join("standalone.yaml")).unwrap();
     let c = NodeConfig::parse("standalone.yaml", &full).unwrap();

@@ -37,7 +37,7 @@ fn defaults() {
     assert_eq!(d, DnsConfig::default());
     assert_eq!(d.response_max_delay, Duration::from_millis(100));
     assert_eq!(d.max_ttl, Duration::from_secs(86_400));
-    assert_eq!(d.unknown_clients, UnknownClientsConfig::Refuse);
+    assert_eq!(d.unknown_clients, dnsfence_dns::UnknownClients::Refuse);
     assert_eq!(d.never_learn, dnsfence_dns::inside::default_never_learn());
     assert_eq!(d.cluster_domain, "cluster.local");
 }
