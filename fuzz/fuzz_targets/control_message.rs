@@ -2,7 +2,7 @@
 //! parses to the same message; nothing panics.
 #![no_main]
 
-use dnsfence_proxy::control::Message;
+use dnsfence_agent::control::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

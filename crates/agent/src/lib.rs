@@ -3,3 +3,4 @@
 //! arguments and prints nothing: that is the binary's.
 
 pub mod config;
+pub mod control;

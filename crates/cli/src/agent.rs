@@ -1,6 +1,6 @@
 //! `dnsfence agent --config FILE`: owns policies, endpoints and the nftables table, and
 //! streams versioned snapshots to proxies (`dnsfence proxy --agent`) over the agent
-//! socket ([`dnsfence_proxy::control`]). It never writes learned IPs: proxies do, straight
+//! socket ([`dnsfence_agent::control`]). It never writes learned IPs: proxies do, straight
 //! into the selector sets, so DNS keeps resolving and enforcing while the agent is down.
 //! On start it adopts an existing table (nothing is flushed; learned IPs stay).
 //!
@@ -19,15 +19,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Args;
 use dnsfence_agent::config::{Listeners, NodeConfig as Config, Usage};
+use dnsfence_agent::control::{
+    read_message, write_message, LearnedIp, Message, Role, SelectorSets, SnapshotData,
+    CONTROL_PROTOCOL,
+};
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Backend;
 use dnsfence_datapath::{Datapath, RealKernel, Worker};
 use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::PolicySet;
-use dnsfence_proxy::control::{
-    read_message, write_message, LearnedIp, Message, Role, SelectorSets, SnapshotData,
-    CONTROL_PROTOCOL,
-};
 use dnsfence_proxy::flows::{Flow, FlowLog, Source};
 use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};

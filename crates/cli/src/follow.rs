@@ -1,5 +1,5 @@
 //! `dnsfence proxy --agent`: the proxy as a separate process. It takes its snapshots from
-//! the agent ([`dnsfence_proxy::control`]), writes learned IPs itself into the agent's
+//! the agent ([`dnsfence_agent::control`]), writes learned IPs itself into the agent's
 //! selector sets, and keeps both going when the agent is down:
 //!
 //! - each snapshot is saved in `state_dir` (atomic, checksummed) and is where the proxy
@@ -15,12 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use dnsfence_agent::config::NodeConfig as Config;
+use dnsfence_agent::control::{
+    read_message, write_message, LearnedIp, Message, Role, SnapshotData, CONTROL_PROTOCOL,
+};
 use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Worker;
 use dnsfence_fqdncache::Change;
-use dnsfence_proxy::control::{
-    read_message, write_message, LearnedIp, Message, Role, SnapshotData, CONTROL_PROTOCOL,
-};
 use dnsfence_proxy::{IpSink, Shared, SinkFuture, Snapshot};
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;

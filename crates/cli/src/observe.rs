@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use dnsfence_agent::config::{NodeConfig as Config, Usage};
+use dnsfence_agent::control::{Message, Role, CONTROL_PROTOCOL};
 use dnsfence_policy::{FoldedName, NamePattern};
-use dnsfence_proxy::control::{Message, Role, CONTROL_PROTOCOL};
 use dnsfence_proxy::API_VERSION;
 use serde_json::Value;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dnsfence_agent::config::{NodeConfig as Config, Usage};
-use dnsfence_proxy::control::{Message, Role, CONTROL_PROTOCOL};
+use dnsfence_agent::control::{Message, Role, CONTROL_PROTOCOL};
 use dnsfence_proxy::API_VERSION;
 
 #[derive(Debug, Args)]

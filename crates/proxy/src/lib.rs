@@ -7,7 +7,6 @@
 
 pub mod api;
 pub mod config;
-pub mod control;
 pub mod flows;
 mod health;
 mod http;

@@ -135,7 +135,7 @@ pub enum Message {
     },
     /// One flow event, agent to cli.
     Flow {
-        /// The event (see [`crate::flows::Flow`]).
+        /// The event (see [`dnsfence_proxy::flows::Flow`]).
         flow: serde_json::Value,
     },
     /// The other side cannot continue.
