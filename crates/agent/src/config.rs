@@ -175,7 +175,20 @@ fn endpoint_placeholder() -> Value {
     Value::Mapping(m)
 }
 
+/// The transparent port commands that enforce use when the configuration names none.
+pub const DEFAULT_TRANSPARENT_PORT: u16 = 15053;
+
 impl NodeConfig {
+    /// Enforcing means intercepting pods' DNS: gives the transparent listener its default
+    /// port ([`DEFAULT_TRANSPARENT_PORT`]) when the configuration names none.
+    pub fn default_transparent(&mut self) {
+        if self.dns.transparent.is_none() {
+            self.dns.transparent = Some(dnsfence_proxy::config::TransparentConfig::on_port(
+                DEFAULT_TRANSPARENT_PORT,
+            ));
+        }
+    }
+
     /// Parses and checks a configuration file's text. `origin` names it in messages. Checks
     /// that depend on the command reading it are left to [`NodeConfig::parse_file`].
     pub fn parse(origin: &str, text: &str) -> Result<Self, ConfigError> {

@@ -40,7 +40,7 @@ pub(crate) fn run(cmd: &FqdnCommand) -> Result<ExitCode> {
     let socket = match (&args.socket, &args.config) {
         (Some(s), _) => s.clone(),
         (None, Some(path)) => {
-            match crate::proxy::read_config(path, dnsfence_agent::config::Usage::default()) {
+            match crate::config::read(path, dnsfence_agent::config::Usage::default()) {
                 Ok(c) => c.api.socket,
                 Err(code) => return Ok(code),
             }

@@ -4,9 +4,8 @@
 //! input error.
 
 mod agent;
+mod config;
 mod demo;
-mod files;
-mod follow;
 mod fqdn;
 mod manifests;
 mod observe;
@@ -14,8 +13,7 @@ mod output;
 mod policy;
 mod proxy;
 mod run;
-mod sink;
-mod state;
+mod signals;
 mod status;
 
 use std::process::ExitCode;

@@ -231,7 +231,7 @@ fn from_agent(socket: PathBuf, last: usize, follow: bool, tx: mpsc::Sender<Value
 
 pub(crate) fn run(args: &ObserveArgs) -> Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => match crate::proxy::read_config(path, Usage::default()) {
+        Some(path) => match crate::config::read(path, Usage::default()) {
             Ok(c) => c,
             Err(code) => return Ok(code),
         },

@@ -73,7 +73,7 @@ fn proxy_status(path: &Path) -> Result<serde_json::Value> {
 
 pub(crate) fn run(args: &StatusArgs) -> Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => match crate::proxy::read_config(path, Usage::default()) {
+        Some(path) => match crate::config::read(path, Usage::default()) {
             Ok(c) => c,
             Err(code) => return Ok(code),
         },

@@ -6,11 +6,11 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use dnsfence_policy::{Diagnostic, PolicyLoader, PolicySet};
 
-use crate::files;
+use dnsfence_agent::files;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
@@ -53,7 +53,8 @@ pub(crate) fn load_after(
     let files = files::expand(paths)?;
     let mut loader = PolicyLoader::new();
     for file in &files {
-        let text = files::read(file)?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
         loader.add(&file.display().to_string(), &text);
     }
     let (set, diags) = loader.finish_after(previous);
