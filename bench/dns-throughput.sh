@@ -10,6 +10,9 @@
 #
 # Usage: bench/dns-throughput.sh [seconds per run, default 10] [outstanding, default 100] [rate, default 20000]
 # ONLY_RATE=1 skips the saturated phase, ONLY_PROXY=1 the baselines (handy while profiling).
+# BASELINE=path/to/another/dnsfence adds rows for that binary (an older build, say), each
+# run right after this build's, so a change is measured against what it replaces in the
+# same run.
 # Needs root only to install dnsperf/dnsmasq when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +40,7 @@ UP=$(free_port)
 PX=$(free_port)
 DD=$(free_port)
 FL=$(free_port)
+PB=$(free_port)
 
 # 1000 names, each with one A record, served by dnsmasq from its configuration. (Not in
 # 192.0.2.0/24: the machines this runs on have 192.0.2.2 themselves, and the proxy never
@@ -80,6 +84,14 @@ YAML
 RUST_LOG=warn "$BIN" proxy --config "$work/config.yaml" &
 pids+=($!)
 PROXY_PID=$!
+BASELINE_PID=
+if [ -n "${BASELINE:-}" ]; then
+  sed -e "s/127.0.0.1:$PX/127.0.0.1:$PB/" -e "s#$work/api.sock#$work/baseline.sock#" \
+    "$work/config.yaml" > "$work/baseline.yaml"
+  RUST_LOG=warn "$BASELINE" proxy --config "$work/baseline.yaml" &
+  pids+=($!)
+  BASELINE_PID=$!
+fi
 # A peer for scale, when installed (`apt-get install dnsdist`; not installed here, as its
 # package enables a system service): dnsdist forwarding to the same upstream, no packet
 # cache, batched receives.
@@ -151,10 +163,12 @@ peer=$([ -n "$DNSDIST_PID" ] || echo none)
 [ -n "${ONLY_RATE:-}$base" ] || run "upstream-direct" "$UP" "$UPSTREAM_PID"
 [ -n "${ONLY_RATE:-}$base$peer" ] || run "dnsdist-forward" "$DD" "$DNSDIST_PID"
 [ -n "${ONLY_RATE:-}" ] || run "through-dnsfence" "$PX" "$PROXY_PID"
+[ -n "${ONLY_RATE:-}" ] || [ -z "$BASELINE_PID" ] || run "through-baseline" "$PB" "$BASELINE_PID"
 [ -n "$base" ] || run "floor-echo@$RATE" "$FL" "$FLOOR_PID" -Q "$RATE"
 [ -n "$base" ] || run "upstream-direct@$RATE" "$UP" "$UPSTREAM_PID" -Q "$RATE"
 [ -n "$base$peer" ] || run "dnsdist-forward@$RATE" "$DD" "$DNSDIST_PID" -Q "$RATE"
 run "through-dnsfence@$RATE" "$PX" "$PROXY_PID" -Q "$RATE"
+[ -z "$BASELINE_PID" ] || run "through-baseline@$RATE" "$PB" "$BASELINE_PID" -Q "$RATE"
 [ -z "$peer" ] || echo "(dnsdist is not installed: no peer row; apt-get install dnsdist adds it)"
 echo "(cpu_us/query: CPU time of the process under test: the trivial responder, dnsmasq, dnsdist, or the dnsfence proxy;"
 echo " of_user: the part of it spent in user space, the rest is the kernel's;"
