@@ -3,6 +3,8 @@
 use super::*;
 use dnsfence_policy::{Labels, PolicyLoader};
 
+mod golden;
+
 const POLICY: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
