@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
 
 use super::*;
-use dnsfence_policy::{Labels, PolicyLoader};
+use dnsfence_policy::{Endpoint, Labels, PolicyLoader};
 
 mod golden;
 
