@@ -6,9 +6,13 @@
 //! learned-IP changes); [`Worker`] runs it on its own thread and batches concurrent
 //! learned-IP updates into one netlink transaction, so a burst of answers costs one kernel
 //! round trip.
+//!
+//! Every system call is in [`sys`]; the netlink wire format it speaks is [`netlink`],
+//! which does no I/O. [`ruleset`] renders what the table should hold.
 
 pub mod drops;
 pub mod learned;
+pub mod netlink;
 pub mod ruleset;
 pub mod sys;
 
