@@ -2,7 +2,7 @@
 //! for protocols that have them, an ICMP type only for ICMP).
 #![no_main]
 
-use dnsfence_datapath::sys::nflog::parse_packet_message;
+use dnsfence_datapath::netlink::nflog::parse_packet_message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

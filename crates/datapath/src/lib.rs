@@ -6,10 +6,14 @@
 //! learned-IP changes); [`Worker`] runs it on its own thread and batches concurrent
 //! learned-IP updates into one netlink transaction, so a burst of answers costs one kernel
 //! round trip.
+//!
+//! Every system call is in [`sys`]; the netlink wire format it speaks is [`netlink`],
+//! which does no I/O. [`ruleset`] renders what the table should hold.
 
 pub mod config;
 pub mod drops;
 pub mod learned;
+pub mod netlink;
 pub mod ruleset;
 pub mod sys;
 
@@ -28,6 +32,8 @@ use prometheus_client::registry::Registry;
 use tracing::{debug, info, warn};
 
 pub use config::{Backend, DatapathConfig};
+use sys::netlink::NetlinkError;
+
 pub use learned::{Learned, Op, MIN_TIMEOUT};
 pub use ruleset::{DenyAction, DropReason, EndpointState, Existing, Inventory, Options, Ruleset};
 pub use sys::{FakeKernel, Kernel, RealKernel, SetOp, SysError};
@@ -247,8 +253,9 @@ impl Datapath {
         // A set the kernel refuses (gone in a policy update another process made and this
         // one has not seen yet) must not keep the other IPs of the batch out: retry
         // without it, a few times.
-        for _ in 0..4 {
-            match self
+        let mut refused = Vec::new();
+        loop {
+            let error = match self
                 .kernel
                 .apply_elements(&self.options.table, &self.set_ops)
             {
@@ -256,22 +263,31 @@ impl Datapath {
                     debug!(elements = self.set_ops.len(), "learned IPs applied");
                     return Ok(self.set_ops.len());
                 }
-                Err(SysError::Netlink(sys::netlink::NetlinkError::Rejected {
-                    set, errno, ..
-                })) if self.set_ops.iter().any(|op| op_set(op) == set) => {
-                    warn!(%set, %errno, "the kernel refused a set; applying the rest without it");
-                    self.set_ops.retain(|op| op_set(op) != set);
-                    if self.set_ops.is_empty() {
-                        return Ok(0);
-                    }
-                }
+                Err(SysError::Netlink(e)) => e,
                 Err(e) => return Err(e),
+            };
+            let set = match &error {
+                NetlinkError::Rejected { set, errno, .. }
+                    if self.set_ops.iter().any(|op| op_set(op) == set) =>
+                {
+                    warn!(%set, %errno, "the kernel refused a set; applying the rest without it");
+                    set.clone()
+                }
+                _ => return Err(error.into()),
+            };
+            self.set_ops.retain(|op| op_set(op) != set);
+            refused.push(set);
+            if self.set_ops.is_empty() {
+                return Ok(0);
+            }
+            if refused.len() == REFUSED_SETS_MAX {
+                return Err(SysError::SetsRefused {
+                    table: self.options.table.clone(),
+                    sets: refused,
+                    source: error,
+                });
             }
         }
-        Err(SysError::Command {
-            command: "netlink batch".into(),
-            stderr: "refused again after dropping the sets the kernel refused".into(),
-        })
     }
 
     /// Removes the table and the routing rule (`dnsfence cleanup`): enforced endpoints
@@ -281,6 +297,14 @@ impl Datapath {
         kernel.remove_local_route(options.fwmark, options.route_table)
     }
 }
+
+/// Sets of one batch the kernel may refuse, each dropped and the rest retried, before the
+/// batch fails ([`SysError::SetsRefused`]).
+const REFUSED_SETS_MAX: usize = 4;
+
+/// How long [`Worker::reconcile`] waits for the datapath thread
+/// ([`SysError::WorkerTimeout`]).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn op_set(op: &SetOp) -> &str {
     match op {
@@ -473,10 +497,7 @@ impl Worker {
         if let Err(mpsc::SendError(Request::Apply(_, done))) =
             self.tx.send(Request::Apply(changes, done))
         {
-            done(Err(Arc::new(SysError::Command {
-                command: "datapath".into(),
-                stderr: "the datapath thread has stopped".into(),
-            })));
+            done(Err(Arc::new(SysError::WorkerStopped)));
         }
     }
 
@@ -498,22 +519,37 @@ impl Worker {
         BTreeMap::new()
     }
 
-    /// Reconciles and waits for the result.
+    /// Reconciles and waits for the result, up to a minute: then
+    /// [`SysError::WorkerTimeout`] (the thread is alive and may still apply it), or
+    /// [`SysError::WorkerStopped`] if the thread has died.
     pub fn reconcile(
         &self,
         policies: Arc<PolicySet>,
         inventory: Arc<Inventory>,
     ) -> Result<Reconciled, SysError> {
+        self.reconcile_within(policies, inventory, RECONCILE_TIMEOUT)
+    }
+
+    fn reconcile_within(
+        &self,
+        policies: Arc<PolicySet>,
+        inventory: Arc<Inventory>,
+        timeout: Duration,
+    ) -> Result<Reconciled, SysError> {
         let (tx, rx) = mpsc::channel();
-        let stopped = || SysError::Command {
-            command: "datapath".into(),
-            stderr: "the datapath thread has stopped".into(),
-        };
         self.tx
             .send(Request::Reconcile(policies, inventory, tx))
-            .map_err(|_| stopped())?;
-        rx.recv_timeout(Duration::from_secs(60))
-            .map_err(|_| stopped())?
+            .map_err(|_| SysError::WorkerStopped)?;
+        match rx.recv_timeout(timeout) {
+            Ok(result) => result,
+            // The request (and its reply channel) is still queued or in the thread's
+            // hands: it is alive, only slow.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(SysError::WorkerTimeout { waited: timeout })
+            }
+            // The thread dropped the reply channel without answering: it died.
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(SysError::WorkerStopped),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// A failed system operation.
+/// A failed system operation, or a datapath thread that cannot carry one out.
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
     /// A required tool is missing.
@@ -39,6 +39,35 @@ pub enum SysError {
     /// Netlink refused a batch.
     #[error(transparent)]
     Netlink(#[from] netlink::NetlinkError),
+    /// The kernel refused one set of a batch of learned IPs after another (sets gone in
+    /// a policy update this process has not seen yet); each was dropped from the batch
+    /// and the rest retried, until the retries ran out. The IPs left were not written.
+    #[error(
+        "the kernel refused sets {} of table {table} one after another; the rest of the batch was not written",
+        .sets.join(", ")
+    )]
+    SetsRefused {
+        /// The table.
+        table: String,
+        /// The sets refused, in order; none of their IPs was written.
+        sets: Vec<String>,
+        /// The last refusal.
+        #[source]
+        source: netlink::NetlinkError,
+    },
+    /// The datapath thread has stopped (it panicked): nothing more is applied.
+    #[error("the datapath thread has stopped")]
+    WorkerStopped,
+    /// The datapath thread did not answer a reconcile in time. It is still running, busy
+    /// (the kernel is slow, or requests queued before) or stuck, and may apply the
+    /// reconcile later; it has not stopped.
+    #[error(
+        "the datapath thread did not finish the reconcile within {waited:?}; it is still running and may apply it later"
+    )]
+    WorkerTimeout {
+        /// How long the caller waited.
+        waited: Duration,
+    },
 }
 
 /// A learned-IP element operation on a named set.
@@ -348,8 +377,13 @@ pub struct FakeLog {
     pub deleted: Vec<String>,
     /// The listing `list_table` returns.
     pub listing: Option<String>,
-    /// Make the next element batch fail.
+    /// Make the next element batch fail (the kernel refuses the whole batch).
     pub fail_next_batch: bool,
+    /// Sets element batches refuse, as a kernel without them does: the first op on one
+    /// of them fails its batch (`ENOENT`).
+    pub refused_sets: BTreeSet<String>,
+    /// Make the next script panic (the thread running it dies).
+    pub crash_next_script: bool,
     /// What `attached_interfaces` answers.
     pub interfaces: BTreeMap<IpAddr, String>,
 }
@@ -372,7 +406,12 @@ impl Kernel for FakeKernel {
         Ok(())
     }
     fn run_script(&mut self, script: &str) -> Result<(), SysError> {
-        self.log().scripts.push(script.to_owned());
+        let mut log = self.log();
+        if std::mem::take(&mut log.crash_next_script) {
+            drop(log);
+            panic!("FakeKernel: crash_next_script");
+        }
+        log.scripts.push(script.to_owned());
         Ok(())
     }
     fn list_table(&mut self, _table: &str) -> Result<Option<String>, SysError> {
@@ -381,10 +420,29 @@ impl Kernel for FakeKernel {
     fn apply_elements(&mut self, table: &str, ops: &[SetOp]) -> Result<(), SysError> {
         let mut log = self.log();
         if std::mem::take(&mut log.fail_next_batch) {
-            return Err(SysError::Command {
-                command: format!("netlink batch on {table}"),
-                stderr: "injected failure".to_owned(),
-            });
+            return Err(netlink::NetlinkError::BatchRejected {
+                table: table.to_owned(),
+                errno: nix::errno::Errno::EIO,
+            }
+            .into());
+        }
+        let refused = ops.iter().enumerate().find_map(|(i, op)| {
+            let (SetOp::Add { set, .. } | SetOp::Delete { set, .. }) = op;
+            log.refused_sets.contains(set).then_some((i, op, set))
+        });
+        if let Some((i, op, set)) = refused {
+            return Err(netlink::NetlinkError::Rejected {
+                table: table.to_owned(),
+                set: set.clone(),
+                kind: match op {
+                    SetOp::Add { .. } => netlink::ElemKind::Add,
+                    SetOp::Delete { .. } => netlink::ElemKind::Delete,
+                },
+                first: i,
+                last: i,
+                errno: nix::errno::Errno::ENOENT,
+            }
+            .into());
         }
         log.batches.push(ops.to_vec());
         Ok(())

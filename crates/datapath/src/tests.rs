@@ -183,3 +183,115 @@ fn learned_ips_are_written_again_for_a_table_recreated_meanwhile() {
         assert!(*timeout > Duration::from_secs(25) && *timeout <= Duration::from_secs(30));
     }
 }
+
+#[test]
+fn each_set_the_kernel_refuses_leaves_the_batch_until_the_retries_run_out() {
+    let fake = FakeKernel::default();
+    let mut dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let s = set(&["*.a.com", "*.b.com", "*.c.com"], &PolicySet::default());
+    dp.reconcile(&s, &inventory(&s)).unwrap();
+    let ids: Vec<SelectorId> = s.fqdn_selectors().iter().map(|(id, _)| *id).collect();
+    let names: Vec<String> = s
+        .fqdn_selectors()
+        .iter()
+        .flat_map(|(_, p)| {
+            [
+                ruleset::fqdn_set_name(p, false),
+                ruleset::fqdn_set_name(p, true),
+            ]
+        })
+        .collect();
+    let changes = |n: u8| -> Vec<Change> {
+        ids.iter()
+            .flat_map(|id| {
+                [
+                    upsert("x", &format!("192.0.2.{n}"), *id),
+                    upsert("x", &format!("2001:db8::{n}"), *id),
+                ]
+            })
+            .collect()
+    };
+    // Two sets gone: the other four get their IPs.
+    fake.log.lock().unwrap().refused_sets = names[..2].iter().cloned().collect();
+    assert_eq!(dp.apply(&changes(1)).unwrap(), 4);
+    // Five gone: after four refusals the batch gives up, naming them.
+    fake.log.lock().unwrap().refused_sets = names[..5].iter().cloned().collect();
+    let err = dp.apply(&changes(2)).unwrap_err();
+    let SysError::SetsRefused {
+        table,
+        sets,
+        source,
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(table, "t");
+    assert_eq!(sets.len(), 4);
+    assert!(sets.iter().all(|s| names[..5].contains(s)), "{sets:?}");
+    assert!(
+        matches!(source, NetlinkError::Rejected { set, .. } if *set == sets[3]),
+        "{source:?}"
+    );
+    assert!(err.to_string().contains(&sets.join(", ")), "{err}");
+}
+
+#[test]
+fn a_slow_reconcile_times_out_while_the_thread_keeps_working() {
+    let fake = FakeKernel::default();
+    let dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let worker = Worker::spawn(dp).unwrap();
+    let s = Arc::new(set(&["*.example.com"], &PolicySet::default()));
+    // The kernel hangs (the thread waits for the fake's lock) while the caller waits.
+    let hung = fake.log.lock().unwrap();
+    let waited = Duration::from_millis(20);
+    let err = worker
+        .reconcile_within(s.clone(), Arc::new(inventory(&s)), waited)
+        .unwrap_err();
+    drop(hung);
+    assert!(
+        matches!(err, SysError::WorkerTimeout { waited: w } if w == waited),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("still running"), "{err}");
+    // It was slow, not dead: the reconcile lands, and the next one answers.
+    worker
+        .reconcile(s.clone(), Arc::new(inventory(&s)))
+        .unwrap();
+    assert_eq!(fake.log.lock().unwrap().scripts.len(), 2);
+}
+
+#[test]
+fn a_dead_thread_is_reported_as_stopped() {
+    let fake = FakeKernel::default();
+    let dp = Datapath::new(Box::new(fake.clone()), options()).unwrap();
+    let worker = Worker::spawn(dp).unwrap();
+    let s = Arc::new(set(&["*.example.com"], &PolicySet::default()));
+    // The thread panics (the test output shows it) in the middle of the reconcile.
+    fake.log.lock().unwrap().crash_next_script = true;
+    let err = worker
+        .reconcile(s.clone(), Arc::new(inventory(&s)))
+        .unwrap_err();
+    assert!(matches!(err, SysError::WorkerStopped), "{err:?}");
+    // Later requests are refused at once, with the same error.
+    let err = worker
+        .reconcile(s.clone(), Arc::new(inventory(&s)))
+        .unwrap_err();
+    assert!(matches!(err, SysError::WorkerStopped), "{err:?}");
+    let (tx, rx) = mpsc::channel();
+    worker.apply(
+        vec![upsert(
+            "a.example.com",
+            "192.0.2.1",
+            s.fqdn_selectors()[0].0,
+        )],
+        Box::new(move |r| tx.send(r).unwrap()),
+    );
+    let result = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        matches!(
+            result.as_ref().map_err(|e| &**e),
+            Err(SysError::WorkerStopped)
+        ),
+        "{result:?}"
+    );
+}

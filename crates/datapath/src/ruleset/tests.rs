@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used, reason = "tests: a panic is a test failure")]
 
 use super::*;
-use dnsfence_policy::{Labels, PolicyLoader};
+use dnsfence_policy::{Endpoint, Labels, PolicyLoader};
+
+mod golden;
 
 const POLICY: &str = r#"
 apiVersion: cilium.io/v2

@@ -269,3 +269,78 @@ fn pf_bind_only_before_3_17() {
     assert!(!needs_pf_bind("6.18.44-fc-v595\n"));
     assert!(!needs_pf_bind(""));
 }
+
+#[test]
+fn config_requests_ask_for_an_acknowledgement() {
+    let mut buf = vec![0xff; 3]; // emptied first
+    config_request(&mut buf, 7, 0, 20053, Command::Bind, true);
+    let msgs: Vec<_> = Messages(&buf).map(Result::unwrap).collect();
+    assert_eq!(msgs.len(), 1);
+    let m = msgs[0];
+    assert_eq!(
+        (m.ty, m.flags, m.seq),
+        (4 << 8 | 1, NLM_F_REQUEST | NLM_F_ACK, 7)
+    );
+    assert_eq!(
+        m.payload[..4],
+        [0, 0, 0x4e, 0x55],
+        "AF_UNSPEC, v0, group (be16)"
+    );
+    let attrs: Vec<(u16, &[u8])> = Attrs(&m.payload[4..]).map(Result::unwrap).collect();
+    assert_eq!(
+        attrs,
+        [
+            (NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND][..]),
+            (NFULA_CFG_MODE, &[0, 0, 1, 0, NFULNL_COPY_PACKET, 0][..]),
+            (NFULA_CFG_QTHRESH, &[0, 0, 0, 1][..]),
+        ]
+    );
+    config_request(&mut buf, 8, AF_INET6, 0, Command::PfUnbind, false);
+    let m = Messages(&buf).next().unwrap().unwrap();
+    assert_eq!(m.payload[0], AF_INET6);
+    let attrs: Vec<(u16, &[u8])> = Attrs(&m.payload[4..]).map(Result::unwrap).collect();
+    assert_eq!(attrs, [(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_PF_UNBIND][..])]);
+}
+
+/// A whole message (header included) of type `ty` with `payload`.
+fn framed(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    let start = put_header(&mut m, ty, 0, seq);
+    m.extend_from_slice(payload);
+    finish_message(&mut m, start);
+    m
+}
+
+#[test]
+fn datagrams_yield_packets_the_answer_asked_for_and_a_count_of_the_rest() {
+    let packet = ipv4_packet(IPPROTO_UDP, 0, 0, &ports(4000, 53));
+    let ty = NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET;
+    let mut datagram = framed(ty, 0, &message(AF_INET, b"a\0", &packet, None));
+    datagram.extend(framed(ty, 0, &message(AF_INET, b"b\0", &[0x50; 40], None)));
+    datagram.extend(framed(NLMSG_ERROR, 3, &(-2i32).to_ne_bytes())); // not asked for
+    datagram.extend(framed(NLMSG_ERROR, 4, &(-1i32).to_ne_bytes()));
+    let mut out = Vec::new();
+    let read = read_datagram(&datagram, Some(4), &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].prefix, "a");
+    assert_eq!(
+        read,
+        Datagram {
+            answer: Some(Answer::Refused(1)),
+            malformed: 1
+        }
+    );
+    let ack = framed(NLMSG_ERROR, 5, &0i32.to_ne_bytes());
+    assert_eq!(
+        read_datagram(&ack, Some(5), &mut out).answer,
+        Some(Answer::Ack)
+    );
+    let short = framed(NLMSG_ERROR, 5, &[0; 2]);
+    assert_eq!(
+        read_datagram(&short, Some(5), &mut out).answer,
+        Some(Answer::Malformed)
+    );
+    // Cut in the middle of a message: counted once, the rest skipped.
+    let read = read_datagram(&datagram[..datagram.len() - 2], Some(4), &mut out);
+    assert_eq!((read.answer, read.malformed), (None, 2));
+}

@@ -1,4 +1,14 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
 use super::*;
+use crate::netlink::{
+    NLA_F_NESTED, NLA_HDRLEN, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+};
+
+/// Errno values as the kernel sends them (negated in the message).
+const ENOENT: i32 = 2;
+const EPERM: i32 = 1;
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
@@ -26,7 +36,7 @@ fn batches(
     let mut out = Vec::new();
     enc.encode("t", ops, strategy, limit, |b, m, s| {
         out.push((b.to_vec(), m.to_vec(), s));
-        Ok(())
+        Ok::<(), CodecError>(())
     })
     .unwrap();
     out
@@ -237,10 +247,10 @@ fn bad_names_are_refused_before_encoding() {
             &[add(set, V4, 1)],
             Strategy::Native,
             BATCH_LIMIT,
-            |_, _, _| panic!("sent"),
+            |_, _, _| -> Result<(), CodecError> { panic!("sent") },
         );
         assert!(
-            matches!(r, Err(NetlinkError::InvalidName { .. })),
+            matches!(r, Err(CodecError::InvalidName { .. })),
             "{table:?} {set:?}"
         );
     }
@@ -267,14 +277,14 @@ fn answers_report_the_first_error_of_the_batch_and_skip_stale_ones() {
     };
     let mut a = Answers::new(seqs);
     a.read(&error_msg(3, 2)).unwrap(); // an earlier, abandoned batch
-    assert_eq!((a.done, a.first_error), (false, None));
+    assert_eq!((a.is_done(), a.first_error()), (false, None));
     let mut two = error_msg(12, 22);
     two.extend(error_msg(11, 2));
     a.read(&two).unwrap();
-    assert!(!a.done);
+    assert!(!a.is_done());
     a.read(&error_msg(13, 0)).unwrap();
-    assert!(a.done);
-    assert_eq!(a.first_error, Some((11, Errno::ENOENT)));
+    assert!(a.is_done());
+    assert_eq!(a.first_error(), Some((11, ENOENT)));
 }
 
 #[test]
@@ -286,8 +296,8 @@ fn a_refused_batch_begin_ends_the_wait() {
     };
     let mut a = Answers::new(seqs);
     a.read(&error_msg(u32::MAX, 1)).unwrap();
-    assert!(a.done);
-    assert_eq!(a.first_error, Some((u32::MAX, Errno::EPERM)));
+    assert!(a.is_done());
+    assert_eq!(a.first_error(), Some((u32::MAX, EPERM)));
 }
 
 #[test]
@@ -298,10 +308,10 @@ fn truncated_answers_are_malformed() {
         end: 1,
         ack: 1,
     });
-    assert!(matches!(a.read(&m[..20]), Err(NetlinkError::Malformed)));
+    assert!(matches!(a.read(&m[..20]), Err(CodecError::Malformed)));
     let mut short = m.clone();
     short[0] = 200; // longer than the datagram
-    assert!(matches!(a.read(&short), Err(NetlinkError::Malformed)));
+    assert!(matches!(a.read(&short), Err(CodecError::Malformed)));
 }
 
 #[test]
@@ -331,9 +341,9 @@ fn dumped_elements_are_parsed() {
         payload.truncate(payload.len() - 3);
         assert!(matches!(
             parse_elements(&payload, &mut out),
-            Err(NetlinkError::Malformed)
+            Err(CodecError::Malformed)
         ));
-        Ok(())
+        Ok::<(), CodecError>(())
     })
     .unwrap();
 }
@@ -341,8 +351,8 @@ fn dumped_elements_are_parsed() {
 #[test]
 fn list_request_is_a_dump_of_one_set() {
     let mut enc = Encoder::default();
-    let seq = enc.list_request("t", "s");
-    let m = headers(&enc.buf);
+    let (seq, request) = enc.list_request("t", "s").unwrap();
+    let m = headers(request);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].0, 10 << 8 | 13);
     assert_eq!(m[0].1, NLM_F_REQUEST | NLM_F_DUMP);
@@ -378,4 +388,45 @@ fn add_timeouts_are_whole_milliseconds_at_least_one() {
         timeout: Duration::MAX,
     };
     assert_eq!(op.elem(0).timeout_ms, u64::MAX);
+}
+
+#[test]
+fn a_dump_ends_at_done_or_at_a_refusal_of_its_own_request() {
+    let mut enc = Encoder::default();
+    let mut elements = Vec::new();
+    enc.encode(
+        "t",
+        &[add("s", V4, 2)],
+        Strategy::Native,
+        BATCH_LIMIT,
+        |b, _, _| {
+            elements = headers(b)[1].3.clone();
+            Ok::<(), CodecError>(())
+        },
+    )
+    .unwrap();
+    let message = |ty: u16, seq: u32, payload: &[u8]| {
+        let mut m = Vec::new();
+        let start = crate::netlink::put_header(&mut m, ty, 0, seq);
+        m.extend_from_slice(payload);
+        crate::netlink::finish_message(&mut m, start);
+        m
+    };
+    let part = 10 << 8 | NFT_MSG_NEWSETELEM;
+    let mut datagram = message(part, 9, &elements);
+    datagram.extend(message(part, 8, &elements)); // another request's
+    let mut out = Vec::new();
+    assert_eq!(read_dump(&datagram, 9, &mut out), Ok(Dump::More));
+    assert_eq!(out.len(), 1);
+    datagram.extend(message(crate::netlink::NLMSG_DONE, 9, &[]));
+    assert_eq!(read_dump(&datagram, 9, &mut out), Ok(Dump::Done));
+    assert_eq!(out.len(), 2);
+    let refused = message(NLMSG_ERROR, 9, &(-ENOENT).to_ne_bytes());
+    assert_eq!(read_dump(&refused, 9, &mut out), Ok(Dump::Refused(ENOENT)));
+    let acked = message(NLMSG_ERROR, 9, &0i32.to_ne_bytes());
+    assert_eq!(read_dump(&acked, 9, &mut out), Ok(Dump::Done));
+    assert_eq!(
+        read_dump(&refused[..refused.len() - 1], 9, &mut out),
+        Err(CodecError::Malformed)
+    );
 }
