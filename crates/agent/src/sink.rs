@@ -25,12 +25,8 @@ impl IpSink for DatapathSink {
         Box::pin(async move {
             match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(SinkError {
-                    reason: e.to_string(),
-                }),
-                Err(_) => Err(SinkError {
-                    reason: "the datapath thread stopped".to_owned(),
-                }),
+                Ok(Err(e)) => Err(SinkError::shared(e)),
+                Err(_) => Err(SinkError::new(dnsfence_datapath::SysError::WorkerStopped)),
             }
         })
     }

@@ -198,7 +198,7 @@ impl Shared {
         );
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = %e, "applying selector changes after a policy update failed");
+                warn!(error = &e as &dyn std::error::Error, "applying selector changes after a policy update failed");
             }
         }
     }
@@ -229,7 +229,7 @@ impl Shared {
         let n = changes.len();
         if n > 0 {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = %e, "enforcing restored IPs failed");
+                warn!(error = &e as &dyn std::error::Error, "enforcing restored IPs failed");
             }
         }
         n
@@ -648,7 +648,7 @@ impl Shared {
         let mine = confirmation.clone();
         tokio::spawn(async move {
             if let Err(e) = apply.await {
-                warn!(error = %e, "enforcing learned IPs failed; releasing the answers, and the next answers carrying these IPs try again");
+                warn!(error = &e as &dyn std::error::Error, "enforcing learned IPs failed; releasing the answers, and the next answers carrying these IPs try again");
                 let mut cache = lock(&cache);
                 for (name, ip) in &new {
                     cache.forget(name, *ip);
@@ -693,7 +693,7 @@ impl Shared {
                 batch.extend(more);
             }
             if let Err(e) = self.sink.apply(batch).await {
-                warn!(error = %e, "refreshing learned IPs failed");
+                warn!(error = &e as &dyn std::error::Error, "refreshing learned IPs failed");
             }
         }
     }
@@ -721,7 +721,7 @@ impl Shared {
         };
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = %e, "removing expired IPs failed");
+                warn!(error = &e as &dyn std::error::Error, "removing expired IPs failed");
             }
         }
         next

@@ -2,15 +2,30 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use dnsfence_fqdncache::Change;
 
-/// Why the sink could not apply changes.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("IP sink failed: {reason}")]
+/// Why the sink could not apply changes (the datapath refused them, or stopped).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the IP sink failed")]
 pub struct SinkError {
-    /// What went wrong.
-    pub reason: String,
+    #[source]
+    source: Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl SinkError {
+    /// A failure because of `source`.
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            source: Arc::new(source),
+        }
+    }
+
+    /// A failure because of `source`, already shared.
+    pub fn shared(source: Arc<dyn std::error::Error + Send + Sync>) -> Self {
+        Self { source }
+    }
 }
 
 /// A future returned by [`IpSink::apply`].

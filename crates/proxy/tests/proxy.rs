@@ -713,9 +713,9 @@ impl IpSink for FailsFirst {
         seen.push(changes);
         Box::pin(async move {
             if first {
-                Err(dnsfence_proxy::SinkError {
-                    reason: "the datapath is down".into(),
-                })
+                Err(dnsfence_proxy::SinkError::new(std::io::Error::other(
+                    "the datapath is down",
+                )))
             } else {
                 Ok(())
             }
