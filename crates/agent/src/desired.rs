@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use dnsfence_config::ConfigError;
 use dnsfence_datapath::ruleset::fqdn_set_name;
-use dnsfence_datapath::{Backend, EndpointState, Inventory};
+use dnsfence_datapath::Backend;
 use dnsfence_k8s::watch::ClusterView;
-use dnsfence_policy::{EndpointPolicy, LabelKeyError, PolicyDoc, PolicyLoader, PolicySet};
+use dnsfence_policy::{
+    EndpointPolicy, Inventory, LabelKeyError, PolicyDoc, PolicyLoader, PolicySet, ResolvedEndpoint,
+};
 use tracing::warn;
 
 use crate::config::{NodeConfig, Usage};
@@ -201,7 +203,7 @@ pub fn inventory(config: &NodeConfig, policies: &PolicySet) -> Result<Inventory,
         .iter()
         .map(|e| {
             let endpoint = e.endpoint()?;
-            Ok(EndpointState {
+            Ok(ResolvedEndpoint {
                 name: e.name.clone(),
                 policy: if e.remote {
                     EndpointPolicy::default()

@@ -18,8 +18,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dnsfence_datapath::{Datapath, DenyAction, Inventory, Options, RealKernel, Worker};
+use dnsfence_datapath::{Datapath, DenyAction, Options, RealKernel, Worker};
 use dnsfence_fqdncache::Change;
+use dnsfence_policy::Inventory;
 use dnsfence_policy::{Endpoint, Labels, PolicyLoader, PolicySet, SelectorId};
 
 struct Ns(String);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dnsfence_fqdncache::Change;
-use dnsfence_policy::{PolicySet, SelectorId};
+use dnsfence_policy::{Inventory, PolicySet, SelectorId};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -35,7 +35,7 @@ pub use config::{Backend, DatapathConfig};
 use sys::netlink::NetlinkError;
 
 pub use learned::{Learned, Op, MIN_TIMEOUT};
-pub use ruleset::{DenyAction, DropReason, EndpointState, Existing, Inventory, Options, Ruleset};
+pub use ruleset::{DenyAction, DropReason, Existing, Options, Ruleset};
 pub use sys::{FakeKernel, Kernel, RealKernel, SetOp, SysError};
 
 /// What a reconcile did.

@@ -25,7 +25,6 @@
 mod dispatch;
 mod existing;
 mod hooks;
-mod inventory;
 mod reason;
 mod rules;
 mod sets;
@@ -35,10 +34,9 @@ mod writer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use dnsfence_policy::{PolicySet, SelectorId};
+use dnsfence_policy::{Inventory, PolicySet, SelectorId};
 
 pub use existing::Existing;
-pub use inventory::{EndpointState, Inventory};
 pub use reason::{DropReason, LOG_RATE_PER_SECOND};
 pub use sets::fqdn_set_name;
 

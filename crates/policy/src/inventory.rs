@@ -1,8 +1,10 @@
-//! What the engine is given to judge: policy documents and the endpoint inventory, as
-//! plain data that files, the agent's snapshots and the Kubernetes front end all carry.
+//! What the engine is given to judge, and what it makes of it: policy documents and the
+//! endpoint inventory, as plain data that files, the agent's snapshots and the Kubernetes
+//! front end all carry; and the inventory resolved against a policy set, which the
+//! datapath enforces.
 //!
-//! No logic: [`crate::PolicyLoader`] compiles the documents, [`crate::PolicySet::resolve`]
-//! the endpoints.
+//! No logic beyond that: [`crate::PolicyLoader`] compiles the documents,
+//! [`crate::PolicySet::resolve`] the endpoints.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -49,5 +51,49 @@ impl EndpointConfig {
     pub fn endpoint(&self) -> Result<crate::Endpoint, crate::LabelKeyError> {
         let labels = crate::Labels::new(self.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))?;
         Ok(crate::Endpoint::new(self.namespace.clone(), labels))
+    }
+}
+
+/// One endpoint of the inventory with the rules that apply to it.
+#[derive(Debug, Clone)]
+pub struct ResolvedEndpoint {
+    /// Name, for comments.
+    pub name: String,
+    /// Namespace and labels (for `toEndpoints` peers).
+    pub endpoint: crate::Endpoint,
+    /// Addresses.
+    pub ips: Vec<IpAddr>,
+    /// The rules that apply.
+    pub policy: crate::EndpointPolicy,
+}
+
+/// Every endpoint with its rules, and the node's addresses: what the datapath enforces.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// The endpoints.
+    pub endpoints: Vec<ResolvedEndpoint>,
+    /// The node's addresses (`toEntities: host`).
+    pub host_ips: Vec<IpAddr>,
+}
+
+impl Inventory {
+    /// Resolves `policies` for each endpoint.
+    pub fn resolve(
+        policies: &crate::PolicySet,
+        endpoints: impl IntoIterator<Item = (String, crate::Endpoint, Vec<IpAddr>)>,
+        host_ips: Vec<IpAddr>,
+    ) -> Self {
+        Self {
+            endpoints: endpoints
+                .into_iter()
+                .map(|(name, endpoint, ips)| ResolvedEndpoint {
+                    name,
+                    policy: policies.resolve(&endpoint),
+                    endpoint,
+                    ips,
+                })
+                .collect(),
+            host_ips,
+        }
     }
 }

@@ -60,7 +60,7 @@ mod pattern;
 mod resolve;
 
 pub use diag::{Diagnostic, Severity};
-pub use inventory::{EndpointConfig, PolicyDoc};
+pub use inventory::{EndpointConfig, Inventory, PolicyDoc, ResolvedEndpoint};
 pub use labels::{
     normalize_key, Endpoint, EndpointSelector, LabelKeyError, LabelSelector, Labels, Operator,
     Requirement, NAMESPACE_LABEL,

@@ -198,7 +198,10 @@ impl Shared {
         );
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = &e as &dyn std::error::Error, "applying selector changes after a policy update failed");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "applying selector changes after a policy update failed"
+                );
             }
         }
     }
@@ -229,7 +232,10 @@ impl Shared {
         let n = changes.len();
         if n > 0 {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = &e as &dyn std::error::Error, "enforcing restored IPs failed");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "enforcing restored IPs failed"
+                );
             }
         }
         n
@@ -693,7 +699,10 @@ impl Shared {
                 batch.extend(more);
             }
             if let Err(e) = self.sink.apply(batch).await {
-                warn!(error = &e as &dyn std::error::Error, "refreshing learned IPs failed");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "refreshing learned IPs failed"
+                );
             }
         }
     }
@@ -721,7 +730,10 @@ impl Shared {
         };
         if !changes.is_empty() {
             if let Err(e) = self.sink.apply(changes).await {
-                warn!(error = &e as &dyn std::error::Error, "removing expired IPs failed");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "removing expired IPs failed"
+                );
             }
         }
         next

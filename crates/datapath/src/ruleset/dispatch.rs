@@ -9,7 +9,9 @@ use dnsfence_policy::{EndpointPolicy, PolicySet, Protocol};
 
 use super::rules::policy_chain;
 use super::writer::Writer;
-use super::{Inventory, Options};
+use dnsfence_policy::Inventory;
+
+use super::Options;
 
 /// The chains and map elements of the endpoints the table dispatches.
 #[derive(Debug, Default)]

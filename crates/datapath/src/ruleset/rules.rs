@@ -10,11 +10,13 @@ use dnsfence_policy::{EgressRule, Entity, Peer, PolicySet, PortProtocol, Protoco
 
 use super::reason::{log, DropReason};
 use super::sets::fqdn_set_name;
-use super::{DenyAction, EndpointState, Inventory, Options};
+use dnsfence_policy::{Inventory, ResolvedEndpoint};
+
+use super::{DenyAction, Options};
 
 /// The rules of one endpoint's chain (identical lists share a chain).
 pub(super) fn policy_chain(
-    ep: &EndpointState,
+    ep: &ResolvedEndpoint,
     inventory: &Inventory,
     policies: &PolicySet,
     options: &Options,

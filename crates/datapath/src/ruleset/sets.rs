@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use dnsfence_policy::{NamePattern, PolicySet, SelectorId};
 
 use super::writer::Writer;
-use super::{Inventory, Options};
+use dnsfence_policy::Inventory;
+
+use super::Options;
 
 /// The name of the set holding IPs learned for a selector, by family.
 pub fn fqdn_set_name(pattern: &NamePattern, v6: bool) -> String {

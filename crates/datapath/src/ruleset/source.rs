@@ -10,7 +10,9 @@ use std::net::IpAddr;
 
 use super::reason::{log, DropReason};
 use super::writer::Writer;
-use super::{Inventory, Options};
+use dnsfence_policy::Inventory;
+
+use super::Options;
 
 /// The interfaces of enforced endpoints, and the (interface, address) pairs of every
 /// endpoint on them.

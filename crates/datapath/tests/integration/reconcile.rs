@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
+use dnsfence_datapath::{Datapath, DenyAction, Kernel, Options, RealKernel, Worker};
 use dnsfence_fqdncache::Change;
+use dnsfence_policy::Inventory;
 use dnsfence_policy::{Endpoint, Labels, PolicyLoader, PolicySet};
 use dnsfence_testsupport::{skip_unless_root, Netns};
 
