@@ -4,9 +4,9 @@
 //! - [`authority::Authority`]: a real authoritative server (hickory-server) with test zones;
 //! - [`Dnsmasq`]: a real upstream DNS server (Debian's `dnsmasq`) on a loopback port;
 //! - [`dig`]: the real `dig` client, bound to a chosen source address;
-//! - [`skip`]: how tests that need a missing tool or root say why they skip;
-//! - [`apiserver::FakeApiServer`]: a fake Kubernetes API server (real HTTP, the API's JSON,
-//!   list/watch/410/403/down) for the Kubernetes front end's tests.
+//! - [`skip`]: how tests that need a missing tool or root say why they skip.
+//!
+//! The fake Kubernetes API server is a crate of its own, `dnsfence-fakeapi`.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,7 +14,6 @@
 )]
 #![allow(missing_docs, reason = "test support")]
 
-pub mod apiserver;
 pub mod authority;
 pub mod msg;
 pub mod policy;
