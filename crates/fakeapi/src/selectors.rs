@@ -1,10 +1,12 @@
 //! Label and field selectors as query parameters write them, parsed and checked as the
-//! API server checks them, and matched against objects.
+//! API server checks them (names by [`dnsfence_policy::kube_names`]), and matched against
+//! objects.
 //!
 //! Pure: no state, no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use dnsfence_policy::kube_names;
 use serde_json::Value;
 
 /// One requirement of a label selector.
@@ -161,41 +163,14 @@ fn parse_requirement(term: &str) -> Result<Requirement, String> {
     ))
 }
 
-fn name_part_ok(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
+/// A label key as the API server accepts it ([`kube_names::label_key`]).
 fn check_key(key: &str) -> Result<(), String> {
-    let (prefix, name) = match key.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                    && l.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                    && l.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            })
-    });
-    if prefix_ok && name_part_ok(name, 63) {
-        Ok(())
-    } else {
-        Err(format!("invalid label key {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"))
-    }
+    kube_names::label_key(key).map_err(|_| format!("invalid label key {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"))
 }
 
+/// A label value as the API server accepts it ([`kube_names::is_label_value`]).
 fn check_value(v: &str) -> Result<(), String> {
-    if v.is_empty() || name_part_ok(v, 63) {
+    if kube_names::is_label_value(v) {
         Ok(())
     } else {
         Err(format!("invalid label value: {v:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"))

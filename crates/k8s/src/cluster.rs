@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use dnsfence_policy::kube_names::{self, is_dns_label, is_label_value};
 use dnsfence_policy::{EndpointSelector, Operator, Peer, Policy, PolicyLoader, NAMESPACE_LABEL};
 use dnsfence_proxy::config::EndpointConfig;
 use dnsfence_proxy::control::PolicyDoc;
@@ -248,15 +249,15 @@ impl PeerQuery {
             .namespace
             .clone()
             .or_else(|| sel.match_labels.get(NAMESPACE_LABEL).cloned())
-            .filter(|ns| dns_label(ns));
+            .filter(|ns| is_dns_label(ns));
         let mut terms = Vec::new();
         for (k, v) in &sel.match_labels {
-            if pod_key(k) && label_value(v) {
+            if pod_key(k) && is_label_value(v) {
                 terms.push(format!("{k}={v}"));
             }
         }
         for r in &sel.match_expressions {
-            if !pod_key(&r.key) || !r.values.iter().all(|v| label_value(v)) {
+            if !pod_key(&r.key) || !r.values.iter().all(|v| is_label_value(v)) {
                 continue;
             }
             let values = r.values.iter().cloned().collect::<Vec<_>>().join(",");
@@ -274,53 +275,13 @@ impl PeerQuery {
     }
 }
 
-/// Whether `s` is an RFC 1123 label (a namespace name).
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// Whether `key` is a pod label key Kubernetes accepts in a selector: an optional
-/// lowercase DNS-subdomain prefix (at most 253) and `/`, then a name (see
-/// [`label_value`], non-empty). Namespace and Cilium-derived keys are not pod labels.
+/// Whether `key` is a pod label key Kubernetes accepts in a selector
+/// ([`kube_names::label_key`]). Namespace and Cilium-derived keys are not pod labels.
 fn pod_key(key: &str) -> bool {
     if key == NAMESPACE_LABEL || key.starts_with("io.cilium.k8s.") {
         return false;
     }
-    let (prefix, name) = match key.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            })
-    });
-    prefix_ok && !name.is_empty() && label_value(name)
-}
-
-/// Whether `v` is a label value Kubernetes accepts: at most 63 characters, empty or
-/// alphanumeric at both ends with `-`, `_`, `.` inside.
-fn label_value(v: &str) -> bool {
-    let b = v.as_bytes();
-    v.len() <= 63
-        && (b.is_empty()
-            || (b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))))
+    kube_names::label_key(key).is_ok()
 }
 
 /// An invalid version of a policy object, to report as a Kubernetes Event.
@@ -1375,6 +1336,8 @@ mod tests {
         for ok in ["app", "k8s-app", "app.kubernetes.io/name", "a_b.c"] {
             assert!(pod_key(ok), "{ok}");
         }
+        // The prefix is capped at 253 in all, not each of its labels at 63.
+        assert!(pod_key(&format!("{}.io/x", "a".repeat(64))));
         for bad in [
             "-app",
             "App.io/x",
@@ -1387,10 +1350,10 @@ mod tests {
             assert!(!pod_key(bad), "{bad}");
         }
         for ok in ["", "kube-dns", "v1.2_3"] {
-            assert!(label_value(ok), "{ok}");
+            assert!(is_label_value(ok), "{ok}");
         }
         for bad in ["-dns", "dns-", "a b", &"a".repeat(64)] {
-            assert!(!label_value(bad), "{bad}");
+            assert!(!is_label_value(bad), "{bad}");
         }
     }
 

@@ -7,6 +7,7 @@ use serde_yaml_ng::Value;
 
 use super::value::{boolean, fields, index, join, list, port, show, string};
 use crate::diag::Sink;
+use crate::kube_names;
 use crate::labels::{normalize_key, EndpointSelector, LabelSelector, Operator, Requirement};
 use crate::model::{
     CidrRule, EgressRule, Entity, Peer, PolicyKind, PortProtocol, PortRule, Protocol, Rule,
@@ -401,7 +402,7 @@ fn label_key(sink: &mut Sink<'_>, k: &str, path: &str) -> Option<String> {
             // A warning, not an error: rejecting the policy would leave its endpoints
             // without its rules (in Kubernetes mode, unenforced), where the selector
             // only matches nothing.
-            if let Err(why) = key_syntax(bare) {
+            if let Err(why) = kube_names::label_key(bare) {
                 sink.warn(
                     path,
                     format!("label key {k:?} {why}: no pod can carry it, so this selects nothing"),
@@ -416,44 +417,10 @@ fn label_key(sink: &mut Sink<'_>, k: &str, path: &str) -> Option<String> {
     }
 }
 
-/// Whether `name` is a Kubernetes label name (or a non-empty label value): at most 63
-/// characters of `[-_.A-Za-z0-9]`, beginning and ending with a letter or digit.
-fn label_name_ok(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-}
-
-/// A label key as Kubernetes accepts it: an optional DNS-subdomain prefix and `/`, then a
-/// label name. A selector with any other key could never match a pod.
-fn key_syntax(key: &str) -> Result<(), &'static str> {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(p) = prefix {
-        let subdomain = super::dns1123(p, 253, true);
-        if !subdomain {
-            return Err(
-                "has a prefix that is not a DNS subdomain (lowercase letters, digits, '-' and '.')",
-            );
-        }
-    }
-    if label_name_ok(name) {
-        Ok(())
-    } else {
-        Err("is not a label name (at most 63 of letters, digits, '-', '_' and '.', beginning and ending with a letter or digit)")
-    }
-}
-
 /// Label values are strings; YAML numbers and booleans are taken as written.
 fn label_value(sink: &mut Sink<'_>, v: &Value, path: &str) -> Option<String> {
     let value = label_value_text(sink, v, path)?;
-    if !value.is_empty() && !label_name_ok(&value) {
+    if !kube_names::is_label_value(&value) {
         sink.warn(
             path,
             format!("label value {value:?} is not a valid label value (at most 63 of letters, digits, '-', '_' and '.', beginning and ending with a letter or digit): no pod can carry it, so this selects nothing"),
