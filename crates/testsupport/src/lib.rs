@@ -4,6 +4,8 @@
 //! - [`authority::Authority`]: a real authoritative server (hickory-server) with test zones;
 //! - [`Dnsmasq`]: a real upstream DNS server (Debian's `dnsmasq`) on a loopback port;
 //! - [`dig`]: the real `dig` client, bound to a chosen source address;
+//! - [`dnsmasq_in`], [`dig_in`]: the same inside a network namespace of the lab's
+//!   ([`dnsfence_lab::Netns`], which also makes the namespaces and links for tests);
 //! - [`skip`]: how tests that need a missing tool or root say why they skip.
 //!
 //! The fake Kubernetes API server is a crate of its own, `dnsfence-fakeapi`.
@@ -22,6 +24,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use dnsfence_lab::Netns;
 
 /// Whether `tool` is on the PATH.
 pub fn have(tool: &str) -> bool {
@@ -243,92 +247,6 @@ pub fn skip_unless_root(tools: &[&str]) -> bool {
     skip(tools)
 }
 
-/// Runs a command, panicking with its output when it fails.
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace with a unique name, deleted on drop (also when a test fails).
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// Creates `df-<tag>-<pid>-<n>` with its loopback up.
-    pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("df-{tag}-{}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        // No duplicate address detection: addresses (link-local ones too) are usable at once.
-        ns.exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        );
-        ns
-    }
-
-    /// `ip -n NAME ARGS...`.
-    pub fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    /// A command run inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Runs `program args` inside the namespace, panicking on failure.
-    pub fn exec(&self, program: &str, args: &[&str]) {
-        let mut all = vec!["netns", "exec", self.name.as_str(), program];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Connects `a` and `b` with a veth pair named `a_if`/`b_if` and the given addresses
-/// (CIDR notation), both up.
-pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    run(
-        "ip",
-        &[
-            "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
-            &b.name,
-        ],
-    );
-    a.ip(&["addr", "add", a_addr, "dev", a_if]);
-    b.ip(&["addr", "add", b_addr, "dev", b_if]);
-    a.ip(&["link", "set", a_if, "up"]);
-    b.ip(&["link", "set", b_if, "up"]);
-}
-
 /// A child process killed (and reaped) on drop.
 pub struct Killed(pub Child);
 
@@ -376,7 +294,7 @@ pub fn dnsmasq_in(
         assert!(
             Instant::now() < deadline,
             "dnsmasq did not come up in {}",
-            ns.name
+            ns.name()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

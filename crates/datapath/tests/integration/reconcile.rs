@@ -10,20 +10,9 @@ use std::time::{Duration, Instant};
 
 use dnsfence_datapath::{Datapath, DenyAction, Inventory, Kernel, Options, RealKernel, Worker};
 use dnsfence_fqdncache::Change;
+use dnsfence_lab::Netns;
 use dnsfence_policy::{Endpoint, Labels, PolicyLoader, PolicySet};
-use dnsfence_testsupport::{skip_unless_root, Netns};
-
-/// Runs `f` on a thread inside `ns` (commands it spawns and threads it starts inherit it).
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(path).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
+use dnsfence_testsupport::skip_unless_root;
 
 fn policies(fqdns: &[&str], previous: &PolicySet) -> PolicySet {
     let fqdns: Vec<String> = fqdns
@@ -108,7 +97,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let ns = Netns::new("dp");
+    let ns = Netns::scratch("dp").unwrap();
     let table = "dnsfence";
     let s1 = Arc::new(policies(
         &["*.example.com", "api.other.org"],
@@ -116,7 +105,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     ));
     let (worker, first) = {
         let s1 = s1.clone();
-        in_netns(&ns, move || {
+        ns.run(move || {
             let dp = Datapath::new(Box::new(RealKernel::default()), options(table)).unwrap();
             let worker = Worker::spawn(dp).unwrap();
             let inv = Arc::new(inventory(&s1));
@@ -125,6 +114,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
             worker.reconcile(s1, inv).unwrap();
             (worker, first)
         })
+        .unwrap()
     };
     assert_eq!(first.enforced, 3, "web-1 (two addresses) and web-2");
     let listing = nft(&ns, &["list", "table", "inet", table]);
@@ -179,10 +169,11 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     assert!(!listing.contains("api.other.org"), "{listing}");
 
     // Cleanup removes the table and the routing rule.
-    in_netns(&ns, move || {
+    ns.run(move || {
         let mut k = RealKernel::default();
         Datapath::cleanup(&mut k as &mut dyn Kernel, &options(table)).unwrap();
-    });
+    })
+    .unwrap();
     let tables = nft(&ns, &["list", "tables"]);
     assert!(!tables.contains(table), "{tables}");
     let routes = ns.command("ip").args(["rule", "show"]).output().unwrap();
@@ -194,7 +185,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let ns = Netns::new("dpmiss");
+    let ns = Netns::scratch("dpmiss").unwrap();
     let owned = Arc::new(policies(&["*.example.com"], &PolicySet::default()));
     // The proxy's view already has a selector whose sets the agent has not created.
     let seen = Arc::new(policies(
@@ -203,7 +194,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
     ));
     let (written, listing) = {
         let (owned, seen) = (owned.clone(), seen.clone());
-        in_netns(&ns, move || {
+        ns.run(move || {
             let dp = Datapath::new(Box::new(RealKernel::default()), options("dnsfence")).unwrap();
             let agent = Worker::spawn(dp).unwrap();
             agent
@@ -238,6 +229,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
                 .unwrap();
             (written, String::from_utf8_lossy(&out.stdout).into_owned())
         })
+        .unwrap()
     };
     assert_eq!(written, 1);
     assert!(listing.contains("192.0.2.78"), "{listing}");
