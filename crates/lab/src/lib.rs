@@ -20,6 +20,8 @@
 //!   timed out, which is what a firewall test asserts.
 //! - A test that needs one or two namespaces of its own rather than a lab takes
 //!   [`Netns::scratch`] (deleted on drop) and links them with [`Netns::veth`].
+//! - [`preflight`]: whether a test that needs root or a tool runs here, or says why it
+//!   skips (and fails in CI).
 //!
 //! It must not touch the machine's own namespace: no address, route, link or sysctl
 //! outside the lab's namespaces (only `ip netns add/del` act on `/run/netns`). It needs
@@ -32,6 +34,7 @@ mod error;
 mod lab;
 pub mod load;
 mod netns;
+pub mod preflight;
 mod query;
 mod servers;
 mod topology;

@@ -6,7 +6,9 @@
 //! - [`dig`]: the real `dig` client, bound to a chosen source address;
 //! - [`dnsmasq_in`], [`dig_in`]: the same inside a network namespace of the lab's
 //!   ([`dnsfence_lab::Netns`], which also makes the namespaces and links for tests);
-//! - [`skip`]: how tests that need a missing tool or root say why they skip.
+//! - [`skip`]: how tests that need a missing tool or root say why they skip (re-exported
+//!   from [`dnsfence_lab::preflight`], so that the lab's own tests need not depend on this
+//!   crate).
 //!
 //! The fake Kubernetes API server is a crate of its own, `dnsfence-fakeapi`.
 
@@ -25,30 +27,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use dnsfence_lab::preflight::{have, is_root, skip, skip_unless_root};
 use dnsfence_lab::Netns;
-
-/// Whether `tool` is on the PATH.
-pub fn have(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths)
-            .any(|p| p.join(tool).is_file() || Path::new("/usr/sbin").join(tool).is_file())
-    })
-}
-
-/// Prints why a test skips; returns true when it must. In CI (`CI` set) a missing tool is
-/// a failure instead, so nothing is silently skipped there.
-pub fn skip(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must install {missing:?} (see .ci/run)"
-    );
-    eprintln!("SKIP: needs {missing:?}; install dnsutils and dnsmasq-base to run this test");
-    true
-}
 
 /// A free UDP and TCP port on 127.0.0.1 (racy by nature; fine for tests).
 pub fn free_port() -> u16 {
@@ -223,28 +203,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Whether this process runs as root (network-namespace tests need it).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Like [`skip`], and also skips (printing why) when not root.
-pub fn skip_unless_root(tools: &[&str]) -> bool {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("SKIP: needs root (network namespaces)");
-        return true;
-    }
-    skip(tools)
 }
 
 /// A child process killed (and reaped) on drop.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dnsfence_lab::Netns;
 
 fn skip() -> bool {
-    dnsfence_testsupport::skip_unless_root(&["ip"])
+    dnsfence_lab::preflight::skip_unless_root(&["ip"])
 }
 
 fn listed(name: &str) -> bool {
