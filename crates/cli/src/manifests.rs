@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dnsfence_k8s::manifests::{self, Options};
+use dnsfence_policy::kube_names::is_dns_label;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -106,16 +107,6 @@ fn command_line(options: &Options) -> String {
         line.push_str(" --watch-cilium-policies");
     }
     line
-}
-
-/// A Kubernetes namespace name (an RFC 1123 label).
-fn is_dns_label(s: &str) -> bool {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| alnum(c) || c == '-')
-        && s.starts_with(alnum)
-        && s.ends_with(alnum)
 }
 
 pub(crate) fn run(args: &ManifestsArgs) -> Result<ExitCode> {

@@ -14,39 +14,42 @@
 //!   needs holds views back for at most 5 s, so one failing list cannot freeze the rest.
 //! - Invalid policy versions become Warning Events on the object, at most one per object
 //!   generation and at most [`EVENTS_PER_MINUTE`] in all.
+//!
+//! Layout: the watch streams and their messages (`streams`), the Events budget
+//! (`events`), the metrics (`metrics`); the controller loop ([`run`]) here.
+
+mod events;
+mod metrics;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dnsfence_policy::EndpointConfig;
-use dnsfence_policy::PolicyDoc;
-use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use dnsfence_policy::{EndpointConfig, PolicyDoc};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Change, ClusterState, PeerQuery, PolicySource, Rejection};
+pub use events::EVENTS_PER_MINUTE;
+pub use metrics::Metrics;
 
-/// At most this many Events a minute, whatever the number of invalid objects.
-pub const EVENTS_PER_MINUTE: u32 = 30;
+use crate::cluster::{ClusterState, PeerQuery, PolicySource};
+use events::{reference, EventBudget};
+use streams::{await_crd, crd_exists, forward, spawn_peer_watch, spawn_policy_watch, Msg};
 
 /// How long the controller gathers changes before publishing (a list of many objects
 /// becomes one reconcile).
 const SETTLE: Duration = Duration::from_millis(150);
+
+/// How long a new peer list may hold back a view once everything else has listed (a
+/// peer list that keeps failing must not freeze the node's state).
+const PEER_GRACE: Duration = Duration::from_secs(5);
 
 /// What the agent enforces from the cluster.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,280 +79,6 @@ pub struct Settings {
     pub instance: Option<String>,
     /// How often to look for the Cilium CRDs while they are absent.
     pub crd_poll: Duration,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResourceLabel {
-    resource: String,
-}
-
-/// The Kubernetes front end's metrics.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    watch_errors: Family<ResourceLabel, Counter>,
-    rejections: Counter,
-    invalid: Gauge,
-    events: Counter,
-    events_suppressed: Counter,
-    synced: Gauge,
-    endpoints: Gauge,
-    host_network: Gauge,
-    publishes: Counter,
-}
-
-impl Metrics {
-    /// Registers them under `k8s_`.
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("k8s");
-        r.register(
-            "watch_errors",
-            "Errors of the Kubernetes watches by resource (the last state stays in force)",
-            self.watch_errors.clone(),
-        );
-        r.register(
-            "policy_rejections",
-            "Policy object versions rejected as invalid (the previous valid version stays in force)",
-            self.rejections.clone(),
-        );
-        r.register(
-            "invalid_policies",
-            "Policy objects whose latest version is invalid",
-            self.invalid.clone(),
-        );
-        r.register(
-            "events",
-            "Kubernetes Events posted about invalid policies",
-            self.events.clone(),
-        );
-        r.register(
-            "events_suppressed",
-            "Events not posted: over the rate limit, or the API refused them",
-            self.events_suppressed.clone(),
-        );
-        r.register(
-            "synced",
-            "1 once every watch has listed (before that nothing is reconciled)",
-            self.synced.clone(),
-        );
-        r.register(
-            "endpoints",
-            "Endpoints from Kubernetes (this node's pods and peer pods)",
-            self.endpoints.clone(),
-        );
-        r.register(
-            "host_network_pods",
-            "This node's host-network pods, which dnsfence never enforces",
-            self.host_network.clone(),
-        );
-        r.register(
-            "view_updates",
-            "Cluster views handed to the agent",
-            self.publishes.clone(),
-        );
-    }
-
-    fn error(&self, resource: &str) {
-        self.watch_errors
-            .get_or_create(&ResourceLabel {
-                resource: resource.to_owned(),
-            })
-            .inc();
-    }
-}
-
-/// A message of a watcher task to the controller.
-#[derive(Debug)]
-enum Msg {
-    Local(Change<Pod>),
-    Namespace(Change<Namespace>),
-    Service(Change<Service>),
-    Policy(PolicySource, Change<Value>),
-    Peer(PeerQuery, Change<Pod>),
-    /// A Cilium CRD exists: start its watcher.
-    CrdPresent(PolicySource),
-    Error(String, String),
-}
-
-fn change<K>(e: Event<K>) -> Change<K> {
-    match e {
-        Event::Apply(k) => Change::Apply(k),
-        Event::Delete(k) => Change::Delete(k),
-        Event::Init => Change::Init,
-        Event::InitApply(k) => Change::InitApply(k),
-        Event::InitDone => Change::InitDone,
-    }
-}
-
-/// First and last pause after a failed list or watch.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(800), Duration::from_secs(30));
-
-/// How long a new peer list may hold back a view once everything else has listed (a
-/// peer list that keeps failing must not freeze the node's state).
-const PEER_GRACE: Duration = Duration::from_secs(5);
-
-/// Forwards a watch stream to the controller until the controller is gone. After an
-/// error it pauses, twice as long after each error in a row (up to 30 s). Only progress
-/// resets the pause: kube's watcher reports `Init` before every list attempt, so a list
-/// that keeps failing would otherwise be retried at once, forever.
-async fn forward<K, S>(
-    resource: String,
-    stream: S,
-    tx: mpsc::Sender<Msg>,
-    wrap: impl Fn(Change<K>) -> Msg,
-) where
-    S: Stream<Item = Result<Event<K>, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    let mut pause = BACKOFF.0;
-    while let Some(item) = stream.next().await {
-        let (msg, failed) = match item {
-            Ok(e) => {
-                if !matches!(e, Event::Init) {
-                    pause = BACKOFF.0;
-                }
-                (wrap(change(e)), false)
-            }
-            Err(e) => (Msg::Error(resource.clone(), e.to_string()), true),
-        };
-        if tx.send(msg).await.is_err() {
-            return;
-        }
-        if failed {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(BACKOFF.1);
-        }
-    }
-}
-
-fn policy_api(client: &Client, source: PolicySource) -> Api<DynamicObject> {
-    let (group, version) = source
-        .api_version()
-        .split_once('/')
-        .unwrap_or(("", source.api_version()));
-    let gvk = GroupVersionKind::gvk(group, version, source.kind());
-    let ar = ApiResource::from_gvk_with_plural(&gvk, source.plural());
-    Api::all_with(client.clone(), &ar)
-}
-
-fn spawn_policy_watch(
-    client: &Client,
-    source: PolicySource,
-    tx: &mpsc::Sender<Msg>,
-) -> JoinHandle<()> {
-    let stream = watcher(policy_api(client, source), watcher::Config::default());
-    let tx = tx.clone();
-    tokio::spawn(forward(
-        source.plural().to_owned(),
-        stream,
-        tx,
-        move |c: Change<DynamicObject>| {
-            Msg::Policy(
-                source,
-                match c {
-                    Change::Apply(o) => Change::Apply(to_json(&o)),
-                    Change::Delete(o) => Change::Delete(to_json(&o)),
-                    Change::InitApply(o) => Change::InitApply(to_json(&o)),
-                    Change::Init => Change::Init,
-                    Change::InitDone => Change::InitDone,
-                },
-            )
-        },
-    ))
-}
-
-fn to_json(o: &DynamicObject) -> Value {
-    serde_json::to_value(o).unwrap_or_default()
-}
-
-fn spawn_peer_watch(client: &Client, query: &PeerQuery, tx: &mpsc::Sender<Msg>) -> JoinHandle<()> {
-    let api: Api<Pod> = match &query.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let mut config = watcher::Config::default();
-    if !query.label_selector.is_empty() {
-        config = config.labels(&query.label_selector);
-    }
-    let q = query.clone();
-    tokio::spawn(forward(
-        format!("pods(peers {})", query.label_selector),
-        watcher(api, config),
-        tx.clone(),
-        move |c| Msg::Peer(q.clone(), c),
-    ))
-}
-
-/// Polls for a Cilium CRD until it exists, then tells the controller.
-async fn await_crd(client: Client, source: PolicySource, poll: Duration, tx: mpsc::Sender<Msg>) {
-    let api: Api<CustomResourceDefinition> = Api::all(client);
-    let name = format!("{}.cilium.io", source.plural());
-    loop {
-        match api.get_opt(&name).await {
-            Ok(Some(_)) => {
-                let _ = tx.send(Msg::CrdPresent(source)).await;
-                return;
-            }
-            Ok(None) => debug!(crd = %name, "not installed; looking again later"),
-            Err(e) => {
-                if tx
-                    .send(Msg::Error(
-                        "customresourcedefinitions".into(),
-                        e.to_string(),
-                    ))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(poll).await;
-    }
-}
-
-/// Whether the Cilium CRDs exist right now (`None`: cannot tell).
-async fn crd_exists(client: &Client, source: PolicySource) -> Option<bool> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.get_opt(&format!("{}.cilium.io", source.plural()))
-        .await
-        .ok()
-        .map(|o| o.is_some())
-}
-
-/// A token bucket for Events.
-struct EventBudget {
-    tokens: f64,
-    at: Instant,
-}
-
-impl EventBudget {
-    fn take(&mut self) -> bool {
-        let per_sec = f64::from(EVENTS_PER_MINUTE) / 60.0;
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * per_sec)
-            .min(f64::from(EVENTS_PER_MINUTE));
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-fn reference(r: &Rejection) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(r.source.api_version().to_owned()),
-        kind: Some(r.source.kind().to_owned()),
-        name: Some(r.name.clone()),
-        namespace: r.namespace.clone(),
-        uid: r.uid.clone(),
-        // Per version: kube's recorder folds Events of one reference into a series and
-        // keeps the first note, so each rejected version gets its own.
-        resource_version: r.resource_version.clone(),
-        ..Default::default()
-    }
 }
 
 /// Runs the watchers and the controller until `out` has no receiver left. Publishes

@@ -17,9 +17,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dnsfence_fakeapi::FakeApiServer;
 use dnsfence_k8s::watch::{run, ClusterView, Metrics, Settings};
 use dnsfence_policy::EndpointConfig;
-use dnsfence_testsupport::apiserver::FakeApiServer;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio::sync::watch;

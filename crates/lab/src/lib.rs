@@ -18,6 +18,10 @@
 //!   inside its namespace ([`Netns::resolve`], [`Netns::connect_tcp`],
 //!   [`Netns::udp_exchange`], [`Netns::reach_tcp`]); failures say refused, unreachable or
 //!   timed out, which is what a firewall test asserts.
+//! - A test that needs one or two namespaces of its own rather than a lab takes
+//!   [`Netns::scratch`] (deleted on drop) and links them with [`Netns::veth`].
+//! - [`preflight`]: whether a test that needs root or a tool runs here, or says why it
+//!   skips (and fails in CI).
 //!
 //! It must not touch the machine's own namespace: no address, route, link or sysctl
 //! outside the lab's namespaces (only `ip netns add/del` act on `/run/netns`). It needs
@@ -30,6 +34,7 @@ mod error;
 mod lab;
 pub mod load;
 mod netns;
+pub mod preflight;
 mod query;
 mod servers;
 mod topology;
@@ -42,6 +47,6 @@ pub use dns::Rec;
 pub use error::{ConnectError, LabError};
 pub use lab::{Lab, LabBuilder, Pod, DNS_V4, DNS_V6};
 pub use load::{Load, LoadReport, LoadSpec};
-pub use netns::{in_netns, Netns};
+pub use netns::{in_netns, Netns, ScratchNetns};
 pub use servers::greeting;
 pub use topology::{MAX_PODS, NODE_WORLD_INTERFACE, WORLD_PREFIXES};

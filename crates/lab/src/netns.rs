@@ -1,6 +1,7 @@
 //! Named network namespaces (`/run/netns/<name>`, as `ip netns` makes them): running `ip`
-//! and programs inside one, running a closure in a thread switched into one, and deleting a
-//! set of them on drop.
+//! and programs inside one, running a closure in a thread switched into one, linking two
+//! with a veth pair, and deleting a set of them on drop. [`Netns::scratch`] makes one
+//! namespace of a test's own, outside any lab.
 //!
 //! Nothing here touches the namespace the process runs in: commands go through
 //! `ip -n <name>` or `ip netns exec <name>`, closures run on a fresh thread that `setns(2)`
@@ -10,10 +11,12 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use nix::sched::{setns, CloneFlags};
 
+use crate::topology::COMMON_SYSCTLS;
 use crate::LabError;
 
 /// Where `ip` lives, found once.
@@ -152,6 +155,59 @@ impl Netns {
         in_netns(&self.name, f)
     }
 
+    /// Creates a network namespace of the caller's own, for a test that needs one or two
+    /// rather than a whole [`crate::Lab`]: named `df-<tag>-<pid>-<n>` (unique while this
+    /// process runs, so tests run in parallel), its loopback up and IPv6 duplicate address
+    /// detection off (addresses are usable at once). It is deleted when the returned owner
+    /// is dropped, also when unwinding from a panic or when setting it up fails.
+    pub fn scratch(tag: &str) -> Result<ScratchNetns, LabError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("df-{tag}-{}-{n}", std::process::id());
+        let mut add = Command::new(ip_binary()?);
+        add.args(["netns", "add", &name]);
+        run(add, None)?;
+        let mut cleanup = Cleanup::default();
+        cleanup.add(name.clone());
+        let netns = Netns::new(name);
+        netns.ip(&["link", "set", "lo", "up"])?;
+        netns.sysctls(&COMMON_SYSCTLS)?;
+        Ok(ScratchNetns {
+            netns,
+            _cleanup: cleanup,
+        })
+    }
+
+    /// Links this namespace and `peer` with a veth pair: `interface` here with `address`,
+    /// `peer_interface` there with `peer_address` (CIDR notation), both up. The pair is
+    /// created from inside this namespace, its far end placed straight into `peer`.
+    pub fn veth(
+        &self,
+        interface: &str,
+        address: &str,
+        peer: &Netns,
+        peer_interface: &str,
+        peer_address: &str,
+    ) -> Result<(), LabError> {
+        self.ip(&[
+            "link",
+            "add",
+            interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_interface,
+            "netns",
+            peer.name(),
+        ])?;
+        self.ip(&["addr", "add", address, "dev", interface])?;
+        peer.ip(&["addr", "add", peer_address, "dev", peer_interface])?;
+        self.ip(&["link", "set", interface, "up"])?;
+        peer.ip(&["link", "set", peer_interface, "up"])?;
+        Ok(())
+    }
+
     /// Runs `ip -n <name> -batch -` fed with `script` (one `ip` command a line).
     pub(crate) fn ip_batch(&self, script: &str) -> Result<Output, LabError> {
         let mut command = Command::new(ip_binary()?);
@@ -177,6 +233,22 @@ impl Netns {
             }
             Ok(())
         })?
+    }
+}
+
+/// A network namespace its holder owns ([`Netns::scratch`]): a [`Netns`] (through `Deref`)
+/// that is deleted on drop.
+#[derive(Debug)]
+pub struct ScratchNetns {
+    netns: Netns,
+    _cleanup: Cleanup,
+}
+
+impl std::ops::Deref for ScratchNetns {
+    type Target = Netns;
+
+    fn deref(&self) -> &Netns {
+        &self.netns
     }
 }
 

@@ -17,6 +17,9 @@
 //! egress peers) is compiled onto the same model, and combinations of priorities the model
 //! cannot express are rejected (`docs/policy.md` lists the mapping and its limits).
 //!
+//! [`kube_names`] holds Kubernetes' rules for names (namespaces, object names, label keys
+//! and values), written once for this crate, the Kubernetes front end and the binary.
+//!
 //! This crate is pure: no I/O besides the bytes it is given, no async, no clock. Per-query
 //! matching costs O(name length) and does not allocate.
 //!
@@ -49,6 +52,7 @@
 
 mod diag;
 pub mod inventory;
+pub mod kube_names;
 mod labels;
 mod load;
 mod matcher;

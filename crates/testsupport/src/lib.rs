@@ -4,9 +4,13 @@
 //! - [`authority::Authority`]: a real authoritative server (hickory-server) with test zones;
 //! - [`Dnsmasq`]: a real upstream DNS server (Debian's `dnsmasq`) on a loopback port;
 //! - [`dig`]: the real `dig` client, bound to a chosen source address;
-//! - [`skip`]: how tests that need a missing tool or root say why they skip;
-//! - [`apiserver::FakeApiServer`]: a fake Kubernetes API server (real HTTP, the API's JSON,
-//!   list/watch/410/403/down) for the Kubernetes front end's tests.
+//! - [`dnsmasq_in`], [`dig_in`]: the same inside a network namespace of the lab's
+//!   ([`dnsfence_lab::Netns`], which also makes the namespaces and links for tests);
+//! - [`skip`]: how tests that need a missing tool or root say why they skip (re-exported
+//!   from [`dnsfence_lab::preflight`], so that the lab's own tests need not depend on this
+//!   crate).
+//!
+//! The fake Kubernetes API server is a crate of its own, `dnsfence-fakeapi`.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,7 +18,6 @@
 )]
 #![allow(missing_docs, reason = "test support")]
 
-pub mod apiserver;
 pub mod authority;
 pub mod msg;
 pub mod policy;
@@ -24,28 +27,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether `tool` is on the PATH.
-pub fn have(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths)
-            .any(|p| p.join(tool).is_file() || Path::new("/usr/sbin").join(tool).is_file())
-    })
-}
-
-/// Prints why a test skips; returns true when it must. In CI (`CI` set) a missing tool is
-/// a failure instead, so nothing is silently skipped there.
-pub fn skip(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must install {missing:?} (see .ci/run)"
-    );
-    eprintln!("SKIP: needs {missing:?}; install dnsutils and dnsmasq-base to run this test");
-    true
-}
+pub use dnsfence_lab::preflight::{have, is_root, skip, skip_unless_root};
+use dnsfence_lab::Netns;
 
 /// A free UDP and TCP port on 127.0.0.1 (racy by nature; fine for tests).
 pub fn free_port() -> u16 {
@@ -222,114 +205,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether this process runs as root (network-namespace tests need it).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Like [`skip`], and also skips (printing why) when not root.
-pub fn skip_unless_root(tools: &[&str]) -> bool {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-        eprintln!("SKIP: needs root (network namespaces)");
-        return true;
-    }
-    skip(tools)
-}
-
-/// Runs a command, panicking with its output when it fails.
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace with a unique name, deleted on drop (also when a test fails).
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// Creates `df-<tag>-<pid>-<n>` with its loopback up.
-    pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("df-{tag}-{}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        // No duplicate address detection: addresses (link-local ones too) are usable at once.
-        ns.exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        );
-        ns
-    }
-
-    /// `ip -n NAME ARGS...`.
-    pub fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-
-    /// A command run inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Runs `program args` inside the namespace, panicking on failure.
-    pub fn exec(&self, program: &str, args: &[&str]) {
-        let mut all = vec!["netns", "exec", self.name.as_str(), program];
-        all.extend_from_slice(args);
-        run("ip", &all);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Connects `a` and `b` with a veth pair named `a_if`/`b_if` and the given addresses
-/// (CIDR notation), both up.
-pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
-    run(
-        "ip",
-        &[
-            "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
-            &b.name,
-        ],
-    );
-    a.ip(&["addr", "add", a_addr, "dev", a_if]);
-    b.ip(&["addr", "add", b_addr, "dev", b_if]);
-    a.ip(&["link", "set", a_if, "up"]);
-    b.ip(&["link", "set", b_if, "up"]);
-}
-
 /// A child process killed (and reaped) on drop.
 pub struct Killed(pub Child);
 
@@ -377,7 +252,7 @@ pub fn dnsmasq_in(
         assert!(
             Instant::now() < deadline,
             "dnsmasq did not come up in {}",
-            ns.name
+            ns.name()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -10,9 +10,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::{blocked, ip, reach};
+use dnsfence_fakeapi::FakeApiServer;
 use dnsfence_lab::daemon::{Daemon, DaemonSpec};
 use dnsfence_lab::{DnsStatus, Lab, Outcome, Pod, Rec, RecordType, Transport};
-use dnsfence_testsupport::apiserver::FakeApiServer;
 use dnsfence_testsupport::skip_unless_root;
 use serde_json::{json, Value};
 

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use dnsfence_testsupport::{skip_unless_root, Killed, Netns, TempDir};
+use dnsfence_lab::Netns;
+use dnsfence_testsupport::{skip_unless_root, Killed, TempDir};
 
 const POLICY: &str = r#"
 apiVersion: cilium.io/v2
@@ -102,7 +103,7 @@ fn the_agent_exits_on_sigterm_while_reading_refused_packets() {
     if skip_unless_root(&["ip", "nft", "python3"]) {
         return;
     }
-    let ns = Netns::new("life-term");
+    let ns = Netns::scratch("life-term").unwrap();
     let tmp = TempDir::new("life-term");
     let config = agent_config(tmp.path(), "agent");
     let log = tmp.path().join("agent.log");
@@ -129,7 +130,7 @@ fn a_second_agent_takes_over_the_refused_packet_log_when_the_first_is_gone() {
     if skip_unless_root(&["ip", "nft", "python3"]) {
         return;
     }
-    let ns = Netns::new("life-takeover");
+    let ns = Netns::scratch("life-takeover").unwrap();
     let tmp = TempDir::new("life-takeover");
     let first_log = tmp.path().join("first.log");
     let second_log = tmp.path().join("second.log");

@@ -6,8 +6,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use dnsfence_lab::{Netns, ScratchNetns};
 use dnsfence_testsupport::policy::{dns_policy, DnsPeer};
-use dnsfence_testsupport::{dig_in, dnsmasq_in, skip_unless_root, veth, Killed, Netns, TempDir};
+use dnsfence_testsupport::{dig_in, dnsmasq_in, skip_unless_root, Killed, TempDir};
 
 const TPROXY_PORT: u16 = 15053;
 
@@ -24,23 +25,25 @@ fn policy() -> String {
 
 /// A node routing for a pod behind veth `n0`/`p0`: the node is `10.{net}.0.1` and
 /// `fd{net}::1`, the pod `.2` and `::2`, with its default routes through the node.
-fn node_and_pod(node: &str, pod: &str, net: u8) -> (Netns, Netns) {
-    let node = Netns::new(node);
+fn node_and_pod(node: &str, pod: &str, net: u8) -> (ScratchNetns, ScratchNetns) {
+    let node = Netns::scratch(node).unwrap();
     // Routing first: turning forwarding on resets the interfaces' IPv6 state.
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-    let pod = Netns::new(pod);
+    node.exec("sysctl", ["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    node.exec("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])
+        .unwrap();
+    let pod = Netns::scratch(pod).unwrap();
     let v4 = |host: u8| format!("10.{net}.0.{host}");
     let v6 = |host: u8| format!("fd{net}::{host}");
-    veth(
-        &node,
+    node.veth(
         "n0",
         &format!("{}/24", v4(1)),
         &pod,
         "p0",
         &format!("{}/24", v4(2)),
-    );
-    pod.ip(&["route", "add", "default", "via", &v4(1)]);
+    )
+    .unwrap();
+    pod.ip(&["route", "add", "default", "via", &v4(1)]).unwrap();
     node.ip(&[
         "addr",
         "add",
@@ -48,7 +51,8 @@ fn node_and_pod(node: &str, pod: &str, net: u8) -> (Netns, Netns) {
         "dev",
         "n0",
         "nodad",
-    ]);
+    ])
+    .unwrap();
     pod.ip(&[
         "addr",
         "add",
@@ -56,8 +60,10 @@ fn node_and_pod(node: &str, pod: &str, net: u8) -> (Netns, Netns) {
         "dev",
         "p0",
         "nodad",
-    ]);
-    pod.ip(&["-6", "route", "add", "default", "via", &v6(1)]);
+    ])
+    .unwrap();
+    pod.ip(&["-6", "route", "add", "default", "via", &v6(1)])
+        .unwrap();
     (node, pod)
 }
 
@@ -76,9 +82,11 @@ fn redirect_pod_dns(node: &Netns, tmp: &TempDir) {
     std::fs::write(tmp.path().join("rules.nft"), rules).unwrap();
     node.exec(
         "nft",
-        &["-f", &tmp.path().join("rules.nft").display().to_string()],
-    );
-    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
+        ["-f", &tmp.path().join("rules.nft").display().to_string()],
+    )
+    .unwrap();
+    node.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])
+        .unwrap();
     node.ip(&[
         "route",
         "add",
@@ -88,11 +96,14 @@ fn redirect_pod_dns(node: &Netns, tmp: &TempDir) {
         "lo",
         "table",
         "100",
-    ]);
-    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
+    ])
+    .unwrap();
+    node.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"])
+        .unwrap();
     node.ip(&[
         "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-    ]);
+    ])
+    .unwrap();
 }
 
 /// Starts `dnsfence proxy` in `node`, transparent only, with `policy` and the endpoint
@@ -131,17 +142,33 @@ fn pods_dns_is_intercepted_judged_and_answered_from_the_original_server() {
     let (node, pod) = node_and_pod("node", "pod", 77);
     // Two DNS servers in the world, routed through the node: the allowed one and one no
     // rule covers.
-    let world = Netns::new("world");
-    veth(&node, "n1", "10.78.0.1/24", &world, "w0", "10.78.0.2/24");
-    world.ip(&["addr", "add", "192.0.2.53/32", "dev", "lo"]);
-    world.ip(&["addr", "add", "192.0.2.54/32", "dev", "lo"]);
-    world.ip(&["route", "add", "default", "via", "10.78.0.1"]);
-    node.ip(&["route", "add", "192.0.2.0/24", "via", "10.78.0.2"]);
-    node.ip(&["addr", "add", "fd78::1/64", "dev", "n1", "nodad"]);
-    world.ip(&["addr", "add", "fd78::2/64", "dev", "w0", "nodad"]);
-    world.ip(&["addr", "add", "2001:db8::53/128", "dev", "lo", "nodad"]);
-    world.ip(&["-6", "route", "add", "default", "via", "fd78::1"]);
-    node.ip(&["-6", "route", "add", "2001:db8::/32", "via", "fd78::2"]);
+    let world = Netns::scratch("world").unwrap();
+    node.veth("n1", "10.78.0.1/24", &world, "w0", "10.78.0.2/24")
+        .unwrap();
+    world
+        .ip(&["addr", "add", "192.0.2.53/32", "dev", "lo"])
+        .unwrap();
+    world
+        .ip(&["addr", "add", "192.0.2.54/32", "dev", "lo"])
+        .unwrap();
+    world
+        .ip(&["route", "add", "default", "via", "10.78.0.1"])
+        .unwrap();
+    node.ip(&["route", "add", "192.0.2.0/24", "via", "10.78.0.2"])
+        .unwrap();
+    node.ip(&["addr", "add", "fd78::1/64", "dev", "n1", "nodad"])
+        .unwrap();
+    world
+        .ip(&["addr", "add", "fd78::2/64", "dev", "w0", "nodad"])
+        .unwrap();
+    world
+        .ip(&["addr", "add", "2001:db8::53/128", "dev", "lo", "nodad"])
+        .unwrap();
+    world
+        .ip(&["-6", "route", "add", "default", "via", "fd78::1"])
+        .unwrap();
+    node.ip(&["-6", "route", "add", "2001:db8::/32", "via", "fd78::2"])
+        .unwrap();
     let records = [
         "--host-record=api.example.com,192.0.2.10".to_owned(),
         "--host-record=evil.org,203.0.113.66".to_owned(),
@@ -212,8 +239,10 @@ fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_add
         return;
     }
     let (node, pod) = node_and_pod("nodelocal", "nlpod", 79);
-    node.ip(&["addr", "add", "169.254.20.10/32", "dev", "lo"]);
-    node.ip(&["addr", "add", "fd79:53::10/128", "dev", "lo", "nodad"]);
+    node.ip(&["addr", "add", "169.254.20.10/32", "dev", "lo"])
+        .unwrap();
+    node.ip(&["addr", "add", "fd79:53::10/128", "dev", "lo", "nodad"])
+        .unwrap();
     // A name with 100 addresses, and answers up to 4096 bytes over UDP: too large for the
     // pod's link below.
     let mut records = vec![
@@ -266,7 +295,7 @@ fn a_dns_server_on_the_node_keeps_its_traffic_and_pods_are_answered_from_its_add
     }
     // An answer larger than the link's MTU: the kernel fragments no built reply, so it
     // goes out truncated, and dig asks again over TCP.
-    node.ip(&["link", "set", "n0", "mtu", "1280"]);
+    node.ip(&["link", "set", "n0", "mtu", "1280"]).unwrap();
     let big = dig_in(
         &pod,
         &["+bufsize=4096", "@169.254.20.10", "big.example.com"],

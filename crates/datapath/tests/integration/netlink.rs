@@ -1,19 +1,18 @@
 //! `NftSocket` against the real kernel, in network namespaces of its own.
 
-use std::fs::File;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use dnsfence_datapath::sys::netlink::{ElemKind, ElemOp, NetlinkError, NftSocket, Strategy};
-use dnsfence_testsupport::{skip_unless_root, Netns};
+use dnsfence_lab::{Netns, ScratchNetns};
+use dnsfence_testsupport::skip_unless_root;
 use nix::errno::Errno;
-use nix::sched::CloneFlags;
 
 const TABLE: &str = "dnsfence";
 
 /// A namespace holding table `dnsfence` with sets `s4` and `s6`, and a socket in it.
 struct Fixture {
-    ns: Netns,
+    ns: ScratchNetns,
     sock: NftSocket,
 }
 
@@ -21,26 +20,15 @@ fn fixture(tag: &str, strategy: Strategy) -> Option<Fixture> {
     if skip_unless_root(&["nft", "ip"]) {
         return None;
     }
-    let ns = Netns::new(tag);
-    ns.exec("nft", &["add", "table", "inet", TABLE]);
+    let ns = Netns::scratch(tag).unwrap();
+    ns.exec("nft", ["add", "table", "inet", TABLE]).unwrap();
     for (set, ty) in [("s4", "ipv4_addr"), ("s6", "ipv6_addr")] {
         let spec = format!("{{ type {ty}; flags timeout; }}");
-        ns.exec("nft", &["add", "set", "inet", TABLE, set, &spec]);
+        ns.exec("nft", ["add", "set", "inet", TABLE, set, &spec])
+            .unwrap();
     }
-    let sock = open_in(&ns, strategy);
+    let sock = ns.run(|| NftSocket::open_with(strategy).unwrap()).unwrap();
     Some(Fixture { ns, sock })
-}
-
-/// Opens a socket inside `ns` from a thread that enters it, leaving this thread alone.
-fn open_in(ns: &Netns, strategy: Strategy) -> NftSocket {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap();
-        nix::sched::setns(file, CloneFlags::CLONE_NEWNET).unwrap();
-        NftSocket::open_with(strategy).unwrap()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Both strategies where the kernel supports them (Native needs Linux 6.12).

@@ -1,16 +1,15 @@
 //! `NflogSocket` against the real kernel: nftables `log group` rules in network namespaces
 //! of its own.
 
-use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use dnsfence_datapath::sys::nflog::{LoggedPacket, NflogError, NflogSocket};
-use dnsfence_testsupport::{skip_unless_root, Netns};
+use dnsfence_lab::{Netns, ScratchNetns};
+use dnsfence_testsupport::skip_unless_root;
 use nix::errno::Errno;
-use nix::sched::CloneFlags;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 
 const GROUP: u16 = 5;
@@ -18,23 +17,10 @@ const LO: u32 = 1;
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
-/// Runs `f` on a thread that entered `ns`, leaving this thread where it is.
-fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(File::open(&path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// A namespace whose output chain logs to [`GROUP`] and drops or rejects: UDP to port
 /// 9999 (prefix `udp_prefix`), TCP to 9998 and ICMP echo requests.
-fn namespace(tag: &str, udp_prefix: &str) -> Netns {
-    let ns = Netns::new(tag);
+fn namespace(tag: &str, udp_prefix: &str) -> ScratchNetns {
+    let ns = Netns::scratch(tag).unwrap();
     let rules = format!(
         "table inet t {{
             chain out {{
@@ -62,17 +48,18 @@ fn namespace(tag: &str, udp_prefix: &str) -> Netns {
 }
 
 fn open(ns: &Netns) -> Result<NflogSocket, NflogError> {
-    in_ns(ns, || NflogSocket::open(GROUP))
+    ns.run(|| NflogSocket::open(GROUP)).unwrap()
 }
 
 /// Sends one UDP datagram to `dst`:9999 from inside `ns`; returns its source port.
 fn send_udp(ns: &Netns, dst: IpAddr) -> u16 {
-    in_ns(ns, || {
+    ns.run(|| {
         let sock = UdpSocket::bind((dst, 0)).unwrap();
         // The drop makes the send fail with EPERM.
         let _ = sock.send_to(b"hello", (dst, 9999));
         sock.local_addr().unwrap().port()
     })
+    .unwrap()
 }
 
 /// Packets until `n` arrived or 2 s passed.
@@ -139,13 +126,14 @@ fn logged_drops_name_reason_endpoint_and_destination() {
         }]
     );
 
-    in_ns(&ns, || {
+    ns.run(|| {
         let refused = TcpStream::connect_timeout(&(V4, 9998).into(), Duration::from_secs(2));
         assert_eq!(
             refused.unwrap_err().kind(),
             std::io::ErrorKind::ConnectionRefused
         );
-    });
+    })
+    .unwrap();
     let got = collect(&mut sock, 1);
     assert_eq!(got.len(), 1, "{got:?}");
     let tcp = &got[0];
@@ -154,7 +142,7 @@ fn logged_drops_name_reason_endpoint_and_destination() {
     assert_eq!(tcp.dst_port, Some(9998));
     assert!(tcp.src_port.is_some_and(|p| p != 0));
 
-    in_ns(&ns, || {
+    ns.run(|| {
         let raw = socket::socket(
             AddressFamily::Inet,
             SockType::Raw,
@@ -169,7 +157,8 @@ fn logged_drops_name_reason_endpoint_and_destination() {
             &to,
             MsgFlags::empty(),
         );
-    });
+    })
+    .unwrap();
     let got = collect(&mut sock, 1);
     assert_eq!(
         got,
@@ -229,12 +218,13 @@ fn overruns_are_counted_and_reading_continues() {
     let ns = namespace("nflog-flood", "flood");
     let mut sock = open(&ns).unwrap();
     // More than the 4 MiB socket buffer holds, unread.
-    in_ns(&ns, || {
+    ns.run(|| {
         let udp = UdpSocket::bind((V4, 0)).unwrap();
         for _ in 0..30_000 {
             let _ = udp.send_to(b"x", (V4, 9999));
         }
-    });
+    })
+    .unwrap();
     let mut read = 0;
     loop {
         let got = sock.recv(Some(Duration::from_millis(100))).unwrap();
@@ -270,17 +260,19 @@ fn blocked_reader_wakes_promptly() {
             }
             at
         });
-        let sent = in_ns(&ns, || {
-            let udp = UdpSocket::bind((V4, 0)).unwrap();
-            (0..N)
-                .map(|_| {
-                    std::thread::sleep(Duration::from_millis(2));
-                    let at = Instant::now();
-                    let _ = udp.send_to(b"x", (V4, 9999));
-                    at
-                })
-                .collect::<Vec<_>>()
-        });
+        let sent = ns
+            .run(|| {
+                let udp = UdpSocket::bind((V4, 0)).unwrap();
+                (0..N)
+                    .map(|_| {
+                        std::thread::sleep(Duration::from_millis(2));
+                        let at = Instant::now();
+                        let _ = udp.send_to(b"x", (V4, 9999));
+                        at
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap();
         (sent, reader.join().unwrap())
     });
     let mut latency: Vec<Duration> = sent

@@ -10,21 +10,10 @@ use std::time::{Duration, Instant};
 
 use dnsfence_datapath::{Datapath, DenyAction, Kernel, Options, RealKernel, Worker};
 use dnsfence_fqdncache::Change;
+use dnsfence_lab::Netns;
 use dnsfence_policy::Inventory;
 use dnsfence_policy::{Endpoint, Labels, PolicyLoader, PolicySet};
-use dnsfence_testsupport::{skip_unless_root, Netns};
-
-/// Runs `f` on a thread inside `ns` (commands it spawns and threads it starts inherit it).
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(path).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
+use dnsfence_testsupport::skip_unless_root;
 
 fn policies(fqdns: &[&str], previous: &PolicySet) -> PolicySet {
     let fqdns: Vec<String> = fqdns
@@ -109,7 +98,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let ns = Netns::new("dp");
+    let ns = Netns::scratch("dp").unwrap();
     let table = "dnsfence";
     let s1 = Arc::new(policies(
         &["*.example.com", "api.other.org"],
@@ -117,7 +106,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     ));
     let (worker, first) = {
         let s1 = s1.clone();
-        in_netns(&ns, move || {
+        ns.run(move || {
             let dp = Datapath::new(Box::new(RealKernel::default()), options(table)).unwrap();
             let worker = Worker::spawn(dp).unwrap();
             let inv = Arc::new(inventory(&s1));
@@ -126,6 +115,7 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
             worker.reconcile(s1, inv).unwrap();
             (worker, first)
         })
+        .unwrap()
     };
     assert_eq!(first.enforced, 3, "web-1 (two addresses) and web-2");
     let listing = nft(&ns, &["list", "table", "inet", table]);
@@ -180,10 +170,11 @@ fn reconcile_learn_update_and_cleanup_against_the_kernel() {
     assert!(!listing.contains("api.other.org"), "{listing}");
 
     // Cleanup removes the table and the routing rule.
-    in_netns(&ns, move || {
+    ns.run(move || {
         let mut k = RealKernel::default();
         Datapath::cleanup(&mut k as &mut dyn Kernel, &options(table)).unwrap();
-    });
+    })
+    .unwrap();
     let tables = nft(&ns, &["list", "tables"]);
     assert!(!tables.contains(table), "{tables}");
     let routes = ns.command("ip").args(["rule", "show"]).output().unwrap();
@@ -195,7 +186,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let ns = Netns::new("dpmiss");
+    let ns = Netns::scratch("dpmiss").unwrap();
     let owned = Arc::new(policies(&["*.example.com"], &PolicySet::default()));
     // The proxy's view already has a selector whose sets the agent has not created.
     let seen = Arc::new(policies(
@@ -204,7 +195,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
     ));
     let (written, listing) = {
         let (owned, seen) = (owned.clone(), seen.clone());
-        in_netns(&ns, move || {
+        ns.run(move || {
             let dp = Datapath::new(Box::new(RealKernel::default()), options("dnsfence")).unwrap();
             let agent = Worker::spawn(dp).unwrap();
             agent
@@ -239,6 +230,7 @@ fn a_set_the_kernel_lacks_does_not_keep_the_other_ips_out() {
                 .unwrap();
             (written, String::from_utf8_lossy(&out.stdout).into_owned())
         })
+        .unwrap()
     };
     assert_eq!(written, 1);
     assert!(listing.contains("192.0.2.78"), "{listing}");

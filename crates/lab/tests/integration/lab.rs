@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dnsfence_lab::{greeting, ConnectError, DnsStatus, Lab, Outcome, Rec, RecordType, Transport};
 
 fn skip() -> bool {
-    dnsfence_testsupport::skip_unless_root(&["ip"])
+    dnsfence_lab::preflight::skip_unless_root(&["ip"])
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -261,7 +261,7 @@ fn the_node_runs_commands_and_forwards() {
 /// What the pods see of a firewall on the node: the classification firewall tests rely on.
 #[test]
 fn firewall_verdicts_on_the_node_are_told_apart() {
-    if skip() || dnsfence_testsupport::skip(&["nft"]) {
+    if skip() || dnsfence_lab::preflight::skip(&["nft"]) {
         return;
     }
     let lab = lab();

@@ -35,7 +35,7 @@ fn assert_rate(report: &LoadReport, qps: u32, run: Duration) {
 
 #[test]
 fn two_pods_at_1000_qps_are_all_answered() {
-    if dnsfence_testsupport::skip_unless_root(&["ip"]) {
+    if dnsfence_lab::preflight::skip_unless_root(&["ip"]) {
         return;
     }
     let lab = lab();
@@ -89,7 +89,7 @@ fn outage(lab: &Lab, f: impl FnOnce()) {
 
 #[test]
 fn an_outage_is_counted_as_timeouts_or_retries_and_the_load_recovers() {
-    if dnsfence_testsupport::skip_unless_root(&["ip", "nft"]) {
+    if dnsfence_lab::preflight::skip_unless_root(&["ip", "nft"]) {
         return;
     }
     let lab = lab();
@@ -184,7 +184,7 @@ fn thread_ticks(prefix: &str) -> u64 {
 #[test]
 #[ignore = "a measurement, not a test"]
 fn capacity() {
-    if dnsfence_testsupport::skip_unless_root(&["ip"]) {
+    if dnsfence_lab::preflight::skip_unless_root(&["ip"]) {
         return;
     }
     let lab = lab();

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::diag::{Diagnostic, Sink};
+use crate::kube_names;
 use crate::model::{Policy, PolicyId, PolicyKind, Source, AUDIT_ANNOTATION};
 use value::{fields, index, join, list, show, string};
 
@@ -229,7 +230,7 @@ fn parse_metadata(
     };
     match name.as_deref() {
         Some("") => sink.error(&name_path, "must not be empty"),
-        Some(n) if !dns1123(n, 253, true) => sink.warn(
+        Some(n) if !kube_names::is_dns_subdomain(n) => sink.warn(
             &name_path,
             format!("{n:?}: Kubernetes would refuse this name (lowercase letters, digits, '-' and '.', at most 253, beginning and ending with a letter or digit)"),
         ),
@@ -240,7 +241,10 @@ fn parse_metadata(
         Some(ns) => string(sink, ns, &ns_path).map(str::to_owned),
         None => None,
     };
-    if let Some(ns) = namespace.as_deref().filter(|ns| !dns1123(ns, 63, false)) {
+    if let Some(ns) = namespace
+        .as_deref()
+        .filter(|ns| !kube_names::is_dns_label(ns))
+    {
         sink.warn(
             &ns_path,
             format!("{ns:?}: Kubernetes would refuse this namespace (lowercase letters, digits and '-', at most 63, beginning and ending with a letter or digit)"),
@@ -268,22 +272,6 @@ fn parse_metadata(
         namespace,
         audit,
     })
-}
-
-/// Whether `s` is a DNS-1123 label (or, with `dots`, subdomain) of at most `max`
-/// characters, as Kubernetes requires of object names and namespaces.
-pub(super) fn dns1123(s: &str, max: usize, dots: bool) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.split('.').count() <= if dots { usize::MAX } else { 1 }
-        && s.split('.').all(|l| {
-            let b = l.as_bytes();
-            !b.is_empty()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b.first().is_some_and(u8::is_ascii_alphanumeric)
-                && b.last().is_some_and(u8::is_ascii_alphanumeric)
-        })
 }
 
 /// `metadata.annotations`: a string-to-string map of which only [`AUDIT_ANNOTATION`]

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 use super::*;
 use crate::diag::Diagnostic;
 use crate::labels::Labels;
-use crate::model::Entity;
+use crate::model::{Destination, Entity, PortProtocol, Protocol};
 use crate::parse::parse_stream;
 
 fn set(yaml: &str) -> PolicySet {
