@@ -252,11 +252,6 @@ impl NodeConfig {
                     );
                 }
             }
-            for k in ep.labels.keys() {
-                if let Err(e) = dnsfence_policy::normalize_key(k) {
-                    p.push(&format!("endpoints[{i}].labels.{k}"), e);
-                }
-            }
         }
         if usage.files_only && p.parsed("kubernetes") && self.kubernetes.enabled {
             p.push(

@@ -13,7 +13,7 @@ use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Backend;
 use dnsfence_k8s::watch::ClusterView;
 use dnsfence_policy::{
-    EndpointPolicy, Inventory, LabelKeyError, PolicyDoc, PolicyLoader, PolicySet, ResolvedEndpoint,
+    EndpointPolicy, Inventory, PolicyDoc, PolicyLoader, PolicySet, ResolvedEndpoint,
 };
 use tracing::warn;
 
@@ -42,9 +42,6 @@ pub enum DesiredError {
     /// Some policy is invalid.
     #[error(transparent)]
     Policies(#[from] InvalidPolicies),
-    /// An endpoint has a label key no endpoint may carry.
-    #[error("an endpoint's labels: {0}")]
-    Labels(#[from] LabelKeyError),
 }
 
 /// Policies that failed validation: every problem, one per line (`FILE:DOC: FIELD: ...`).
@@ -197,13 +194,13 @@ fn doc_id(doc: &PolicyDoc) -> Option<(String, Option<String>, String)> {
 
 /// The configuration's endpoints with their resolved policies; remote ones (another
 /// node's, the host) are peers only and get none: their own node enforces them.
-pub fn inventory(config: &NodeConfig, policies: &PolicySet) -> Result<Inventory, LabelKeyError> {
+pub fn inventory(config: &NodeConfig, policies: &PolicySet) -> Inventory {
     let endpoints = config
         .endpoints
         .iter()
         .map(|e| {
-            let endpoint = e.endpoint()?;
-            Ok(ResolvedEndpoint {
+            let endpoint = e.endpoint();
+            ResolvedEndpoint {
                 name: e.name.clone(),
                 policy: if e.remote {
                     EndpointPolicy::default()
@@ -212,13 +209,13 @@ pub fn inventory(config: &NodeConfig, policies: &PolicySet) -> Result<Inventory,
                 },
                 endpoint,
                 ips: e.ips.clone(),
-            })
+            }
         })
-        .collect::<Result<Vec<_>, LabelKeyError>>()?;
-    Ok(Inventory {
+        .collect();
+    Inventory {
         endpoints,
         host_ips: config.host_ips.clone(),
-    })
+    }
 }
 
 /// What the agent sends its proxies for `set`, compiled from `docs`, under `config`.
@@ -265,7 +262,7 @@ impl Desired {
     ) -> Result<Self, DesiredError> {
         let (config, docs) = files.merge(cluster);
         let set = compile(&docs, previous, config.audit)?;
-        let inventory = inventory(&config, &set)?;
+        let inventory = inventory(&config, &set);
         let data = snapshot_data(&config, docs, &set);
         Ok(Self {
             config,

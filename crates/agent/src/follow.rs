@@ -15,7 +15,7 @@ use dnsfence_datapath::ruleset::fqdn_set_name;
 use dnsfence_datapath::Worker;
 use dnsfence_dns::{EndpointSpec, Snapshot};
 use dnsfence_fqdncache::Change;
-use dnsfence_policy::{EndpointConfig, LabelKeyError, PolicySet};
+use dnsfence_policy::{EndpointConfig, PolicySet};
 use dnsfence_proxy::Shared;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -57,25 +57,20 @@ pub fn snapshot_of(
     endpoints: &[EndpointConfig],
     host_ips: &[IpAddr],
     config: &NodeConfig,
-) -> Result<Snapshot, LabelKeyError> {
+) -> Snapshot {
     let dns = &config.dns;
     let endpoints: Vec<EndpointSpec> = endpoints
         .iter()
-        .map(|e| {
-            let endpoint = e.endpoint()?;
-            Ok(EndpointSpec {
-                name: e.name.clone(),
-                namespace: e.namespace.clone(),
-                labels: endpoint.labels().clone(),
-                ips: e.ips.clone(),
-            })
+        .map(|e| EndpointSpec {
+            name: e.name.clone(),
+            namespace: e.namespace.clone(),
+            labels: e.labels.clone(),
+            ips: e.ips.clone(),
         })
-        .collect::<Result<_, LabelKeyError>>()?;
-    Ok(
-        Snapshot::new(set, &endpoints, host_ips.to_vec(), dns.verdict())
-            .with_search_suffixes(&dns.search_suffixes)
-            .with_inside(Arc::new(dns.inside(&config.cluster_cidrs))),
-    )
+        .collect();
+    Snapshot::new(set, &endpoints, host_ips.to_vec(), dns.verdict())
+        .with_search_suffixes(&dns.search_suffixes)
+        .with_inside(Arc::new(dns.inside(&config.cluster_cidrs)))
 }
 
 /// Compiles the agent's snapshot data (unless the agent of this process compiled it
@@ -110,7 +105,7 @@ pub fn compile_data(
             None => return Err(SnapshotError::UnknownSelector(sel.pattern.clone())),
         }
     }
-    Ok(snapshot_of(set, &data.endpoints, &data.host_ips, config).map_err(DesiredError::from)?)
+    Ok(snapshot_of(set, &data.endpoints, &data.host_ips, config))
 }
 
 /// Where `proxy --agent` starts: the saved snapshot, else the configuration's files.
@@ -136,7 +131,7 @@ pub fn initial(config_path: &Path, config: &NodeConfig) -> Result<(u64, Snapshot
     let set = compile(&docs, &PolicySet::default(), config.audit)?;
     Ok((
         0,
-        snapshot_of(Arc::new(set), &config.endpoints, &config.host_ips, config)?,
+        snapshot_of(Arc::new(set), &config.endpoints, &config.host_ips, config),
     ))
 }
 

@@ -8,9 +8,10 @@
 //! `endpoints[2].lables`). The paths of values that did not read are kept, so that the
 //! checks between values can skip what stands in for them.
 //!
-//! An element of a list of structs with a problem is replaced by a placeholder the caller
-//! gives (an endpoint without name or address, say), so that the other elements keep
-//! their indices and the checks between elements (duplicate addresses) still run.
+//! An element of a list of structs with an unknown key or a missing field is replaced by a
+//! placeholder the caller gives (an endpoint without name or address, say), so that the
+//! other elements keep their indices and the checks between elements (duplicate
+//! addresses) still run; a bad value in an element only takes its field's default.
 
 use std::collections::BTreeSet;
 
@@ -115,7 +116,12 @@ pub fn read<T: DeserializeOwned>(
             })
             .collect();
         let message = err.inner().to_string();
-        let target = match classify(&message) {
+        let kind = classify(&message);
+        // An element with an unknown key or a missing field may be something else
+        // entirely: the placeholder stands in for all of it. A bad value only takes its
+        // field's default, and the rest of the element is still checked.
+        let taints = !matches!(kind, Kind::Other);
+        let target = match kind {
             Kind::Unknown { expected } => {
                 problems.lines.push(format!(
                     "{}: unknown key (expected one of: {})",
@@ -133,11 +139,12 @@ pub fn read<T: DeserializeOwned>(
                 path
             }
             Kind::Other => {
-                // Lists of addresses report each bad element on a line of its own that
-                // starts with its index: appended to the path as is.
+                // Lists report each bad element on a line of its own that starts with
+                // its index, maps each bad key on a line starting with `.KEY`: appended
+                // to the path as they are.
                 let at = show(&path);
                 for line in message.lines() {
-                    if line.starts_with('[') {
+                    if line.starts_with('[') || line.starts_with('.') {
                         problems.lines.push(format!("{at}{line}"));
                     } else {
                         problems.push(&at, line);
@@ -150,7 +157,7 @@ pub fn read<T: DeserializeOwned>(
         if target.is_empty() {
             return (None, problems);
         }
-        if let Some(element) = element_of(&target, placeholders) {
+        if let Some(element) = element_of(&target, placeholders).filter(|_| taints) {
             tainted.insert(element);
         }
         problems.failed.push(show(&target));

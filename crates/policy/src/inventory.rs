@@ -6,7 +6,6 @@
 //! No logic beyond that: [`crate::PolicyLoader`] compiles the documents,
 //! [`crate::PolicySet::resolve`] the endpoints.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -29,9 +28,9 @@ pub struct EndpointConfig {
     /// Namespace (default `default`).
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// Labels.
+    /// Labels (keys may carry Cilium's `k8s:` or `any:` source prefix).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::Labels,
     /// Addresses.
     #[serde(deserialize_with = "dnsfence_config::de::ip_addresses")]
     pub ips: Vec<IpAddr>,
@@ -46,11 +45,9 @@ fn default_namespace() -> String {
 }
 
 impl EndpointConfig {
-    /// Its namespace and labels, as policies select them; fails on a label key no
-    /// endpoint may carry.
-    pub fn endpoint(&self) -> Result<crate::Endpoint, crate::LabelKeyError> {
-        let labels = crate::Labels::new(self.labels.iter().map(|(k, v)| (k.as_str(), v.clone())))?;
-        Ok(crate::Endpoint::new(self.namespace.clone(), labels))
+    /// Its namespace and labels, as policies select them.
+    pub fn endpoint(&self) -> crate::Endpoint {
+        crate::Endpoint::new(self.namespace.clone(), self.labels.clone())
     }
 }
 

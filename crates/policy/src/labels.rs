@@ -67,8 +67,66 @@ impl Labels {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// Whether `key` (normalized) is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// Builds labels from keys another system already validated (the Kubernetes API
+    /// server, whose keys never carry a `:`): a key that does not normalize is left out.
+    pub fn keep_valid<K: AsRef<str>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            if let Ok(key) = normalize_key(k.as_ref()) {
+                map.insert(key.to_owned(), v.into());
+            }
+        }
+        Self(map)
+    }
+
     fn insert(&mut self, key: &str, value: &str) {
         self.0.insert(key.to_owned(), value.to_owned());
+    }
+}
+
+impl std::ops::Index<&str> for Labels {
+    type Output = String;
+
+    /// The value of `key` (normalized); panics when it is absent, as a map's index does.
+    fn index(&self, key: &str) -> &String {
+        &self.0[key]
+    }
+}
+
+impl serde::Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// A map whose keys are checked as [`Labels::new`] checks them. Every bad key is named on
+/// a line of its own, starting with `.KEY: `, so a configuration reader appends it to the
+/// map's path (`endpoints[1].labels.reserved:x: ...`).
+impl<'de> serde::Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        let mut map = BTreeMap::new();
+        let mut bad = Vec::new();
+        for (k, v) in raw {
+            match normalize_key(&k) {
+                Ok(key) => {
+                    map.insert(key.to_owned(), v);
+                }
+                Err(e) => bad.push(format!(".{k}: {e}")),
+            }
+        }
+        if bad.is_empty() {
+            Ok(Self(map))
+        } else {
+            Err(serde::de::Error::custom(bad.join("\n")))
+        }
     }
 }
 

@@ -133,9 +133,13 @@ fn a_bad_element_keeps_the_others_indices() {
         assert!(all.contains(needle), "missing {needle:?} in\n{all}");
     }
     assert_eq!(p.lines.len(), 4, "{all}");
-    // Every element with a problem is the placeholder; the rest are as written, in place.
-    let ids: Vec<String> = doc.unwrap().items.into_iter().map(|i| i.id).collect();
-    assert_eq!(ids, ["a", "", "", "", "", "f"]);
+    // An element with an unknown key, a missing field or of the wrong type is the
+    // placeholder; one with a bad value keeps the rest (its `n` takes its default); all
+    // keep their places.
+    let items = doc.unwrap().items;
+    let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a", "", "", "", "e", "f"]);
+    assert_eq!(items[4].n, 0);
 }
 
 #[test]

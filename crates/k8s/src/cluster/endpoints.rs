@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use dnsfence_policy::EndpointConfig;
 use dnsfence_policy::NAMESPACE_LABEL;
+use dnsfence_policy::{EndpointConfig, Labels};
 
 use super::{ClusterState, PodInfo, CLUSTER_LABEL, NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL};
 
@@ -52,7 +52,10 @@ impl ClusterState {
             }
             let fronts_known_pod = out.values().any(|e| {
                 e.namespace == svc.namespace
-                    && svc.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+                    && svc
+                        .selector
+                        .iter()
+                        .all(|(k, v)| e.labels.get(k) == Some(v.as_str()))
             });
             if !fronts_known_pod {
                 continue;
@@ -78,7 +81,7 @@ impl ClusterState {
             let endpoint = EndpointConfig {
                 name: format!("service:{}", svc.name),
                 namespace: svc.namespace.clone(),
-                labels,
+                labels: Labels::keep_valid(labels),
                 ips,
                 remote: true,
             };
@@ -106,7 +109,7 @@ impl ClusterState {
         EndpointConfig {
             name: p.name.clone(),
             namespace: p.namespace.clone(),
-            labels,
+            labels: Labels::keep_valid(labels),
             ips: p.ips.clone(),
             remote,
         }

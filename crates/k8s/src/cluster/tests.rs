@@ -525,7 +525,7 @@ fn a_service_carries_only_the_labels_all_its_pods_have() {
     s.service(Change::Apply(svc));
     let eps = s.endpoints();
     let e = eps.iter().find(|e| e.name == "service:web").unwrap();
-    assert_eq!(e.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(e.labels.get("app"), Some("web"));
     assert!(!e.labels.contains_key("tier"), "{e:?}");
 }
 
