@@ -1,4 +1,6 @@
-//! `dnsfence`: the command-line interface. Thin: each subcommand lives in its own module.
+//! `dnsfence`: the command-line interface. Thin: each subcommand lives in its own module,
+//! parses its arguments, calls the libraries and prints; it must not hold node logic (that
+//! is `dnsfence-agent`'s).
 //!
 //! Exit codes: 0 success, 1 a negative answer (invalid policy, denied query), 2 usage or
 //! input error.

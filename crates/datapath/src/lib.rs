@@ -1,6 +1,7 @@
 //! The kernel datapath: one nftables table (`inet dnsfence` by default) that redirects
 //! enforced endpoints' DNS to the proxy, accepts their traffic to what their policy allows
-//! (learned FQDN IPs, CIDRs, entities, peer endpoints) and refuses everything else.
+//! (learned FQDN IPs, CIDRs, entities, peer endpoints) and refuses everything else. It must
+//! not touch any other table, nor decide policy: it renders what it is given.
 //!
 //! [`Datapath`] is the synchronous core (reconcile a policy set and inventory; apply
 //! learned-IP changes); [`Worker`] runs it on its own thread and batches concurrent

@@ -1,7 +1,8 @@
-//! A fake Kubernetes API server: real HTTP/1.1 on a TCP socket, speaking the API's JSON
-//! for the requests `kube`'s watcher, `Api::get` and event `Recorder` make, so that the
-//! agent's Kubernetes front end is tested through its real client stack (hyper, kube's
-//! retry layer and watcher state machine) rather than through mocked calls.
+//! A fake Kubernetes API server, for tests only (never a dependency of shipped code): real
+//! HTTP/1.1 on a TCP socket, speaking the API's JSON for the requests `kube`'s watcher,
+//! `Api::get` and event `Recorder` make, so that the agent's Kubernetes front end is tested
+//! through its real client stack (hyper, kube's retry layer and watcher state machine)
+//! rather than through mocked calls.
 //!
 //! What it serves:
 //! - **Resources**: core `pods`, `services` (namespaced; also across namespaces as

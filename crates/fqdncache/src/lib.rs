@@ -1,4 +1,5 @@
-//! Learned name → IP mappings, with TTLs: the memory of what DNS answers allowed.
+//! Learned name → IP mappings, with TTLs: the memory of what DNS answers allowed. Pure: it
+//! must not read the clock or do I/O (time is a parameter, changes are returned as diffs).
 //!
 //! Every A/AAAA of an allowed answer is credited to the query name and to each name on its
 //! CNAME chain. The TTL is the smallest on the chain, raised to `min_ttl` and capped at

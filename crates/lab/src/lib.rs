@@ -1,5 +1,6 @@
 //! A network-namespace lab for dnsfence: the topology its tests, benchmarks and
-//! `dnsfence demo` run in, built from namespaces it creates and deletes itself.
+//! `dnsfence demo` run in, built from namespaces it creates and deletes itself. It must
+//! not touch the machine's own network namespace (see below).
 //!
 //! ```text
 //!   [pod-a] ─veth─┐                    ┌─veth─ [world]: authoritative DNS, TCP and UDP

@@ -1,4 +1,5 @@
-//! The dnsfence policy engine: parse, validate, select endpoints, match DNS names.
+//! The dnsfence policy engine: parse, validate, select endpoints, match DNS names. Pure: it
+//! must not do I/O, read the clock or spawn anything.
 //!
 //! It answers the three questions the rest of dnsfence asks: which rules apply to an endpoint
 //! ([`PolicySet::resolve`]); may it resolve a name on a given DNS server and port

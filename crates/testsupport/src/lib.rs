@@ -1,4 +1,5 @@
-//! Test harnesses shared by dnsfence's crates, so fixtures are written once.
+//! Test harnesses shared by dnsfence's crates, so fixtures are written once. Never a
+//! dependency of shipped code.
 //!
 //! - [`msg`]: DNS messages built by hand, including malformed and hostile ones;
 //! - [`authority::Authority`]: a real authoritative server (hickory-server) with test zones;
