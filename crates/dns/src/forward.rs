@@ -358,6 +358,11 @@ impl<C, R: CryptoRng> Forwarder<C, R> {
     pub fn poll_event(&mut self) -> Option<Event<C>> {
         self.events.pop_front()
     }
+
+    /// Whether [`Self::poll_transmit`] or [`Self::poll_event`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.queued.is_empty() || !self.events.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -113,13 +113,29 @@ fn answer(shared: &Shared, line: &str) -> serde_json::Value {
                 "learned_names": names,
                 "learned_ips": ips,
                 "queries_in_flight": shared.in_flight(),
-                "upstreams": shared.upstreams.report(),
+                "upstreams": upstreams(shared),
             }})
         }
         other => {
             serde_json::json!({"version": API_VERSION, "error": format!("unknown request {other:?}")})
         }
     }
+}
+
+/// Each configured upstream with its state, for `dnsfence status`: `up` or `down`, and
+/// the queries it left unanswered since its last answer.
+fn upstreams(shared: &Shared) -> Vec<serde_json::Value> {
+    shared
+        .forwarder()
+        .upstreams()
+        .map(|u| {
+            serde_json::json!({
+                "address": u.address.to_string(),
+                "state": if u.down { "down" } else { "up" },
+                "unanswered": u.unanswered,
+            })
+        })
+        .collect()
 }
 
 /// A Unix socket file this process bound. Dropping it removes the file if it is still the

@@ -1,14 +1,15 @@
 //! The dnsfence DNS proxy: the tokio shell around `dnsfence-dns`.
 //!
 //! It owns sockets, tasks and timers: explicit listeners (UDP and TCP) that clients send
-//! to, a pool of upstream sockets, the learned-mapping cache and its expiry, and the hold of
-//! each answer until its new IPs are enforced by the [`IpSink`]. Decisions themselves are
-//! made by the sans-IO core on an immutable [`Snapshot`] swapped in without locks.
+//! to, the upstream sockets and connections, the learned-mapping cache and its expiry, and
+//! the hold of each answer until its new IPs are enforced by the [`IpSink`]. Decisions
+//! themselves are made by the sans-IO core: verdicts on an immutable [`Snapshot`] swapped
+//! in without locks, and everything about queries in flight upstream by its forwarder,
+//! which the UDP and TCP modules drive (`upstream.rs` runs its timer).
 
 pub mod api;
 pub mod config;
 pub mod flows;
-mod health;
 mod http;
 pub mod metrics;
 mod replies;
@@ -18,6 +19,7 @@ mod sink;
 mod sys;
 mod tcp;
 mod udp;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -86,22 +88,20 @@ impl Proxy {
                 }
             }
         }
-        let pool = udp::UpstreamPool::start(shared.clone()).await?;
+        let up = upstream::Upstreams::start(shared.clone(), Instant::now())?;
         let mut listeners = Vec::new();
         for socket in transparent_udp {
-            let (shared, pool) = (shared.clone(), pool.clone());
+            let up = up.clone();
             listeners.push(tokio::spawn(async move {
-                if let Err(e) = udp::serve_transparent(shared, pool, socket).await {
+                if let Err(e) = udp::serve_transparent(up, socket).await {
                     error!(error = %e, "transparent UDP listener stopped");
                 }
             }));
         }
         for listener in transparent_tcp {
-            let shared = shared.clone();
+            let up = up.clone();
             listeners.push(tokio::spawn(async move {
-                if let Err(e) =
-                    tcp::serve(shared, listener, tcp::Upstream::OriginalDestination).await
-                {
+                if let Err(e) = tcp::serve(up, listener, tcp::Upstream::OriginalDestination).await {
                     error!(error = %e, "transparent TCP listener stopped");
                 }
             }));
@@ -114,18 +114,18 @@ impl Proxy {
         };
         for socket in udp_sockets {
             proxy.udp.push(socket.local_addr()?);
-            let (shared, pool) = (shared.clone(), pool.clone());
+            let up = up.clone();
             proxy.listeners.push(tokio::spawn(async move {
-                if let Err(e) = udp::serve(shared, pool, socket).await {
+                if let Err(e) = udp::serve(up, socket).await {
                     error!(error = %e, "UDP listener stopped");
                 }
             }));
         }
         for listener in tcp_listeners {
             proxy.tcp.push(listener.local_addr()?);
-            let shared = shared.clone();
+            let up = up.clone();
             proxy.listeners.push(tokio::spawn(async move {
-                if let Err(e) = tcp::serve(shared, listener, tcp::Upstream::Configured).await {
+                if let Err(e) = tcp::serve(up, listener, tcp::Upstream::Configured).await {
                     error!(error = %e, "TCP listener stopped");
                 }
             }));
@@ -170,7 +170,7 @@ impl Proxy {
 
 async fn expire_loop(shared: Arc<Shared>) {
     loop {
-        let next = shared.expire().await;
+        let next = shared.expire(Instant::now()).await;
         let wait = next
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(1))

@@ -1,15 +1,17 @@
 //! State shared by every listener: the policy snapshot and its swap, the learned mappings,
-//! the sink, per-client fairness, flow sources, counters. Judging a query lives in
-//! [`judge`], learning from its answer and holding the answer in [`learn`].
+//! the sink, the forwarder (queries in flight upstream), per-client fairness, flow
+//! sources, counters. Judging a query lives in [`judge`], learning from
+//! its answer and holding the answer in [`learn`].
 
 mod judge;
 mod learn;
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use dnsfence_dns::forward::{Forwarder, ForwarderConfig};
 use dnsfence_dns::Snapshot;
 use dnsfence_fqdncache::{Change, FqdnCache};
 use tokio::sync::{mpsc, watch};
@@ -19,9 +21,9 @@ use crate::config::DnsConfig;
 use crate::flows::{FlowLog, Source};
 use crate::metrics::ProxyMetrics;
 use crate::sink::IpSink;
+use crate::upstream::Fwd;
 
 pub(crate) use judge::Step;
-pub(crate) use learn::Asked;
 
 /// Shared proxy state.
 pub struct Shared {
@@ -35,9 +37,9 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     /// Flow events.
     pub flows: Arc<FlowLog>,
-    pub(crate) tcp_pool: crate::tcp::Pool,
-    /// Which configured upstreams stopped answering.
-    pub(crate) upstreams: crate::health::Health,
+    /// Queries in flight upstream, and the upstreams' health; the UDP batches, the TCP
+    /// connections and the upstream timer take turns with it.
+    forwarder: Mutex<Fwd>,
     /// IPs the sink is enforcing right now, each with the confirmation of its batch: a
     /// later answer carrying one waits for the same confirmation as the first.
     confirming: Arc<Mutex<foldhash::HashMap<IpAddr, Confirmation>>>,
@@ -72,13 +74,16 @@ impl Shared {
         let cache = FqdnCache::new(config.cache());
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
         let sources = Self::prepare_sources(&snapshot);
-        let upstreams = crate::health::Health::new(
-            &config.upstreams,
-            config.upstream_timeout,
-            metrics.upstreams_down.clone(),
+        let forwarder = Forwarder::new(
+            ForwarderConfig {
+                upstreams: config.upstreams.clone(),
+                timeout: config.upstream_timeout,
+                hedge_after: config.hedge_after(),
+            },
+            rand::make_rng(),
         );
         let shared = Self {
-            upstreams,
+            forwarder: Mutex::new(forwarder),
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
             cache: Arc::new(Mutex::new(cache)),
@@ -87,7 +92,6 @@ impl Shared {
             inflight: Mutex::default(),
             metrics,
             flows,
-            tcp_pool: crate::tcp::Pool::default(),
             confirming: Arc::default(),
             sources: ArcSwap::from_pointee(sources),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
@@ -174,6 +178,11 @@ impl Shared {
         self.started.elapsed()
     }
 
+    /// The forwarder, locked. Never held across an `await`.
+    pub(crate) fn forwarder(&self) -> MutexGuard<'_, Fwd> {
+        lock(&self.forwarder)
+    }
+
     /// The flow source of `ip`: the endpoint's namespace, name and labels when known
     /// (prepared once per snapshot, so an event costs no formatting).
     pub fn source(&self, ip: IpAddr) -> Arc<Source> {
@@ -222,6 +231,15 @@ impl Shared {
         }
         *n += 1;
         true
+    }
+
+    /// Accounts for an answer that left for `client` at `at` (its query arrived at
+    /// `received`): the query is done.
+    pub(crate) fn delivered(&self, client: IpAddr, received: Instant, at: Instant) {
+        self.metrics
+            .latency_total
+            .observe(at.saturating_duration_since(received).as_secs_f64());
+        self.leave(client);
     }
 
     /// Ends a query in flight for `client`.

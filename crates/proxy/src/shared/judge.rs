@@ -3,6 +3,7 @@
 //! bound. It must not send anything or touch the learned mappings.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use dnsfence_dns::Reason;
 use dnsfence_dns::{parse_query, write_reply, ParsedQuery, Query, Rcode};
@@ -12,6 +13,7 @@ use tracing::debug;
 use super::Shared;
 use crate::flows::{self, Dns, Flow};
 use crate::metrics::{TransportLabel, VerdictLabel};
+use crate::upstream::Fwd;
 
 /// What to do with a client's query.
 #[allow(
@@ -64,13 +66,19 @@ fn reason_text(reason: &Reason<'_>) -> String {
 }
 
 impl Shared {
-    /// Judges the query in `packet` from `client`, to be sent to one of `servers` (tried
-    /// from index `start` on, round robin): the first server the client's policy allows
-    /// this name on and that is not marked down is chosen (the first allowed one when
-    /// every allowed one is down), and the query is denied only when none is allowed. A
-    /// reply goes to `out`.
+    /// Judges the query in `packet` from `client` at `now`, to be sent to one of `servers`
+    /// (tried from index `start` on, round robin): the first server the client's policy
+    /// allows this name on and that is not marked down is chosen (the first allowed one
+    /// when every allowed one is down; see [`Fwd::choose`]), and the query is denied only
+    /// when none is allowed. A reply goes to `out`.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call per query; a struct would only be unpacked"
+    )]
     pub(crate) fn judge(
         &self,
+        fwd: &mut Fwd,
+        now: Instant,
         packet: &[u8],
         client: SocketAddr,
         servers: &[SocketAddr],
@@ -107,46 +115,33 @@ impl Shared {
             }
         };
         let snapshot = self.snapshot.load();
-        let mut chosen = None;
-        // Allowed, but marked down: used only when no allowed server is up.
-        let mut fallback = None;
+        let choice = fwd.choose(
+            now,
+            &snapshot,
+            client.ip(),
+            servers,
+            start,
+            protocol,
+            &query,
+        );
         let mut denied = None;
-        for k in 0..servers.len() {
-            let Some(&server) = servers.get(start.wrapping_add(k) % servers.len()) else {
-                continue;
-            };
-            let verdict = snapshot.decide(client.ip(), server, protocol, &query);
-            match verdict.deny {
-                None => {
-                    if servers.len() > 1 && !self.upstreams.try_use(server) {
-                        if fallback.is_none() {
-                            fallback = Some((server, verdict));
-                        }
-                        continue;
-                    }
-                    chosen = Some((server, verdict));
-                    break;
-                }
-                Some(rcode) => {
-                    if denied.is_none() {
-                        debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
-                        let mut flow = Flow::new("dns", "denied", self.source(client.ip()));
-                        let (name, _) = flows::question_name(query.question(packet));
-                        flow.dns = Some(Dns {
-                            query: name,
-                            qtypes: vec![flows::qtype_name(query.qtype)],
-                            rcode: Some(format!("{rcode:?}").to_uppercase().into()),
-                            server: Some(server),
-                            ..Dns::default()
-                        });
-                        flow.policy = Some(reason_text(&verdict.reason));
-                        self.flows.push(flow);
-                        denied = Some(rcode);
-                    }
-                }
-            }
+        if let Some((server, verdict)) = choice.denied {
+            let rcode = verdict.deny.unwrap_or(Rcode::Refused);
+            debug!(client = %client, name = ?query.name, reason = ?verdict.reason, "denied");
+            let mut flow = Flow::new("dns", "denied", self.source(client.ip()));
+            let (name, _) = flows::question_name(query.question(packet));
+            flow.dns = Some(Dns {
+                query: name,
+                qtypes: vec![flows::qtype_name(query.qtype)],
+                rcode: Some(format!("{rcode:?}").to_uppercase().into()),
+                server: Some(server),
+                ..Dns::default()
+            });
+            flow.policy = Some(reason_text(&verdict.reason));
+            self.flows.push(flow);
+            denied = Some(rcode);
         }
-        let Some((server, verdict)) = chosen.or(fallback) else {
+        let Some((server, verdict)) = choice.forward else {
             self.metrics.query(VerdictLabel::Denied, t);
             let rcode = denied.unwrap_or(Rcode::Refused);
             return match write_reply(packet, Some(query.question_end), rcode, out) {
@@ -210,26 +205,5 @@ impl Shared {
             ));
             self.flows.push(flow);
         }
-    }
-
-    /// Another configured upstream to ask `query` of when `failed` did not answer: the
-    /// first one, in configured order, that `client`'s policy allows for the name and
-    /// that is not marked down. Returns it with whether its answer may teach IPs.
-    pub(crate) fn alternative(
-        &self,
-        client: IpAddr,
-        failed: SocketAddr,
-        query: &Query,
-        protocol: Protocol,
-    ) -> Option<(SocketAddr, bool)> {
-        let snapshot = self.snapshot.load();
-        self.config.upstreams.iter().find_map(|&server| {
-            if server == failed {
-                return None;
-            }
-            let verdict = snapshot.decide(client, server, protocol, query);
-            (verdict.deny.is_none() && self.upstreams.try_use(server))
-                .then_some((server, verdict.learn))
-        })
     }
 }

@@ -3,12 +3,14 @@
 //! expire old mappings. It must not judge queries or talk to upstreams.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dnsfence_dns::check_answer;
+use dnsfence_dns::forward::{Answered, Rejection};
+use dnsfence_dns::Learned;
 use dnsfence_fqdncache::{Change, FqdnCache};
+use dnsfence_policy::FoldedName;
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
@@ -16,19 +18,10 @@ use tracing::{debug, warn};
 use super::{lock, Confirmation, Shared};
 use crate::flows::{self, Dns, Flow};
 use crate::sink::SinkFuture;
+use crate::upstream::Client;
 
-/// Who asked a query that is being answered, for its flow event.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Asked {
-    /// The client.
-    pub(crate) client: IpAddr,
-    /// The server the query went to.
-    pub(crate) server: SocketAddr,
-    /// When the query arrived.
-    pub(crate) received: Instant,
-    /// When the answer arrived (read once per batch of answers).
-    pub(crate) answered: Instant,
-}
+/// An answer's addresses (inline for ordinary answers).
+type Ips = SmallVec<[IpAddr; 8]>;
 
 fn rcode_name(rcode: u8) -> Cow<'static, str> {
     match rcode {
@@ -46,83 +39,74 @@ fn rcode_name(rcode: u8) -> Cow<'static, str> {
 const LOCAL_ADDRESSES_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Shared {
-    /// Checks an upstream answer against the question sent (`question`: the query's bytes
-    /// from offset 12 to the question's end) and learns its IPs. `None`: not an answer to
-    /// that question. `Some(Some(fut))`: new IPs; release the answer once `fut` is done
-    /// (see [`Shared::hold`]). Never waits: refreshes of known IPs go to a background
-    /// flusher, so most answers leave at once.
-    pub(crate) fn accept_answer(
-        &self,
-        question: &[u8],
-        answer: &[u8],
-        learn: bool,
-        asked: Asked,
-    ) -> Option<Option<Confirmation>> {
-        let checked = match check_answer(question, answer) {
-            Ok(a) => a,
-            Err(e) => {
-                self.metrics.answers_rejected.inc();
-                debug!(error = %e, "ignoring upstream message");
-                return None;
-            }
-        };
+    /// Counts an upstream message the forwarder did not take as an answer.
+    pub(crate) fn rejected(&self, rejection: &Rejection) {
+        self.metrics.answers_rejected.inc();
+        if let Rejection::NotTheAnswer(e) = rejection {
+            debug!(error = %e, "ignoring upstream message");
+        }
+    }
+
+    /// Records an upstream answer the forwarder accepted at `now` (its flow event, its
+    /// rcode) and learns its IPs. `Some(confirmation)`: new IPs; release the answer once
+    /// it is done (see [`Shared::hold`]). Never waits: refreshes of known IPs go to a
+    /// background flusher, so most answers leave at once.
+    pub(crate) fn accept_answer(&self, a: &Answered<Client>, now: Instant) -> Option<Confirmation> {
+        let (checked, learn) = (&a.answer, a.learn);
         self.metrics.upstream_rcode(checked.rcode);
-        let mut learned = checked.learned;
+        let learned = &checked.learned;
+        let mut ips = learned.ips.clone();
         // Addresses that point inside are never learned, whatever the policy allows.
         let not_learned = if learn {
-            self.keep_learnable(&mut learned)
+            self.keep_learnable(learned, &mut ips)
         } else {
             Vec::new()
         };
+        let client = a.addr.ip();
         {
             // Answers to queries no policy vetted are told apart from allowed ones.
             let enforced = learn
                 || self
                     .snapshot
                     .load()
-                    .endpoint(asked.client)
+                    .endpoint(client)
                     .is_some_and(|e| e.policy.enforced);
             let verdict = if enforced { "allowed" } else { "unfiltered" };
-            let mut flow = Flow::new("dns", verdict, self.source(asked.client));
-            let (name, qtype) = flows::question_name(question);
-            let mut ips = learned.ips.to_vec();
-            ips.extend(not_learned.iter().map(|n| n.ip));
+            let mut flow = Flow::new("dns", verdict, self.source(client));
+            let (name, qtype) = flows::question_name(a.question());
+            let mut shown = ips.to_vec();
+            shown.extend(not_learned.iter().map(|n| n.ip));
             flow.dns = Some(Dns {
                 query: name,
                 qtypes: qtype.map(flows::qtype_name).into_iter().collect(),
                 rcode: Some(rcode_name(checked.rcode)),
-                ips,
-                ttl: (!learned.ips.is_empty()).then_some(learned.ttl),
-                server: Some(asked.server),
+                ips: shown,
+                ttl: (!ips.is_empty()).then_some(learned.ttl),
+                server: Some(a.upstream),
                 latency_us: Some(
-                    u64::try_from(
-                        asked
-                            .answered
-                            .saturating_duration_since(asked.received)
-                            .as_micros(),
-                    )
-                    .unwrap_or(u64::MAX),
+                    u64::try_from(now.saturating_duration_since(a.received).as_micros())
+                        .unwrap_or(u64::MAX),
                 ),
                 not_learned,
             });
             self.flows.push(flow);
         }
-        if !learn || learned.ips.is_empty() {
-            return Some(None);
+        if !learn || ips.is_empty() {
+            return None;
         }
-        Some(self.learn(&learned, asked.answered))
+        self.learn(&learned.names, &ips, learned.ttl, now)
     }
 
-    /// Removes from `learned` the addresses that point inside (see
+    /// Removes from `ips` (those of `learned`) the addresses that point inside (see
     /// [`dnsfence_dns::inside`]), counting each; returns them with their reasons.
-    fn keep_learnable(&self, learned: &mut dnsfence_dns::Learned) -> Vec<flows::NotLearnedIp> {
+    fn keep_learnable(&self, learned: &Learned, ips: &mut Ips) -> Vec<flows::NotLearnedIp> {
         let Some(name) = learned.names.first() else {
             return Vec::new();
         };
         let snapshot = self.snapshot.load();
         let local = self.local_ips.load();
         let mut refused = Vec::new();
-        learned.ips.retain(
+        ips.retain(
             |ip| match snapshot.not_learned(*ip, name, |ip| local.contains(&ip)) {
                 None => true,
                 Some(reason) => {
@@ -162,15 +146,21 @@ impl Shared {
     /// Records what an answer taught; returns what its release must wait for: the sink's
     /// confirmation of its new IPs, or of IPs another answer brought moments ago that the
     /// sink has not confirmed yet.
-    fn learn(&self, learned: &dnsfence_dns::Learned, now: Instant) -> Option<Confirmation> {
+    fn learn(
+        &self,
+        names: &[FoldedName],
+        ips: &[IpAddr],
+        ttl: u32,
+        now: Instant,
+    ) -> Option<Confirmation> {
         let changes = {
             let snapshot = self.snapshot.load();
             let mut cache = lock(&self.cache);
             let changes = cache.learn(
                 now,
-                &learned.names,
-                &learned.ips,
-                std::time::Duration::from_secs(u64::from(learned.ttl)),
+                names,
+                ips,
+                std::time::Duration::from_secs(u64::from(ttl)),
                 snapshot.policies(),
             );
             self.gauge(&cache);
@@ -194,10 +184,7 @@ impl Shared {
                 let _ = self.refresh.send(changes);
             }
             let confirming = lock(&self.confirming);
-            return learned
-                .ips
-                .iter()
-                .find_map(|ip| confirming.get(ip).cloned());
+            return ips.iter().find_map(|ip| confirming.get(ip).cloned());
         }
         Some(self.confirm(self.sink.apply(changes), new))
     }
@@ -236,17 +223,18 @@ impl Shared {
         confirmation
     }
 
-    /// Waits for `apply` (new IPs reaching the datapath), at most `response_max_delay`.
-    pub(crate) async fn hold(&self, mut confirmation: Confirmation) {
-        let started = Instant::now();
+    /// Waits for `confirmation` (new IPs reaching the datapath) of an answer that arrived
+    /// at `since`, at most `response_max_delay`. Returns when the answer is released.
+    pub(crate) async fn hold(&self, mut confirmation: Confirmation, since: Instant) -> Instant {
         let result = tokio::time::timeout(
             self.config.response_max_delay,
             confirmation.wait_for(|done| *done),
         )
         .await;
+        let released = Instant::now();
         self.metrics
             .latency_hold
-            .observe(started.elapsed().as_secs_f64());
+            .observe(released.saturating_duration_since(since).as_secs_f64());
         match result {
             // Done (the task driving the sink logs a failure), or the task is gone.
             Ok(_) => {}
@@ -255,6 +243,7 @@ impl Shared {
                 warn!("learned IPs not confirmed within response_max_delay; releasing the answer");
             }
         }
+        released
     }
 
     /// Applies queued refreshes in batches until the proxy stops.
@@ -281,15 +270,15 @@ impl Shared {
             .set(i64::try_from(cache.mappings()).unwrap_or(i64::MAX));
     }
 
-    /// Removes expired mappings and tells the sink. Returns when the next one expires.
-    pub(crate) async fn expire(&self) -> Option<Instant> {
-        self.refresh_local_addresses(Instant::now());
-        self.metrics
-            .snapshot_age
-            .set(lock(&self.snapshot_at).elapsed().as_secs_f64());
+    /// Removes the mappings expired at `now` and tells the sink. Returns when the next
+    /// one expires.
+    pub(crate) async fn expire(&self, now: Instant) -> Option<Instant> {
+        self.refresh_local_addresses(now);
+        let age = now.saturating_duration_since(*lock(&self.snapshot_at));
+        self.metrics.snapshot_age.set(age.as_secs_f64());
         let (changes, next) = {
             let mut cache = lock(&self.cache);
-            let changes = cache.expire(Instant::now());
+            let changes = cache.expire(now);
             self.gauge(&cache);
             (changes, cache.next_expiry())
         };
