@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -62,7 +62,8 @@ struct Request {
 pub(crate) fn fqdn_list(shared: &Shared) -> Vec<FqdnEntry> {
     let snapshot = shared.snapshot();
     let selectors = snapshot.policies();
-    let now = Instant::now();
+    // The coarse clock: a TTL may show up to a timer tick longer.
+    let now = shared.clock.now();
     let mut out: Vec<FqdnEntry> = shared.with_cache(|cache| {
         cache
             .iter()

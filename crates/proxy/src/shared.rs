@@ -1,6 +1,6 @@
 //! State shared by every listener: the policy snapshot and its swap, the learned mappings,
 //! the sink, the forwarder (queries in flight upstream), per-client fairness, flow
-//! sources, counters. Judging a query lives in [`judge`], learning from
+//! sources, the coarse clock, counters. Judging a query lives in [`judge`], learning from
 //! its answer and holding the answer in [`learn`].
 
 mod judge;
@@ -17,6 +17,7 @@ use dnsfence_fqdncache::{Change, FqdnCache};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
+use crate::clock::Clock;
 use crate::config::DnsConfig;
 use crate::flows::{FlowLog, Source};
 use crate::metrics::ProxyMetrics;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Queries in flight upstream, and the upstreams' health; the UDP batches, the TCP
     /// connections and the upstream timer take turns with it.
     forwarder: Mutex<Fwd>,
+    /// The coarse clock.
+    pub(crate) clock: Clock,
     /// IPs the sink is enforcing right now, each with the confirmation of its batch: a
     /// later answer carrying one waits for the same confirmation as the first.
     confirming: Arc<Mutex<foldhash::HashMap<IpAddr, Confirmation>>>,
@@ -49,7 +52,7 @@ pub struct Shared {
     /// Whether this proxy takes its policy from an agent (`proxy --agent`), rather than
     /// from its own files (`run`, or `proxy` alone).
     pub follows_agent: std::sync::atomic::AtomicBool,
-    started: Instant,
+    /// When the snapshot in force was swapped in (by the coarse clock).
     snapshot_at: Mutex<Instant>,
     /// The node's interface addresses, and when they were last read.
     local_ips: ArcSwap<foldhash::HashSet<IpAddr>>,
@@ -64,12 +67,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The state of a proxy starting at `now`.
     pub(crate) fn new(
         config: DnsConfig,
         snapshot: Snapshot,
         sink: Arc<dyn IpSink>,
         metrics: ProxyMetrics,
         flows: Arc<FlowLog>,
+        now: Instant,
     ) -> (Self, mpsc::UnboundedReceiver<Vec<Change>>) {
         let cache = FqdnCache::new(config.cache());
         let (refresh, refresh_rx) = mpsc::unbounded_channel();
@@ -84,6 +89,7 @@ impl Shared {
         );
         let shared = Self {
             forwarder: Mutex::new(forwarder),
+            clock: Clock::new(now),
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
             cache: Arc::new(Mutex::new(cache)),
@@ -96,8 +102,7 @@ impl Shared {
             sources: ArcSwap::from_pointee(sources),
             snapshot_version: std::sync::atomic::AtomicU64::new(0),
             follows_agent: std::sync::atomic::AtomicBool::new(false),
-            started: Instant::now(),
-            snapshot_at: Mutex::new(Instant::now()),
+            snapshot_at: Mutex::new(now),
             local_ips: ArcSwap::from_pointee(crate::sys::local_addresses()),
             local_ips_at: Mutex::new(None),
         };
@@ -115,7 +120,7 @@ impl Shared {
         self.sources
             .store(Arc::new(Self::prepare_sources(&snapshot)));
         self.snapshot.store(Arc::new(snapshot));
-        *lock(&self.snapshot_at) = Instant::now();
+        *lock(&self.snapshot_at) = self.clock.now();
         self.metrics.snapshot_version.set(
             i64::try_from(
                 self.snapshot_version
@@ -134,12 +139,12 @@ impl Shared {
     }
 
     /// Puts back mappings saved before a restart (name, IP, time left), as if their
-    /// answers had just arrived, and has the sink enforce them.
+    /// answers had just arrived (by the coarse clock), and has the sink enforce them.
     pub async fn restore(&self, entries: &[(String, IpAddr, std::time::Duration)]) -> usize {
         let changes = {
             let snapshot = self.snapshot.load();
             let mut cache = lock(&self.cache);
-            let now = Instant::now();
+            let now = self.clock.now();
             let mut changes = Vec::new();
             for (name, ip, left) in entries {
                 let Ok(folded) = dnsfence_policy::FoldedName::new(name.as_bytes()) else {
@@ -173,9 +178,9 @@ impl Shared {
         f(&lock(&self.cache))
     }
 
-    /// How long ago the proxy started.
+    /// How long ago the proxy started (by the coarse clock).
     pub fn uptime(&self) -> std::time::Duration {
-        self.started.elapsed()
+        self.clock.uptime()
     }
 
     /// The forwarder, locked. Never held across an `await`.

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use crate::clock::Throttle;
 use crate::shared::{Shared, Step};
 use crate::upstream::{Client, TcpClient, Upstreams};
 
@@ -108,7 +109,7 @@ pub(crate) async fn serve(
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_client = PerClient::default();
     let mut turn = 0usize;
-    let mut warned: Option<Instant> = None;
+    let mut throttle = Throttle::default();
     loop {
         let permit = permits
             .clone()
@@ -118,14 +119,14 @@ pub(crate) async fn serve(
         let (stream, client) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    warn!(error = %e, "accepting a TCP connection failed; retrying");
-                    warned = Some(Instant::now());
+                if let Some(unlogged) = throttle.failed() {
+                    warn!(error = %e, also_since_last_log = unlogged, "accepting a TCP connection failed; retrying");
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        throttle.succeeded();
         let Some(slot) = ClientSlot::take(&per_client, client.ip()) else {
             shared.metrics.tcp_refused.inc();
             debug!(%client, "TCP connection closed: the client has its share open");

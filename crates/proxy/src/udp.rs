@@ -25,6 +25,7 @@ use smallvec::SmallVec;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
+use crate::clock::Throttle;
 use crate::replies::{Path, ReplySockets};
 use crate::reply::ReplyVia;
 use crate::shared::Step;
@@ -364,7 +365,7 @@ pub(crate) async fn serve(up: Arc<Upstreams>, socket: Arc<UdpSocket>) -> io::Res
     let mut outs = reply_buffers();
     let upstreams = up.shared.config.upstreams.clone();
     let mut turn = 0usize;
-    let mut warned: Option<Instant> = None;
+    let mut throttle = Throttle::default();
     loop {
         let count = match batch.recv(&socket).await {
             Ok(n) => n,
@@ -373,14 +374,14 @@ pub(crate) async fn serve(up: Arc<Upstreams>, socket: Arc<UdpSocket>) -> io::Res
             // Anything else (out of memory, say) is logged, at most once a second, and
             // retried after a pause: the listener never stops.
             Err(e) => {
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    warn!(error = %e, "receiving on a UDP listener failed; retrying");
-                    warned = Some(Instant::now());
+                if let Some(unlogged) = throttle.failed() {
+                    warn!(error = %e, also_since_last_log = unlogged, "receiving on a UDP listener failed; retrying");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        throttle.succeeded();
         let via = ReplyVia::Socket(socket.clone());
         handle_batch(
             &up,

@@ -96,7 +96,7 @@ pub(crate) struct Upstreams {
 
 impl Upstreams {
     /// Opens the UDP upstream sockets (fails when no IPv4 one can be opened) and starts the
-    /// timer.
+    /// timer, at `now`.
     pub(crate) fn start(shared: Arc<Shared>, now: Instant) -> io::Result<Arc<Self>> {
         let up = Arc::new_cyclic(|me| Self {
             udp: Sockets::new(
@@ -110,7 +110,7 @@ impl Upstreams {
         });
         up.udp
             .start(&mut shared.forwarder(), &shared.config.upstreams, now)?;
-        tokio::spawn(timer(up.clone()));
+        tokio::spawn(timer(up.clone(), now));
         Ok(up)
     }
 
@@ -314,18 +314,32 @@ fn failure_flow(shared: &Shared, f: &Failed<Client>, verdict: &'static str) -> F
     flow
 }
 
-/// The forwarder's clock: wakes when a deadline or a hedge falls due (at least every
-/// tenth of `dns.upstream_timeout`, half the hedge delay, 250 ms; at most every 10 ms),
-/// replaces upstream sockets due for a fresh port and runs the forwarder's timeouts.
-async fn timer(up: Arc<Upstreams>) {
+/// The forwarder's clock: wakes at `start`, then when a deadline or a hedge falls due or
+/// the learned mappings are due to expire (at least every tenth of `dns.upstream_timeout`,
+/// half the hedge delay, 250 ms; at most every 10 ms). Each time it replaces upstream
+/// sockets due for a fresh port, runs the forwarder's timeouts, and publishes the instant
+/// as the coarse clock (which wakes the expiry of learned mappings).
+async fn timer(up: Arc<Upstreams>, start: Instant) {
     let shared = &up.shared;
     let longest = (shared.config.upstream_timeout / 10)
         .min(shared.config.hedge_after().map_or(Duration::MAX, |s| s / 2))
         .clamp(MIN_TICK, Duration::from_millis(250));
-    let mut wait = longest;
+    let (mut last, mut wake) = (start, start);
     loop {
-        tokio::time::sleep(wait).await;
+        // The expiry of learned mappings may want an earlier wake-up than planned.
+        let expire = shared.clock.expire_due();
+        let at = if expire > last {
+            wake.min(expire.max(last + MIN_TICK))
+        } else {
+            wake
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            () = shared.clock.rescheduled() => continue,
+        }
         let now = Instant::now();
+        last = now;
+        shared.clock.tick(now);
         {
             let snapshot = shared.snapshot();
             let mut fwd = shared.forwarder();
@@ -334,8 +348,8 @@ async fn timer(up: Arc<Upstreams>) {
         }
         up.flush(now).await;
         let next = shared.forwarder().poll_timeout();
-        wait = next
-            .map_or(longest, |t| t.saturating_duration_since(now))
-            .clamp(MIN_TICK, longest);
+        wake = next
+            .unwrap_or(now + longest)
+            .clamp(now + MIN_TICK, now + longest);
     }
 }
