@@ -6,11 +6,15 @@
 //! Allowed queries are forwarded as they are with only the ID rewritten ([`wire::set_id`]);
 //! [`check_answer`] accepts an upstream answer only for the question that was sent and
 //! returns what it teaches (names on the CNAME chain, their addresses, the smallest TTL).
+//! The [`forward::Forwarder`] owns the queries in flight upstream: their IDs, hedges,
+//! retries, timeouts, and the health of the upstreams; it takes `now` and bytes and says
+//! what to send, whom to answer and when to wake it.
 //!
 //! No sockets, no clock, no async: the shell (`dnsfence-proxy`) owns those. Parsing borrows
 //! from the packet (the `domain` crate's zero-copy parser) and never panics on any input.
 
 mod answer;
+pub mod forward;
 pub mod inside;
 mod query;
 mod snapshot;

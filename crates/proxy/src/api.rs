@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -62,7 +62,8 @@ struct Request {
 pub(crate) fn fqdn_list(shared: &Shared) -> Vec<FqdnEntry> {
     let snapshot = shared.snapshot();
     let selectors = snapshot.policies();
-    let now = Instant::now();
+    // The coarse clock: a TTL may show up to a timer tick longer.
+    let now = shared.clock.now();
     let mut out: Vec<FqdnEntry> = shared.with_cache(|cache| {
         cache
             .iter()
@@ -113,13 +114,29 @@ fn answer(shared: &Shared, line: &str) -> serde_json::Value {
                 "learned_names": names,
                 "learned_ips": ips,
                 "queries_in_flight": shared.in_flight(),
-                "upstreams": shared.upstreams.report(),
+                "upstreams": upstreams(shared),
             }})
         }
         other => {
             serde_json::json!({"version": API_VERSION, "error": format!("unknown request {other:?}")})
         }
     }
+}
+
+/// Each configured upstream with its state, for `dnsfence status`: `up` or `down`, and
+/// the queries it left unanswered since its last answer.
+fn upstreams(shared: &Shared) -> Vec<serde_json::Value> {
+    shared
+        .forwarder()
+        .upstreams()
+        .map(|u| {
+            serde_json::json!({
+                "address": u.address.to_string(),
+                "state": if u.down { "down" } else { "up" },
+                "unanswered": u.unanswered,
+            })
+        })
+        .collect()
 }
 
 /// A Unix socket file this process bound. Dropping it removes the file if it is still the

@@ -6,13 +6,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
+
+use crate::clock::Throttle;
 
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -53,23 +55,19 @@ impl Accept for TcpListener {
 }
 
 async fn serve_on(listener: &impl Accept, registry: Arc<Registry>) -> io::Result<()> {
-    let mut last_logged: Option<Instant> = None;
-    let mut unlogged = 0u64;
+    let mut throttle = Throttle::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if let Some(unlogged) = throttle.failed() {
                     warn!(error = %e, also_since_last_log = unlogged, "metrics listener: accept failed; retrying");
-                    last_logged = Some(Instant::now());
-                    unlogged = 0;
-                } else {
-                    unlogged += 1;
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        throttle.succeeded();
         let registry = registry.clone();
         tokio::spawn(async move {
             let served =
@@ -144,6 +142,7 @@ async fn respond(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
 #[allow(clippy::unwrap_used, reason = "tests: a panic is a failure")]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     /// An upgrade starts the new process while the old one still listens.
     #[tokio::test]

@@ -1,14 +1,17 @@
 //! The dnsfence DNS proxy: the tokio shell around `dnsfence-dns`.
 //!
 //! It owns sockets, tasks and timers: explicit listeners (UDP and TCP) that clients send
-//! to, a pool of upstream sockets, the learned-mapping cache and its expiry, and the hold of
-//! each answer until its new IPs are enforced by the [`IpSink`]. Decisions themselves are
-//! made by the sans-IO core on an immutable [`Snapshot`] swapped in without locks.
+//! to, the upstream sockets and connections, the learned-mapping cache and its expiry, and
+//! the hold of each answer until its new IPs are enforced by the [`IpSink`]. Decisions
+//! themselves are made by the sans-IO core: verdicts on an immutable [`Snapshot`] swapped
+//! in without locks, and everything about queries in flight upstream by its forwarder,
+//! which the UDP and TCP modules drive (`upstream.rs` runs its timer). The clock is read
+//! where time enters: a batch or a message arrives, the timer wakes, an answer is released.
 
 pub mod api;
+mod clock;
 pub mod config;
 pub mod flows;
-mod health;
 mod http;
 pub mod metrics;
 mod replies;
@@ -18,6 +21,7 @@ mod sink;
 mod sys;
 mod tcp;
 mod udp;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,7 +59,8 @@ impl Proxy {
     ) -> io::Result<Self> {
         sys::raise_fd_limit();
         let listen = config.listen.clone();
-        let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics, flows);
+        let now = Instant::now();
+        let (shared, refresh_rx) = Shared::new(config, snapshot, sink, metrics, flows, now);
         let shared = Arc::new(shared);
         let flusher = shared.clone();
         tokio::spawn(async move { flusher.flush_refreshes(refresh_rx).await });
@@ -86,22 +91,20 @@ impl Proxy {
                 }
             }
         }
-        let pool = udp::UpstreamPool::start(shared.clone()).await?;
+        let up = upstream::Upstreams::start(shared.clone(), now)?;
         let mut listeners = Vec::new();
         for socket in transparent_udp {
-            let (shared, pool) = (shared.clone(), pool.clone());
+            let up = up.clone();
             listeners.push(tokio::spawn(async move {
-                if let Err(e) = udp::serve_transparent(shared, pool, socket).await {
+                if let Err(e) = udp::serve_transparent(up, socket).await {
                     error!(error = %e, "transparent UDP listener stopped");
                 }
             }));
         }
         for listener in transparent_tcp {
-            let shared = shared.clone();
+            let up = up.clone();
             listeners.push(tokio::spawn(async move {
-                if let Err(e) =
-                    tcp::serve(shared, listener, tcp::Upstream::OriginalDestination).await
-                {
+                if let Err(e) = tcp::serve(up, listener, tcp::Upstream::OriginalDestination).await {
                     error!(error = %e, "transparent TCP listener stopped");
                 }
             }));
@@ -114,18 +117,18 @@ impl Proxy {
         };
         for socket in udp_sockets {
             proxy.udp.push(socket.local_addr()?);
-            let (shared, pool) = (shared.clone(), pool.clone());
+            let up = up.clone();
             proxy.listeners.push(tokio::spawn(async move {
-                if let Err(e) = udp::serve(shared, pool, socket).await {
+                if let Err(e) = udp::serve(up, socket).await {
                     error!(error = %e, "UDP listener stopped");
                 }
             }));
         }
         for listener in tcp_listeners {
             proxy.tcp.push(listener.local_addr()?);
-            let shared = shared.clone();
+            let up = up.clone();
             proxy.listeners.push(tokio::spawn(async move {
-                if let Err(e) = tcp::serve(shared, listener, tcp::Upstream::Configured).await {
+                if let Err(e) = tcp::serve(up, listener, tcp::Upstream::Configured).await {
                     error!(error = %e, "TCP listener stopped");
                 }
             }));
@@ -157,24 +160,34 @@ impl Proxy {
             task.abort();
             let _ = task.await;
         }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = self.shared.in_flight();
-            if left == 0 || Instant::now() >= deadline {
-                return left;
+        let drained = async {
+            while self.shared.in_flight() != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        };
+        let _ = tokio::time::timeout(limit, drained).await;
+        self.shared.in_flight()
     }
 }
 
+/// Removes expired mappings when the upstream timer's coarse clock reaches the next
+/// expiry (at least every 10 ms apart, at most a second apart).
 async fn expire_loop(shared: Arc<Shared>) {
+    let mut ticks = shared.clock.ticks();
     loop {
-        let next = shared.expire().await;
-        let wait = next
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1))
-            .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        tokio::time::sleep(wait).await;
+        let now = *ticks.borrow_and_update();
+        if now >= shared.clock.expire_due() {
+            let next = shared.expire(now).await;
+            let (soonest, latest) = (
+                now + Duration::from_millis(10),
+                now + Duration::from_secs(1),
+            );
+            shared
+                .clock
+                .set_expire_due(next.unwrap_or(latest).clamp(soonest, latest));
+        }
+        if ticks.changed().await.is_err() {
+            return;
+        }
     }
 }
