@@ -10,6 +10,7 @@
 mod bypass;
 mod cli;
 mod common;
+mod docs;
 mod features;
 mod grafana;
 mod kubernetes;
